@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` (the main job) and `make test` (everything).
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+CARGO ?= cargo
+
+.PHONY: demo test build setup install bench clean
+
+setup:
+	@scripts/setup-host.sh
+
+build: setup
+	$(CARGO) build --release --workspace
+
+# Until the kernel-update demo exists, the demo shows rpramfs surviving a daemon kill -9.
+demo: build
+	tests/demo-rpramfs.sh
+
+test: build
+	$(CARGO) test --release --workspace -- --test-threads=2
+
+bench: build
+	$(CARGO) run --release -p rpramfs --example bench
+
+install: build
+	install -m 0755 target/release/rpramfs /usr/local/sbin/rpramfs
+	ln -sf /usr/local/sbin/rpramfs /sbin/mount.fuse.rpramfs
+
+clean:
+	$(CARGO) clean

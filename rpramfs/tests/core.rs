@@ -1,0 +1,208 @@
+//! Library-level tests of the file-system core on memfd regions.
+
+use rpramfs::error::Error;
+use rpramfs::fs::{Creator, Fs, MkfsOptions, OpenOptions, SetAttr};
+use rpramfs::region::Region;
+
+const ROOT: u64 = 1;
+const WHO: Creator = Creator { uid: 0, gid: 0 };
+
+fn fresh(size: u64) -> Fs {
+    let r = Region::memfd(size, false).unwrap();
+    Fs::mkfs(&r, &MkfsOptions::default()).unwrap();
+    Fs::open(r, &OpenOptions::default()).unwrap().0
+}
+
+/// Reopens from a copy of the region's bytes (what a new daemon or a new kernel sees).
+fn reopen(fs: &Fs) -> (Fs, rpramfs::fs::MountReport) {
+    let img = fs.region().snapshot();
+    Fs::open(Region::memfd_from(&img).unwrap(), &OpenOptions::default()).unwrap()
+}
+
+fn file(fs: &Fs, name: &str) -> u64 {
+    fs.create(ROOT, name.as_bytes(), libc::S_IFREG | 0o644, 0, WHO, None).unwrap().ino
+}
+
+#[test]
+fn write_read_survives_reopen_without_close() {
+    let fs = fresh(16 << 20);
+    let f = file(&fs, "a");
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    assert_eq!(fs.write_file(f, 123, &data).unwrap(), data.len() as u32);
+    // No close: a kill -9 leaves exactly this region.
+    let (fs2, report) = reopen(&fs);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(!report.was_clean);
+    let attr = fs2.lookup(ROOT, b"a").unwrap();
+    assert_eq!(attr.inode.size, 123 + data.len() as u64);
+    let back = fs2.read_file(attr.ino, 0, 200_000).unwrap();
+    assert_eq!(&back[..123], &[0u8; 123][..]);
+    assert_eq!(&back[123..], &data[..]);
+}
+
+#[test]
+fn sparse_file_near_top_of_address_space() {
+    let fs = fresh(8 << 20);
+    let f = file(&fs, "sparse");
+    let off = 0x7fff_ffff_0000u64;
+    fs.write_file(f, off, b"top of user space").unwrap();
+    let a = fs.getattr(f).unwrap().inode;
+    assert_eq!(a.size, off + 17);
+    assert_eq!(a.blocks, 1);
+    assert_eq!(fs.read_file(f, off, 64).unwrap(), b"top of user space");
+    assert_eq!(fs.read_file(f, 4096, 16).unwrap(), vec![0u8; 16]);
+    assert_eq!(fs.seek(f, 0, libc::SEEK_DATA).unwrap(), off);
+    assert_eq!(fs.seek(f, 0, libc::SEEK_HOLE).unwrap(), 0);
+    assert_eq!(fs.seek(f, off, libc::SEEK_HOLE).unwrap(), off + 17);
+    // Beyond 2^48 is refused, not wrapped.
+    assert_eq!(fs.write_file(f, 1 << 48, b"x").unwrap_err().errno(), libc::EFBIG);
+}
+
+#[test]
+fn truncate_zeroes_the_tail_and_frees_blocks() {
+    let fs = fresh(8 << 20);
+    let f = file(&fs, "t");
+    fs.write_file(f, 0, &[0xaa; 3 * 4096]).unwrap();
+    fs.setattr(f, SetAttr { size: Some(5000), ..Default::default() }).unwrap();
+    assert_eq!(fs.getattr(f).unwrap().inode.blocks, 2);
+    fs.setattr(f, SetAttr { size: Some(3 * 4096), ..Default::default() }).unwrap();
+    let back = fs.read_file(f, 0, 3 * 4096).unwrap();
+    assert!(back[..5000].iter().all(|&b| b == 0xaa));
+    assert!(back[5000..].iter().all(|&b| b == 0), "stale data after truncate");
+}
+
+#[test]
+fn punch_hole_and_seek() {
+    let fs = fresh(8 << 20);
+    let f = file(&fs, "p");
+    fs.write_file(f, 0, &[1; 16 * 4096]).unwrap();
+    fs.fallocate(f, 4096 + 100, 3 * 4096, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE).unwrap();
+    let back = fs.read_file(f, 0, 16 * 4096).unwrap();
+    assert!(back[..4196].iter().all(|&b| b == 1));
+    assert!(back[4196..4196 + 3 * 4096].iter().all(|&b| b == 0));
+    assert!(back[4196 + 3 * 4096..].iter().all(|&b| b == 1));
+    assert_eq!(fs.seek(f, 4096, libc::SEEK_HOLE).unwrap(), 2 * 4096);
+    assert_eq!(fs.seek(f, 2 * 4096, libc::SEEK_DATA).unwrap(), 4 * 4096);
+    assert_eq!(fs.getattr(f).unwrap().inode.blocks, 14);
+}
+
+#[test]
+fn directories_links_renames() {
+    let fs = fresh(8 << 20);
+    let d = fs.create(ROOT, b"d", libc::S_IFDIR | 0o755, 0, WHO, None).unwrap().ino;
+    let f = fs.create(d, b"f", libc::S_IFREG | 0o644, 0, WHO, None).unwrap().ino;
+    fs.link(f, ROOT, b"hard").unwrap();
+    assert_eq!(fs.getattr(f).unwrap().inode.nlink, 2);
+    assert_eq!(fs.getattr(ROOT).unwrap().inode.nlink, 3);
+    assert_eq!(fs.remove(ROOT, b"d", true).unwrap_err().errno(), libc::ENOTEMPTY);
+    fs.rename(d, b"f", ROOT, b"moved", 0).unwrap();
+    assert_eq!(fs.lookup(ROOT, b"moved").unwrap().ino, f);
+    assert_eq!(fs.rename(ROOT, b"moved", ROOT, b"hard", libc::RENAME_NOREPLACE).unwrap_err().errno(), libc::EEXIST);
+    let s = fs.create(ROOT, b"s", libc::S_IFLNK | 0o777, 0, WHO, Some(b"/target/path")).unwrap().ino;
+    assert_eq!(fs.readlink(s).unwrap(), b"/target/path");
+    fs.rename(ROOT, b"s", ROOT, b"d", libc::RENAME_EXCHANGE).unwrap();
+    assert_eq!(fs.lookup(ROOT, b"d").unwrap().ino, s);
+    assert_eq!(fs.lookup(ROOT, b"s").unwrap().ino, d);
+    // A directory cannot move under itself.
+    let sub = fs.create(d, b"sub", libc::S_IFDIR | 0o755, 0, WHO, None).unwrap().ino;
+    assert_eq!(fs.rename(ROOT, b"s", sub, b"x", 0).unwrap_err().errno(), libc::EINVAL);
+    fs.remove(d, b"sub", true).unwrap();
+    fs.remove(ROOT, b"s", true).unwrap();
+    fs.remove(ROOT, b"hard", false).unwrap();
+    assert_eq!(fs.getattr(f).unwrap().inode.nlink, 1);
+    let mut names: Vec<Vec<u8>> = fs.readdir(ROOT, 0, 100).unwrap().into_iter().map(|e| e.name).collect();
+    names.sort();
+    assert_eq!(names, vec![b".".to_vec(), b"..".to_vec(), b"d".to_vec(), b"moved".to_vec()]);
+    let (fs2, report) = reopen(&fs);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(fs2.getattr(ROOT).unwrap().inode.nlink, 2);
+    assert_eq!(fs2.readlink(fs2.lookup(ROOT, b"d").unwrap().ino).unwrap(), b"/target/path");
+}
+
+#[test]
+fn xattrs() {
+    let fs = fresh(8 << 20);
+    let f = file(&fs, "x");
+    fs.setxattr(f, b"user.a", b"1", 0).unwrap();
+    fs.setxattr(f, b"user.b", &[7u8; 5000], 0).unwrap();
+    assert_eq!(fs.setxattr(f, b"user.a", b"2", libc::XATTR_CREATE).unwrap_err().errno(), libc::EEXIST);
+    assert_eq!(fs.setxattr(f, b"user.c", b"2", libc::XATTR_REPLACE).unwrap_err().errno(), libc::ENODATA);
+    assert_eq!(fs.getxattr(f, b"user.b").unwrap(), vec![7u8; 5000]);
+    assert_eq!(fs.listxattr(f).unwrap(), b"user.a\0user.b\0");
+    fs.removexattr(f, b"user.a").unwrap();
+    assert_eq!(fs.getxattr(f, b"user.a").unwrap_err().errno(), libc::ENODATA);
+}
+
+#[test]
+fn full_file_system_fails_cleanly_and_can_be_emptied() {
+    let fs = fresh(2 << 20);
+    let f = file(&fs, "big");
+    let chunk = vec![0x5a; 64 << 10];
+    let mut off = 0;
+    let err = loop {
+        match fs.write_file(f, off, &chunk) {
+            Ok(_) => off += chunk.len() as u64,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, Error::NoSpace), "{err}");
+    // The failed write left nothing behind: size is what was acknowledged.
+    assert_eq!(fs.getattr(f).unwrap().inode.size, off);
+    assert!(fs.usage().available_blocks < 32);
+    // Deleting works on a full file system (reserve blocks), and the space comes back.
+    fs.remove(ROOT, b"big", false).unwrap();
+    for i in 0..3 {
+        file(&fs, &format!("after{i}"));
+    }
+    let g = file(&fs, "again");
+    fs.write_file(g, 0, &chunk).unwrap();
+}
+
+#[test]
+fn orphans_are_freed_on_next_mount() {
+    let fs = fresh(8 << 20);
+    let f = file(&fs, "o");
+    fs.remember(f);
+    fs.write_file(f, 0, &[3; 10000]).unwrap();
+    fs.remove(ROOT, b"o", false).unwrap();
+    // Still readable while the kernel holds it.
+    assert_eq!(fs.read_file(f, 0, 10).unwrap(), vec![3; 10]);
+    let (fs2, report) = reopen(&fs);
+    assert_eq!(report.orphans, vec![f]);
+    assert!(fs2.getattr(f).is_err());
+    let (_, report3) = reopen(&fs2);
+    assert!(report3.orphans.is_empty());
+}
+
+#[test]
+fn cold_region_is_refused_and_untouched() {
+    let r = Region::memfd(4 << 20, false).unwrap();
+    let before = r.snapshot();
+    let err = Fs::open(r, &OpenOptions::default()).err().expect("must refuse");
+    assert!(matches!(err, Error::NoFilesystem { .. }));
+    assert!(err.to_string().contains("holds no rpramfs"), "{err}");
+    assert!(before.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn many_files_in_one_directory() {
+    let fs = fresh(64 << 20);
+    for i in 0..2000 {
+        file(&fs, &format!("f{i:05}"));
+    }
+    let mut seen = 0;
+    let mut off = 0;
+    loop {
+        let ents = fs.readdir(ROOT, off, 128).unwrap();
+        if ents.is_empty() {
+            break;
+        }
+        off = ents.last().unwrap().next;
+        seen += ents.iter().filter(|e| e.name.starts_with(b"f")).count();
+    }
+    assert_eq!(seen, 2000);
+    let (fs2, report) = reopen(&fs);
+    assert!(report.errors.is_empty());
+    assert_eq!(report.inodes, 2001);
+    assert!(fs2.lookup(ROOT, b"f01999").is_ok());
+}

@@ -40,6 +40,9 @@ pub struct MountReport {
     pub notes: Vec<String>,
     /// Inodes with no links left (unlinked while open); freed by a read-write mount.
     pub orphans: Vec<u64>,
+    /// The inode table itself is damaged: writing could reuse blocks of unreachable inodes, so
+    /// the mount is read-only.
+    pub metadata_damage: bool,
     pub inodes: u64,
     pub used_blocks: u64,
     pub free_blocks: u64,
@@ -196,7 +199,27 @@ pub(crate) fn read_inode(region: &Region, inodes: Tree, ino: u64) -> Result<Inod
     if inode.is_free() {
         return posix(libc::ENOENT);
     }
+    validate_inode(ino, &inode, ptr.blk)?;
     Ok(inode)
+}
+
+/// Limits a CRC-valid inode must still respect (defence against a buggy writer or a forged CRC).
+pub(crate) fn validate_inode(ino: u64, i: &Inode, blk: u32) -> Result<()> {
+    let bad = if i.height > MAX_HEIGHT || i.xattr_height > MAX_HEIGHT {
+        Some("impossible tree height")
+    } else if i.size > MAX_FILE_SIZE {
+        Some("size beyond 2^48")
+    } else if i.xattr_len as usize > XATTR_BLOB_MAX {
+        Some("extended attribute list too large")
+    } else if i.is_symlink() && i.size >= 4096 {
+        Some("symlink target too long")
+    } else {
+        None
+    };
+    match bad {
+        Some(why) => Err(Error::corrupt(blk, format!("inode {ino}: {why}"))),
+        None => Ok(()),
+    }
 }
 
 /// Reads `len` bytes at `off` of a data tree into `out` (holes read as zeros). On damage, returns
@@ -450,7 +473,7 @@ fn punch_range(tx: &mut Tx<'_>, inode: &mut Inode, off: u64, end: u64) -> Result
     }
     if full_first <= full_last {
         let mut t = data_tree(inode);
-        inode.blocks -= tree::punch(tx, &mut t, full_first, full_last)?;
+        inode.blocks = inode.blocks.saturating_sub(tree::punch(tx, &mut t, full_first, full_last)?);
         set_data_tree(inode, t);
     }
     Ok(())
@@ -532,6 +555,8 @@ fn store_xattrs(tx: &mut Tx<'_>, inode: &mut Inode, list: &[(Vec<u8>, Vec<u8>)])
 }
 
 const XATTR_LIST_MAX: usize = 65536;
+/// Names (≤ 64 KiB in all) plus values (≤ 64 KiB each) of at most 4096 attributes.
+const XATTR_BLOB_MAX: usize = 4096 * (XATTR_SIZE_MAX + 260);
 const XATTR_SIZE_MAX: usize = 65536;
 
 fn check_name(name: &[u8]) -> Result<()> {
@@ -623,13 +648,17 @@ impl Fs {
         report.used_blocks = alloc.used_blocks();
         report.free_blocks = alloc.free_blocks();
         report.pool_blocks = alloc.pool_blocks();
+        let read_only = opts.read_only || report.metadata_damage;
+        if read_only && !opts.read_only {
+            warn!("the inode table is damaged: mounting read-only so that no block of an unreachable file is reused; run `rpramfs fsck`");
+        }
         let fs = Fs {
             region,
             sb,
-            read_only: opts.read_only,
+            read_only,
             inner: Mutex::new(Inner { root, alloc, dirs: HashMap::new(), lookups: HashMap::new() }),
         };
-        if !opts.read_only {
+        if !read_only {
             owner::write(&fs.region, Some(&Owner::current(&opts.what)))?;
             let orphans = report.orphans.clone();
             fs.mutate(true, |w| {
@@ -851,9 +880,9 @@ impl Fs {
             w.dir_remove(parent, &mut dir, name)?;
             if target.is_dir() {
                 target.nlink = 0;
-                dir.nlink -= 1;
+                dir.nlink = dir.nlink.saturating_sub(1);
             } else {
-                target.nlink -= 1;
+                target.nlink = target.nlink.saturating_sub(1);
             }
             touch_c(&mut target, w.now);
             w.put_inode(parent, &dir)?;
@@ -957,10 +986,10 @@ impl Fs {
                 if parent != newparent {
                     let sd = src_inode.is_dir() as u32;
                     let dd = dst_inode.is_dir() as u32;
-                    ndir.nlink = ndir.nlink + sd - dd;
+                    ndir.nlink = (ndir.nlink + sd).saturating_sub(dd);
                     w.put_inode(newparent, &ndir)?;
                     let mut pdir = w.inode(parent)?;
-                    pdir.nlink = pdir.nlink + dd - sd;
+                    pdir.nlink = (pdir.nlink + dd).saturating_sub(sd);
                     w.put_inode(parent, &pdir)?;
                 } else {
                     w.put_inode(newparent, &ndir)?;
@@ -991,7 +1020,7 @@ impl Fs {
             let mut pdir = w.inode(parent)?;
             w.dir_remove(parent, &mut pdir, name)?;
             if src_inode.is_dir() && parent != newparent {
-                pdir.nlink -= 1;
+                pdir.nlink = pdir.nlink.saturating_sub(1);
             }
             w.put_inode(parent, &pdir)?;
             let mut ndir = w.inode(newparent)?;
@@ -999,9 +1028,9 @@ impl Fs {
                 w.dir_remove(newparent, &mut ndir, newname)?;
                 if rinode.is_dir() {
                     rinode.nlink = 0;
-                    ndir.nlink -= 1;
+                    ndir.nlink = ndir.nlink.saturating_sub(1);
                 } else {
-                    rinode.nlink -= 1;
+                    rinode.nlink = rinode.nlink.saturating_sub(1);
                 }
                 touch_c(&mut rinode, now);
                 self.drop_link(w, rino, &rinode)?;
@@ -1278,7 +1307,7 @@ impl Fs {
                 (None, _) => list.push((name.to_vec(), value.to_vec())),
             }
             let names: usize = list.iter().map(|(n, _)| n.len() + 1).sum();
-            if names > XATTR_LIST_MAX {
+            if names > XATTR_LIST_MAX || list.len() > 4096 {
                 return posix(libc::ENOSPC);
             }
             store_xattrs(&mut w.tx, &mut inode, &list)?;
@@ -1518,24 +1547,21 @@ fn pick_commit(region: &Region, sb: &Superblock, report: &mut MountReport) -> Re
             report.notes.push(format!("newest commit (generation {g}) has one intact copy of two"));
         }
     }
-    for (rec, ring, slot) in &recs {
-        let t = Tree { ptr: rec.inode_root, height: rec.inode_height };
-        let ok = rec.inode_height <= MAX_HEIGHT
-            && !t.is_empty()
-            && (rec.inode_height == 0 || tree::read_node(region, t.ptr).is_ok())
-            && (rec.inode_height > 0 || {
-                let mut b: Block = [0; BLOCK_SIZE];
-                read_verified(region, t.ptr, &mut b, &|| String::new()).is_ok()
-            });
-        if !ok {
-            report.errors.push(format!(
-                "commit generation {} (ring {ring} slot {slot}) points at a damaged inode tree root (block {}); trying an older one",
-                rec.gen, rec.inode_root.blk
-            ));
-            continue;
+    // The newest valid record is the file system. Falling back to an older one would silently
+    // serve older bytes; a damaged tree root is reported instead and reads under it fail.
+    if let Some((rec, ring, slot)) = recs.first() {
+        if rec.inode_height > MAX_HEIGHT {
+            return Err(Error::corrupt(RING_A.0, format!("commit generation {} (ring {ring} slot {slot}) has an impossible tree height", rec.gen)));
         }
-        if Some(rec.gen) != newest {
-            report.errors.push(format!("fell back to commit generation {} (newer generations unusable)", rec.gen));
+        let t = Tree { ptr: rec.inode_root, height: rec.inode_height };
+        let mut b: Block = [0; BLOCK_SIZE];
+        if t.is_empty() || read_verified(region, t.ptr, &mut b, &String::new).is_err() {
+            report.errors.push(format!(
+                "the inode table root (block {}) of commit generation {} is damaged (CRC mismatch): the file system is unreadable; \
+                 the mount is read-only; keep the region and ask for help before writing to it",
+                rec.inode_root.blk, rec.gen
+            ));
+            report.metadata_damage = true;
         }
         let root = Root { gen: rec.gen, inodes: t, next_ino: rec.next_ino, n_inodes: rec.n_inodes };
         return Ok((root, rec.flags & COMMIT_CLEAN != 0));
@@ -1560,6 +1586,7 @@ fn mount_walk(region: &Region, sb: &Superblock, root: &Root, report: &mut MountR
             mark(&mut alloc, report, ptr.blk, &|| "inode table node".into());
             if !ok {
                 report.errors.push(format!("inode table node in block {} is damaged (CRC mismatch): some inodes are unreadable", ptr.blk));
+                report.metadata_damage = true;
             }
         }
         Visit::Data { page, ptr } => {
@@ -1574,6 +1601,7 @@ fn mount_walk(region: &Region, sb: &Superblock, root: &Root, report: &mut MountR
     for (page, ptr) in inode_blocks {
         let mut buf: Block = [0; BLOCK_SIZE];
         if read_verified(region, ptr, &mut buf, &|| String::new()).is_err() {
+            report.metadata_damage = true;
             report.errors.push(format!(
                 "inode block in block {} (inodes {}..{}) is damaged (CRC mismatch): those inodes read as EIO",
                 ptr.blk,
@@ -1590,6 +1618,11 @@ fn mount_walk(region: &Region, sb: &Superblock, root: &Root, report: &mut MountR
             }
             let ino = page * INODES_PER_BLOCK + s;
             count += 1;
+            if let Err(e) = validate_inode(ino, &inode, ptr.blk) {
+                report.errors.push(e.to_string());
+                report.metadata_damage = true;
+                continue;
+            }
             if inode.nlink == 0 {
                 report.orphans.push(ino);
             }

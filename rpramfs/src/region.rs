@@ -45,6 +45,8 @@ pub struct Region {
     name: String,
     store_log: Option<Mutex<Vec<Store>>>,
     read_only: bool,
+    /// The exclusive flock, held as long as the region is open.
+    _lock: Option<nix::fcntl::Flock<File>>,
 }
 
 impl std::fmt::Debug for Region {
@@ -153,9 +155,7 @@ impl Region {
         meta: Option<&std::fs::Metadata>,
         opts: OpenRegion,
     ) -> Result<Region> {
-        if !opts.inspect_only {
-            lock_exclusive(&file, &name)?;
-        }
+        let lock = if opts.inspect_only { None } else { Some(lock_exclusive(&file, &name)?) };
         let meta = match meta {
             Some(m) => m.clone(),
             None => file.metadata().map_err(|e| Error::io(format!("stat {name}"), e))?,
@@ -176,7 +176,7 @@ impl Region {
         let map = if opts.inspect_only { mo.map_raw_read_only(&file) } else { mo.map_raw(&file) }
             .map_err(|e| Error::io(format!("mapping region {name} ({len} bytes)"), e))?;
         let store_log = opts.log_stores.then(|| Mutex::new(Vec::new()));
-        Ok(Region { map, len, kind, file, name, store_log, read_only: opts.inspect_only })
+        Ok(Region { map, len, kind, file, name, store_log, read_only: opts.inspect_only, _lock: lock })
     }
 
     pub fn len(&self) -> u64 {
@@ -274,13 +274,9 @@ impl Mode0600 for OpenOptions {
     }
 }
 
-fn lock_exclusive(file: &File, name: &str) -> Result<()> {
+fn lock_exclusive(file: &File, name: &str) -> Result<nix::fcntl::Flock<File>> {
     match nix::fcntl::Flock::lock(file.try_clone().map_err(|e| Error::io("dup region fd", e))?, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => {
-            // The lock lives as long as the open file description, which `file` keeps open.
-            std::mem::forget(lock);
-            Ok(())
-        }
+        Ok(lock) => Ok(lock),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
             let holder = crate::owner::read_holder(file).unwrap_or_else(|| "another process".to_string());
             Err(Error::RegionBusy { path: name.to_string(), holder })

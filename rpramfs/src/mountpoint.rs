@@ -26,6 +26,13 @@ pub fn prepare(mp: &Path) -> Result<()> {
     }
     let canon = std::fs::canonicalize(mp).map_err(|e| Error::io(format!("resolving {shown}"), e))?;
     if let Some(fstype) = mounted_at(&canon) {
+        // stat may be answered from the kernel's attribute cache; statfs always asks the daemon.
+        if fstype.starts_with("fuse") && nix::sys::statfs::statfs(&canon).err() == Some(nix::errno::Errno::ENOTCONN) {
+            nix::mount::umount2(&canon, nix::mount::MntFlags::MNT_DETACH)
+                .map_err(|e| Error::io(format!("detaching the stale mount at {shown}"), e.into()))?;
+            warn!(mountpoint = %shown, "detached a stale mount left by a dead rpramfs daemon");
+            return prepare(mp);
+        }
         return Err(Error::BadRegion {
             path: shown.clone(),
             why: format!("{shown} is already a mount point ({fstype}); unmount it first (umount {shown})"),

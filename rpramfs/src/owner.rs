@@ -62,15 +62,19 @@ impl Owner {
         })
     }
 
-    /// Whether this record was left by a process of this boot that is gone.
-    pub fn describe(&self) -> String {
-        let this_boot = self.boot_id == boot_id();
-        // A zombie (killed, not yet reaped) counts as gone.
-        let alive = this_boot
+    /// Whether the recorded process runs (a zombie, killed but not reaped, does not).
+    pub fn is_alive(&self) -> bool {
+        self.boot_id == boot_id()
             && std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
                 .ok()
                 .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
-                .unwrap_or(false);
+                .unwrap_or(false)
+    }
+
+    /// Who holds (or held) the region, for messages.
+    pub fn describe(&self) -> String {
+        let this_boot = self.boot_id == boot_id();
+        let alive = self.is_alive();
         let state = if !this_boot {
             "before the last reboot/kexec"
         } else if alive {
@@ -87,10 +91,10 @@ pub fn boot_id() -> String {
 }
 
 /// Reads the owner record through a plain read (used when the lock is held by someone else).
-pub fn read_holder(file: &File) -> Option<String> {
+pub fn read_owner(file: &File) -> Option<Owner> {
     let mut buf = vec![0u8; 4096];
     file.read_exact_at(&mut buf, OWNER_BLOCK.offset().0).ok()?;
-    Owner::decode(&buf).map(|o| o.describe())
+    Owner::decode(&buf)
 }
 
 pub fn read(region: &Region) -> Option<Owner> {

@@ -275,13 +275,25 @@ impl Mode0600 for OpenOptions {
 }
 
 fn lock_exclusive(file: &File, name: &str) -> Result<nix::fcntl::Flock<File>> {
-    match nix::fcntl::Flock::lock(file.try_clone().map_err(|e| Error::io("dup region fd", e))?, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => Ok(lock),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-            let holder = crate::owner::read_holder(file).unwrap_or_else(|| "another process".to_string());
-            Err(Error::RegionBusy { path: name.to_string(), holder })
+    // A holder that was just killed keeps the lock until its last thread has exited (its
+    // mapping of the region holds the open file); give such a holder a few seconds.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let dup = file.try_clone().map_err(|e| Error::io("dup region fd", e))?;
+        match nix::fcntl::Flock::lock(dup, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                let holder = crate::owner::read_owner(file);
+                let exiting = holder.as_ref().is_some_and(|o| !o.is_alive());
+                if exiting && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    continue;
+                }
+                let holder = holder.map(|o| o.describe()).unwrap_or_else(|| "another process".to_string());
+                return Err(Error::RegionBusy { path: name.to_string(), holder });
+            }
+            Err((_, e)) => return Err(Error::io(format!("locking region {name}"), io::Error::from(e))),
         }
-        Err((_, e)) => Err(Error::io(format!("locking region {name}"), io::Error::from(e))),
     }
 }
 

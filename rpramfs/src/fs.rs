@@ -1367,6 +1367,12 @@ impl Fs {
         format!("inode {ino}")
     }
 
+    /// Pool blocks the committed trees reference (tests pick corruption targets from these).
+    pub fn referenced_blocks(&self) -> Vec<u32> {
+        let inner = self.inner.lock();
+        (FIRST_POOL_BLOCK..(self.sb.n_blocks as u32 - 1)).filter(|&b| inner.alloc.is_used(b)).collect()
+    }
+
     /// The committed inode tree (fsck).
     pub(crate) fn inode_tree(&self) -> Tree {
         self.inner.lock().root.inodes

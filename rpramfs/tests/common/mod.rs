@@ -97,3 +97,78 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+pub const ROOT: u64 = 1;
+
+/// What a populated image holds: path → (offset, bytes) segments.
+pub type Expected = Vec<(String, Vec<(u64, Vec<u8>)>)>;
+
+/// A small, cleanly unmounted region image with files, a sparse file at 2^47, a directory of
+/// files, a symlink and extended attributes.
+pub fn populated_image() -> (Vec<u8>, Expected) {
+    use rpramfs::fs::Creator;
+    let who = Creator { uid: 0, gid: 0 };
+    let region = Region::memfd(4 << 20, false).unwrap();
+    Fs::mkfs(&region, &MkfsOptions::default()).unwrap();
+    let (fs, _) = Fs::open(region, &OpenOptions::default()).unwrap();
+    let mut exp: Expected = Vec::new();
+    let mut file = |dir: u64, name: &str, path: &str, segs: Vec<(u64, Vec<u8>)>| {
+        let ino = fs.create(dir, name.as_bytes(), libc::S_IFREG | 0o644, 0, who, None).unwrap().ino;
+        for (off, d) in &segs {
+            fs.write_file(ino, *off, d).unwrap();
+        }
+        exp.push((path.to_string(), segs));
+        ino
+    };
+    file(ROOT, "small", "small", vec![(0, pattern(1, 100))]);
+    let big = file(ROOT, "big", "big", vec![(0, pattern(2, 300 << 10))]);
+    file(ROOT, "sparse", "sparse", vec![(0, pattern(3, 5000)), (1 << 47, pattern(4, 9000))]);
+    let d = fs.create(ROOT, b"d", libc::S_IFDIR | 0o755, 0, who, None).unwrap().ino;
+    for i in 0..40 {
+        file(d, &format!("f{i}"), &format!("d/f{i}"), vec![(0, pattern(100 + i, 700 + i as usize * 50))]);
+    }
+    fs.create(ROOT, b"link", libc::S_IFLNK | 0o777, 0, who, Some(b"d/f1")).unwrap();
+    fs.setxattr(big, b"user.note", &pattern(9, 6000), 0).unwrap();
+    fs.close().unwrap();
+    (fs.region().snapshot(), exp)
+}
+
+/// Reads every expected byte; returns how many reads failed. Panics if a read returns wrong
+/// bytes without an error.
+pub fn read_back(fs: &Fs, exp: &Expected) -> usize {
+    let mut failed = 0;
+    for (path, segs) in exp {
+        let mut dir = ROOT;
+        let mut ino = None;
+        let parts: Vec<&str> = path.split('/').collect();
+        for (i, p) in parts.iter().enumerate() {
+            match fs.lookup(dir, p.as_bytes()) {
+                Ok(a) if i + 1 == parts.len() => ino = Some(a.ino),
+                Ok(a) => dir = a.ino,
+                Err(_) => break,
+            }
+        }
+        let Some(ino) = ino else {
+            failed += 1;
+            continue;
+        };
+        for (off, want) in segs {
+            let mut pos = 0usize;
+            while pos < want.len() {
+                match fs.read_file(ino, off + pos as u64, (want.len() - pos).min(64 << 10) as u32) {
+                    Ok(got) if got.is_empty() => panic!("{path}: read at {} returned nothing", off + pos as u64),
+                    Ok(got) => {
+                        assert!(got[..] == want[pos..pos + got.len()], "{path}: WRONG BYTES at {} without an error", off + pos as u64);
+                        pos += got.len();
+                    }
+                    Err(_) => {
+                        failed += 1;
+                        // Skip the damaged page.
+                        pos = ((pos as u64 + off) / 4096 * 4096 + 4096 - off) as usize;
+                    }
+                }
+            }
+        }
+    }
+    failed
+}

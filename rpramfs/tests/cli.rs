@@ -1,0 +1,167 @@
+//! The `rpramfs` command as an operator runs it: bad input gets a clear message and never loses
+//! stored data.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_rpramfs");
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn umount_wait(mp: &Path) {
+    assert!(Command::new("umount").arg(mp).status().unwrap().success());
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+#[test]
+fn cold_region_is_refused_and_left_alone() {
+    let d = tempfile::tempdir().unwrap();
+    let region = d.path().join("cold.img");
+    fs::write(&region, vec![0u8; 8 << 20]).unwrap();
+    let mp = d.path().join("mnt");
+    fs::create_dir(&mp).unwrap();
+    let (rc, out) = run(&["mount", s(&region), s(&mp)]);
+    assert_eq!(rc, 1, "{out}");
+    assert!(out.contains("holds no rpramfs file system"), "{out}");
+    assert!(out.contains("rpramfs mkfs"), "the message names the fix: {out}");
+    assert!(fs::read(&region).unwrap().iter().all(|&b| b == 0), "a refused mount must not write");
+    let (rc, out) = run(&["fsck", s(&region)]);
+    assert_eq!(rc, 8, "{out}");
+    let (rc, out) = run(&["info", s(&region)]);
+    assert_eq!(rc, 1, "{out}");
+}
+
+#[test]
+fn mkfs_refuses_to_erase_without_force_and_geometry_is_checked() {
+    let d = tempfile::tempdir().unwrap();
+    let region = d.path().join("r.img");
+    assert_eq!(run(&["mkfs", s(&region), "--size", "64M"]).0, 0);
+    let (rc, out) = run(&["mkfs", s(&region), "--size", "64M"]);
+    assert_eq!(rc, 1);
+    assert!(out.contains("already holds an rpramfs file system") && out.contains("--force"), "{out}");
+    assert_eq!(run(&["mkfs", s(&region), "--force"]).0, 0);
+    // A region of another size (a changed memmap=) is refused, naming both sizes.
+    fs::OpenOptions::new().write(true).open(&region).unwrap().set_len(128 << 20).unwrap();
+    let mp = d.path().join("mnt");
+    fs::create_dir(&mp).unwrap();
+    let (rc, out) = run(&["mount", s(&region), s(&mp)]);
+    assert_eq!(rc, 1);
+    assert!(out.contains("134217728 bytes but its superblock says 67108864"), "{out}");
+    assert!(out.contains("memmap="), "{out}");
+    let (rc, out) = run(&["mkfs", s(&region), "--size", "12Q"]);
+    assert_ne!(rc, 0);
+    assert!(out.contains("unknown size suffix"), "{out}");
+}
+
+#[test]
+fn busy_region_names_its_holder_and_info_works_while_mounted() {
+    let d = tempfile::tempdir().unwrap();
+    let region = d.path().join("r.img");
+    let (mp, mp2) = (d.path().join("a"), d.path().join("b"));
+    fs::create_dir(&mp).unwrap();
+    fs::create_dir(&mp2).unwrap();
+    assert_eq!(run(&["mkfs", s(&region), "--size", "64M"]).0, 0);
+    let (rc, out) = run(&["mount", s(&region), s(&mp), "--log", s(&d.path().join("log"))]);
+    assert_eq!(rc, 0, "{out}");
+    fs::write(mp.join("kept"), b"data").unwrap();
+    let (rc, out) = run(&["mount", s(&region), s(&mp2)]);
+    assert_eq!(rc, 1);
+    assert!(out.contains("is in use by rpramfs pid") && out.contains("running"), "{out}");
+    let (rc, out) = run(&["fsck", s(&region)]);
+    assert_ne!(rc, 0);
+    assert!(out.contains("in use by"), "{out}");
+    let (rc, out) = run(&["mount", s(&region), s(&mp)]);
+    assert_eq!(rc, 1);
+    assert!(out.contains("already a mount point"), "{out}");
+    let (rc, out) = run(&["info", s(&region)]);
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains("state:        mounted"), "{out}");
+    assert!(out.contains("files:        2 inodes"), "{out}");
+    let (rc, out) = run(&["mount", s(&region), s(&mp2), "-o", "bogus"]);
+    assert_eq!(rc, 1);
+    assert!(out.contains("unknown mount option \"bogus\""), "{out}");
+    umount_wait(&mp);
+    let (rc, out) = run(&["info", s(&region)]);
+    assert_eq!(rc, 0);
+    assert!(out.contains("clean (last unmount completed)"), "{out}");
+    assert_eq!(run(&["fsck", s(&region)]).0, 0);
+}
+
+#[test]
+fn full_file_system_gives_enospc_and_keeps_everything() {
+    let d = tempfile::tempdir().unwrap();
+    let region = d.path().join("r.img");
+    let mp = d.path().join("mnt");
+    fs::create_dir(&mp).unwrap();
+    assert_eq!(run(&["mkfs", s(&region), "--size", "16M"]).0, 0);
+    assert_eq!(run(&["mount", s(&region), s(&mp), "--log", s(&d.path().join("log"))]).0, 0);
+    fs::write(mp.join("first"), common::pattern(1, 1 << 20)).unwrap();
+    let err = fs::write(mp.join("filler"), vec![7u8; 32 << 20]).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert_eq!(fs::read(mp.join("first")).unwrap(), common::pattern(1, 1 << 20));
+    fs::remove_file(mp.join("filler")).unwrap();
+    fs::write(mp.join("after"), b"space is back").unwrap();
+    umount_wait(&mp);
+    let (rc, out) = run(&["fsck", "--scrub", s(&region)]);
+    assert_eq!(rc, 0, "{out}");
+}
+
+#[test]
+fn fsck_names_damage_and_exits_1() {
+    let d = tempfile::tempdir().unwrap();
+    let region = d.path().join("r.img");
+    let (image, _) = common::populated_image();
+    fs::write(&region, &image).unwrap();
+    let (rc, out) = run(&["fsck", "--scrub", s(&region)]);
+    assert_eq!(rc, 0, "{out}");
+    // Damage one data block of "big": find it by content.
+    let needle = &common::pattern(2, 300 << 10)[8192..8192 + 64];
+    let pos = image.windows(64).position(|w| w == needle).unwrap();
+    let mut bad = image.clone();
+    bad[pos + 10] ^= 0x40;
+    fs::write(&region, &bad).unwrap();
+    let (rc, out) = run(&["fsck", s(&region)]);
+    assert_eq!(rc, 0, "without --scrub data blocks are not read: {out}");
+    let (rc, out) = run(&["fsck", "--scrub", s(&region)]);
+    assert_eq!(rc, 1, "{out}");
+    let block = pos / 4096;
+    assert!(out.contains(&format!("/big (inode")) && out.contains(&format!("block {block}")), "{out}");
+    assert_eq!(fs::read(&region).unwrap(), bad, "fsck without --repair must not write");
+}
+
+#[test]
+fn mount_helper_for_mount_t_and_fstab() {
+    let d = tempfile::tempdir().unwrap();
+    let region = d.path().join("r.img");
+    let mp = d.path().join("mnt");
+    fs::create_dir(&mp).unwrap();
+    assert_eq!(run(&["mkfs", s(&region), "--size", "32M"]).0, 0);
+    // mount(8) runs /sbin/mount.<type> REGION DIR -o OPTIONS.
+    let helper = Path::new("/sbin/mount.fuse.rpramfs");
+    let ours = !helper.exists();
+    if ours {
+        std::os::unix::fs::symlink(BIN, helper).unwrap();
+    }
+    let out = Command::new("mount").args(["-t", "fuse.rpramfs", "-o", "noatime,nodev", s(&region), s(&mp)]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    let mounted = out.status.success() && rpramfs::mountpoint::mounted_at(&fs::canonicalize(&mp).unwrap()).is_some();
+    if mounted {
+        fs::write(mp.join("via-mount"), b"ok").unwrap();
+        umount_wait(&mp);
+    }
+    if ours {
+        fs::remove_file(helper).unwrap();
+    }
+    assert!(mounted, "mount -t fuse.rpramfs failed: {text}");
+}

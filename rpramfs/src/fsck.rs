@@ -230,3 +230,28 @@ pub fn check(fs: &Fs, mount: &MountReport, scrub: bool, repair: bool) -> FsckRep
     }
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::{Creator, MkfsOptions, OpenOptions};
+    use crate::region::Region;
+
+    #[test]
+    fn wrong_link_count_is_reported_then_repaired() {
+        let r = Region::memfd(4 << 20, false).unwrap();
+        Fs::mkfs(&r, &MkfsOptions::default()).unwrap();
+        let (fs, report) = Fs::open(r, &OpenOptions::default()).unwrap();
+        let f = fs.create(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, Creator { uid: 0, gid: 0 }, None).unwrap();
+        fs.write_file(f.ino, 0, &[1; 5000]).unwrap();
+        assert!(check(&fs, &report, true, false).clean());
+        fs.repair_counts(f.ino, 5, 7).unwrap(); // make it wrong
+        let r = check(&fs, &report, true, false);
+        assert_eq!(r.errors.len(), 2, "{:?}", r.errors);
+        assert!(r.errors.iter().any(|e| e.contains("/f (inode 2): link count is 5 but 1 were found")), "{:?}", r.errors);
+        assert!(r.errors.iter().any(|e| e.contains("block count says 7 but 2 blocks are mapped")), "{:?}", r.errors);
+        let r = check(&fs, &report, true, true);
+        assert_eq!(r.repaired.len(), 1);
+        assert!(check(&fs, &report, true, false).clean());
+    }
+}

@@ -165,3 +165,51 @@ fn mount_helper_for_mount_t_and_fstab() {
     }
     assert!(mounted, "mount -t fuse.rpramfs failed: {text}");
 }
+
+/// A block-device region (a loop device here; /dev/pmem0 in the guest): the msync path.
+#[test]
+fn block_device_region_survives_kill9() {
+    let d = tempfile::tempdir().unwrap();
+    let backing = d.path().join("backing.img");
+    fs::write(&backing, vec![0u8; 64 << 20]).unwrap();
+    let out = Command::new("losetup").args(["--find", "--show"]).arg(&backing).output().unwrap();
+    if !out.status.success() {
+        panic!("losetup failed (loop devices are needed for this test): {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    let mp = d.path().join("mnt");
+    fs::create_dir(&mp).unwrap();
+    let (rc, out) = run(&["mkfs", &dev, "--size", "32M"]);
+    assert_eq!(rc, 1, "--size must be refused for a device of another size: {out}");
+    assert!(out.contains("omit --size for devices"), "{out}");
+    assert_eq!(run(&["mkfs", &dev]).0, 0);
+    let log = d.path().join("log");
+    let (rc, out) = run(&["mount", &dev, s(&mp), "--log", s(&log)]);
+    assert_eq!(rc, 0, "{out}");
+    let data = common::pattern(5, 3 << 20);
+    fs::write(mp.join("kept"), &data).unwrap();
+    let pid: i32 = out.split("daemon pid ").nth(1).unwrap().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap();
+    // SAFETY: killing the daemon we started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(200));
+    let (rc, out) = run(&["info", &dev]);
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains("block device"), "{out}");
+    let (rc, out) = run(&["mount", &dev, s(&mp), "--log", s(&log)]);
+    assert_eq!(rc, 0, "{out}");
+    assert_eq!(fs::read(mp.join("kept")).unwrap(), data);
+    umount_wait(&mp);
+    let (rc, out) = run(&["fsck", "--scrub", &dev]);
+    assert_eq!(rc, 0, "{out}");
+    // The bytes are on the device itself, not only in this kernel's page cache of it.
+    let _ = Command::new("blockdev").args(["--flushbufs", &dev]).status();
+    let raw = fs::read(&backing).unwrap();
+    assert!(raw.windows(64).any(|w| w == &data[4096..4096 + 64]), "data not found in the backing file");
+}

@@ -8,12 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_rpramfs");
-
-fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(BIN).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-}
+use common::{daemon_pid, run, BIN};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -195,7 +190,7 @@ fn block_device_region_survives_kill9() {
     assert_eq!(rc, 0, "{out}");
     let data = common::pattern(5, 3 << 20);
     fs::write(mp.join("kept"), &data).unwrap();
-    let pid: i32 = out.split("daemon pid ").nth(1).unwrap().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap();
+    let pid = daemon_pid(&out);
     // SAFETY: killing the daemon we started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     std::thread::sleep(Duration::from_millis(200));

@@ -12,20 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::pattern;
+use common::{daemon_pid, pattern, run};
 
-const BIN: &str = env!("CARGO_BIN_EXE_rpramfs");
-
-fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(BIN).args(args).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), text)
-}
-
-fn daemon_pid(mount_output: &str) -> i32 {
-    let s = mount_output.split("daemon pid ").nth(1).expect("mount prints the daemon pid");
-    s.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
-}
 
 #[derive(Default)]
 struct Acked {

@@ -172,3 +172,18 @@ pub fn read_back(fs: &Fs, exp: &Expected) -> usize {
     }
     failed
 }
+
+/// The `rpramfs` binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_rpramfs");
+
+/// Runs `rpramfs ARGS`; returns the exit code and stdout+stderr.
+pub fn run(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(BIN).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// The daemon pid `rpramfs mount` prints.
+pub fn daemon_pid(mount_output: &str) -> i32 {
+    let s = mount_output.split("daemon pid ").nth(1).expect("mount prints the daemon pid");
+    s.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+}

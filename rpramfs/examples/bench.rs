@@ -161,7 +161,7 @@ fn main() {
     let (anon_empty, file_empty) = daemon_rss(&mp);
     let buf = vec![0x11u8; 1 << 20];
     let mut f = File::create(mp.join("half")).unwrap();
-    for _ in 0..(big / 2 >> 20) {
+    for _ in 0..((big / 2) >> 20) {
         f.write_all(&buf).unwrap();
     }
     f.sync_all().unwrap();

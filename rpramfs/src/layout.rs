@@ -62,7 +62,7 @@ impl BlockNo {
 pub struct ByteOffset(pub u64);
 
 impl ByteOffset {
-    pub fn add(self, n: u64) -> ByteOffset {
+    pub fn plus(self, n: u64) -> ByteOffset {
         ByteOffset(self.0 + n)
     }
 }

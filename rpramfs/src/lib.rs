@@ -17,6 +17,8 @@
 //! # Ok::<(), rpramfs::error::Error>(())
 //! ```
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod alloc;
 pub mod error;
 pub mod fs;

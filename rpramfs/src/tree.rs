@@ -145,9 +145,9 @@ fn update(
     let span = pages_covered(height - 1);
     let lo = ((first - base) / span) as usize;
     let hi = ((last - base) / span) as usize;
-    for i in lo..=hi {
+    for (i, child) in node.iter_mut().enumerate().take(hi + 1).skip(lo) {
         let cbase = base + i as u64 * span;
-        node[i] = update(tx, node[i], height - 1, cbase, first.max(cbase), last.min(cbase + span - 1), f)?;
+        *child = update(tx, *child, height - 1, cbase, first.max(cbase), last.min(cbase + span - 1), f)?;
     }
     if ptr.is_null() && node.iter().all(|p| p.is_null()) {
         return Ok(BlkPtr::NULL);
@@ -184,12 +184,12 @@ fn punch_in(tx: &mut Tx<'_>, ptr: BlkPtr, height: u8, base: u64, first: u64, las
     let lo = ((first - base) / span) as usize;
     let hi = ((last - base) / span) as usize;
     let mut changed = false;
-    for i in lo..=hi {
-        if node[i].is_null() {
+    for (i, child) in node.iter_mut().enumerate().take(hi + 1).skip(lo) {
+        if child.is_null() {
             continue;
         }
         let cbase = base + i as u64 * span;
-        node[i] = punch_in(tx, node[i], height - 1, cbase, first.max(cbase), last.min(cbase + span - 1), freed)?;
+        *child = punch_in(tx, *child, height - 1, cbase, first.max(cbase), last.min(cbase + span - 1), freed)?;
         changed = true;
     }
     if !changed {

@@ -131,7 +131,7 @@ fn fsck_names_damage_and_exits_1() {
     let (rc, out) = run(&["fsck", "--scrub", s(&region)]);
     assert_eq!(rc, 1, "{out}");
     let block = pos / 4096;
-    assert!(out.contains(&format!("/big (inode")) && out.contains(&format!("block {block}")), "{out}");
+    assert!(out.contains(&"/big (inode".to_string()) && out.contains(&format!("block {block}")), "{out}");
     assert_eq!(fs::read(&region).unwrap(), bad, "fsck without --repair must not write");
 }
 

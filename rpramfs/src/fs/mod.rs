@@ -385,9 +385,8 @@ impl Fs {
         if name.len() > NAME_MAX {
             return posix(libc::ENAMETOOLONG);
         }
-        if !inner.dirs.contains_key(&parent) {
-            let idx = build_dir_index(&self.region, &dir)?;
-            inner.dirs.insert(parent, idx);
+        if let std::collections::hash_map::Entry::Vacant(v) = inner.dirs.entry(parent) {
+            v.insert(build_dir_index(&self.region, &dir)?);
         }
         let Some(e) = inner.dirs[&parent].names.get(name).copied() else { return posix(libc::ENOENT) };
         let inode = read_inode(&self.region, inner.root.inodes, e.ino)?;

@@ -35,7 +35,7 @@ pub fn inspect(region: &Region) -> Result<Info> {
     let sb = read_superblock(region, &mut report)?;
     let (root, clean) = pick_commit(region, &sb, &mut report)?;
     let mut buf = [0u8; COMMIT_RECORD_SIZE];
-    region.read_into(RING_A.offset().add((root.gen % RING_SLOTS) * COMMIT_RECORD_SIZE as u64), &mut buf)?;
+    region.read_into(RING_A.offset().plus((root.gen % RING_SLOTS) * COMMIT_RECORD_SIZE as u64), &mut buf)?;
     let rec = CommitRecord::read_from_bytes(&buf).expect("record size");
     let (used, time) = if rec.valid(&sb.uuid) && rec.gen == root.gen { (rec.used_blocks, rec.time_ns) } else { (0, 0) };
     Ok(Info {
@@ -94,9 +94,9 @@ pub(super) fn write_commit(region: &Region, sb: &Superblock, root: &Root, used: 
     rec.seal();
     let slot = (root.gen % RING_SLOTS) * COMMIT_RECORD_SIZE as u64;
     region.fence();
-    region.write(RING_A.offset().add(slot), rec.as_bytes())?;
+    region.write(RING_A.offset().plus(slot), rec.as_bytes())?;
     region.fence();
-    region.write(RING_B.offset().add(slot), rec.as_bytes())?;
+    region.write(RING_B.offset().plus(slot), rec.as_bytes())?;
     region.fence();
     region.flush(&[(RING_A.offset().0, 2 * BLOCK_SIZE as u64)])
 }
@@ -162,7 +162,7 @@ pub(super) fn pick_commit(region: &Region, sb: &Superblock, report: &mut MountRe
             }
         }
     }
-    recs.sort_by(|a, b| b.0.gen.cmp(&a.0.gen));
+    recs.sort_by_key(|r| std::cmp::Reverse(r.0.gen));
     let newest = recs.first().map(|r| r.0.gen);
     if let Some(g) = newest {
         let copies = recs.iter().filter(|r| r.0.gen == g).count();

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: demo test build setup install bench clean
+.PHONY: demo test test-host test-guest build setup install bench clean
 
 setup:
 	@scripts/setup-host.sh
@@ -15,8 +15,16 @@ build: setup
 demo: build
 	tests/demo-rpramfs.sh
 
-test: build
+test: test-host test-guest
+
+test-host: build
 	$(CARGO) test --release --workspace -- --test-threads=2
+
+# Real kexec between two Debian kernels over a memmap= pmem region, in a QEMU guest (docs/guest-bench.md).
+test-guest: build
+	tests/guest/run persist
+	tests/guest/run crash-kexec
+	tests/guest/run cold
 
 bench: build
 	$(CARGO) run --release -p rpramfs --example bench

@@ -14,9 +14,20 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// Unmounts, retrying while the mount is briefly busy (a parallel test's fork between its
+/// fork and exec can hold a descriptor for a moment), then lets the daemon finish its clean exit.
 fn umount_wait(mp: &Path) {
-    assert!(Command::new("umount").arg(mp).status().unwrap().success());
-    std::thread::sleep(Duration::from_millis(300));
+    let mut last = String::new();
+    for _ in 0..50 {
+        let out = Command::new("umount").arg(mp).output().unwrap();
+        if out.status.success() {
+            std::thread::sleep(Duration::from_millis(300));
+            return;
+        }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("umount {} kept failing: {last}", mp.display());
 }
 
 #[test]

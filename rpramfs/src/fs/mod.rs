@@ -489,16 +489,7 @@ impl Fs {
             let mut dir = w.inode(parent)?;
             let Some(e) = w.lookup(parent, name)? else { return posix(libc::ENOENT) };
             let mut target = w.inode(e.ino)?;
-            if rmdir {
-                if !target.is_dir() {
-                    return posix(libc::ENOTDIR);
-                }
-                if !w.dir(e.ino)?.names.is_empty() {
-                    return posix(libc::ENOTEMPTY);
-                }
-            } else if target.is_dir() {
-                return posix(libc::EISDIR);
-            }
+            w.check_removable(e.ino, &target, rmdir)?;
             w.dir_remove(parent, &mut dir, name)?;
             if target.is_dir() {
                 target.nlink = 0;
@@ -627,16 +618,7 @@ impl Fs {
             let mut replaced: Option<(u64, Inode)> = None;
             if let Some(d) = dst {
                 let dst_inode = w.inode(d.ino)?;
-                if src_inode.is_dir() {
-                    if !dst_inode.is_dir() {
-                        return posix(libc::ENOTDIR);
-                    }
-                    if !w.dir(d.ino)?.names.is_empty() {
-                        return posix(libc::ENOTEMPTY);
-                    }
-                } else if dst_inode.is_dir() {
-                    return posix(libc::EISDIR);
-                }
+                w.check_removable(d.ino, &dst_inode, src_inode.is_dir())?;
                 replaced = Some((d.ino, dst_inode));
             }
             let mut pdir = w.inode(parent)?;

@@ -158,6 +158,22 @@ impl Work<'_> {
         Ok(e)
     }
 
+    /// Whether an entry may go away as a directory (rmdir, or replaced by a directory in a
+    /// rename) or as a non-directory (unlink, replaced by a file).
+    pub(super) fn check_removable(&mut self, ino: u64, inode: &Inode, as_dir: bool) -> Result<()> {
+        if as_dir {
+            if !inode.is_dir() {
+                return posix(libc::ENOTDIR);
+            }
+            if !self.dir(ino)?.names.is_empty() {
+                return posix(libc::ENOTEMPTY);
+            }
+        } else if inode.is_dir() {
+            return posix(libc::EISDIR);
+        }
+        Ok(())
+    }
+
     pub(super) fn lookup(&mut self, dir: u64, name: &[u8]) -> Result<Option<DirEntry>> {
         let inode = self.inode(dir)?;
         if !inode.is_dir() {

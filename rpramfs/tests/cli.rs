@@ -14,6 +14,15 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// Detaches a mount when a test ends, passed or failed, so no daemon outlives its test.
+struct LazyUmount(std::path::PathBuf);
+
+impl Drop for LazyUmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).stderr(std::process::Stdio::null()).status();
+    }
+}
+
 /// Unmounts, retrying while the mount is briefly busy (a parallel test's fork between its
 /// fork and exec can hold a descriptor for a moment), then lets the daemon finish its clean exit.
 fn umount_wait(mp: &Path) {
@@ -80,6 +89,7 @@ fn busy_region_names_its_holder_and_info_works_while_mounted() {
     assert_eq!(run(&["mkfs", s(&region), "--size", "64M"]).0, 0);
     let (rc, out) = run(&["mount", s(&region), s(&mp), "--log", s(&d.path().join("log"))]);
     assert_eq!(rc, 0, "{out}");
+    let _guard = LazyUmount(mp.clone());
     fs::write(mp.join("kept"), b"data").unwrap();
     let (rc, out) = run(&["mount", s(&region), s(&mp2)]);
     assert_eq!(rc, 1);
@@ -112,6 +122,7 @@ fn full_file_system_gives_enospc_and_keeps_everything() {
     fs::create_dir(&mp).unwrap();
     assert_eq!(run(&["mkfs", s(&region), "--size", "16M"]).0, 0);
     assert_eq!(run(&["mount", s(&region), s(&mp), "--log", s(&d.path().join("log"))]).0, 0);
+    let _guard = LazyUmount(mp.clone());
     fs::write(mp.join("first"), common::pattern(1, 1 << 20)).unwrap();
     let err = fs::write(mp.join("filler"), vec![7u8; 32 << 20]).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
@@ -199,6 +210,7 @@ fn block_device_region_survives_kill9() {
     let log = d.path().join("log");
     let (rc, out) = run(&["mount", &dev, s(&mp), "--log", s(&log)]);
     assert_eq!(rc, 0, "{out}");
+    let _guard = LazyUmount(mp.clone());
     let data = common::pattern(5, 3 << 20);
     fs::write(mp.join("kept"), &data).unwrap();
     let pid = daemon_pid(&out);

@@ -490,14 +490,7 @@ impl Fs {
             let Some(e) = w.lookup(parent, name)? else { return posix(libc::ENOENT) };
             let mut target = w.inode(e.ino)?;
             w.check_removable(e.ino, &target, rmdir)?;
-            w.dir_remove(parent, &mut dir, name)?;
-            if target.is_dir() {
-                target.nlink = 0;
-                dir.nlink = dir.nlink.saturating_sub(1);
-            } else {
-                target.nlink = target.nlink.saturating_sub(1);
-            }
-            touch_c(&mut target, w.now);
+            w.remove_entry(parent, &mut dir, name, &mut target)?;
             w.put_inode(parent, &dir)?;
             self.drop_link(w, e.ino, &target)
         })
@@ -629,14 +622,7 @@ impl Fs {
             w.put_inode(parent, &pdir)?;
             let mut ndir = w.inode(newparent)?;
             if let Some((rino, mut rinode)) = replaced {
-                w.dir_remove(newparent, &mut ndir, newname)?;
-                if rinode.is_dir() {
-                    rinode.nlink = 0;
-                    ndir.nlink = ndir.nlink.saturating_sub(1);
-                } else {
-                    rinode.nlink = rinode.nlink.saturating_sub(1);
-                }
-                touch_c(&mut rinode, now);
+                w.remove_entry(newparent, &mut ndir, newname, &mut rinode)?;
                 self.drop_link(w, rino, &rinode)?;
             }
             w.dir_add(newparent, &mut ndir, newname, src.ino, src.dtype)?;

@@ -158,6 +158,20 @@ impl Work<'_> {
         Ok(e)
     }
 
+    /// Removes the entry `name` of `dir` that leads to `target` and drops the link it held: a
+    /// directory loses its own links and its parent's `..` link, anything else one link.
+    pub(super) fn remove_entry(&mut self, dir: u64, dir_inode: &mut Inode, name: &[u8], target: &mut Inode) -> Result<()> {
+        self.dir_remove(dir, dir_inode, name)?;
+        if target.is_dir() {
+            target.nlink = 0;
+            dir_inode.nlink = dir_inode.nlink.saturating_sub(1);
+        } else {
+            target.nlink = target.nlink.saturating_sub(1);
+        }
+        touch_c(target, self.now);
+        Ok(())
+    }
+
     /// Whether an entry may go away as a directory (rmdir, or replaced by a directory in a
     /// rename) or as a non-directory (unlink, replaced by a file).
     pub(super) fn check_removable(&mut self, ino: u64, inode: &Inode, as_dir: bool) -> Result<()> {

@@ -17,8 +17,10 @@ demo: build
 
 test: test-host test-guest
 
+# kup's host tests run the real CRIU: trixie's 4.1.1 with its own loader (docs/criu-host.md), installed
+# on first use into /opt/kup/criu.
 test-host: build
-	$(CARGO) test --release --workspace -- --test-threads=2
+	KUP_CRIU=$$(scripts/criu-host/install.sh) $(CARGO) test --release --workspace -- --test-threads=2
 
 # Real kexec between two Debian kernels over a memmap= pmem region, in a QEMU guest (docs/guest-bench.md).
 test-guest: build

@@ -2,7 +2,7 @@
 # Installs what building and testing kup needs on a Debian host; a no-op when all is present.
 set -euo pipefail
 need=()
-for pkg in gcc make util-linux procps psmisc; do
+for pkg in gcc make util-linux procps psmisc python3; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then

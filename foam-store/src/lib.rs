@@ -3,7 +3,51 @@
 //! docs/design.md). CRIU is the checkpoint engine; its page-server protocol is where kup takes
 //! over the memory.
 //!
-//! What exists so far: [`protocol`], the page-server wire format of CRIU 3.17–4.1 (decoding and
-//! encoding of headers, replies and whole recorded streams).
+//! - [`protocol`]: the page-server wire format of CRIU 3.17–4.1.
+//! - [`foam`], [`spaces`]: FOAM files with a CRC per page; the files of one app.
+//! - [`receiver`]: the page server for `criu pre-dump`/`dump`.
+//! - [`lazy_server`]: the GET server for `criu lazy-pages`.
+//! - [`criu_images`]: pagemap/pages synthesis for restore, dump statistics.
+//! - [`manifest`], [`store`]: the checkpoint record and the store's directory layout.
 
+pub mod criu_images;
+pub mod foam;
+pub mod lazy_server;
+pub mod manifest;
 pub mod protocol;
+pub mod ranges;
+pub mod receiver;
+pub mod spaces;
+pub mod store;
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("page-server socket: {0}")]
+    Socket(std::io::Error),
+    #[error(transparent)]
+    Protocol(#[from] protocol::ProtocolError),
+    #[error("CRIU closed the page-server connection mid-session (the dump failed; its log says why)")]
+    SessionCut,
+    #[error("page {vaddr:#x} of address space {space} fails its CRC (stored {want:08x}, read {got:08x}): the checkpoint is damaged and is not restored")]
+    BadPage { space: String, vaddr: u64, want: u32, got: u32 },
+    #[error("CRIU named {pages} pages at {vaddr:#x} of {space} unchanged since the previous pass, but no earlier pass stored them")]
+    ParentMissing { space: String, vaddr: u64, pages: u32 },
+    #[error("lazy-pages asked for page {vaddr:#x} of {space}, which the checkpoint does not hold")]
+    UnknownPage { space: String, vaddr: u64 },
+    #[error("manifest {path}: {why}")]
+    BadManifest { path: PathBuf, why: String },
+    #[error("{0}")]
+    NoCheckpoint(String),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl Error {
+    pub fn io(path: &Path, source: std::io::Error) -> Error {
+        Error::Io { path: path.into(), source }
+    }
+}

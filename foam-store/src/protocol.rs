@@ -74,7 +74,7 @@ impl Cmd {
 }
 
 /// The image a dump command is about: `dst_id = (id << 8) | type`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Target {
     /// A task's address space (`pagemap-<pid>.img`), by its pid in the checkpoint.
     Pid(u32),
@@ -96,6 +96,21 @@ impl Target {
         match self {
             Target::Pid(p) => ((p as u64) << 8) | 1,
             Target::Shmem(id) => (id << 8) | 2,
+        }
+    }
+
+    /// The FOAM file name stem and CRIU's pagemap name suffix: `<pid>` or `shmem-<id>`.
+    pub fn stem(self) -> String {
+        match self {
+            Target::Pid(p) => p.to_string(),
+            Target::Shmem(id) => format!("shmem-{id}"),
+        }
+    }
+
+    pub fn from_stem(s: &str) -> Option<Target> {
+        match s.strip_prefix("shmem-") {
+            Some(id) => id.parse().ok().map(Target::Shmem),
+            None => s.parse().ok().map(Target::Pid),
         }
     }
 }
@@ -210,7 +225,7 @@ mod tests {
         assert_eq!(h.payload_len(), 254 * 4096);
         assert_eq!(Target::decode(0x258301).unwrap(), Target::Pid(9603));
         assert_eq!(Target::decode(0x27ad02).unwrap(), Target::Shmem(10157));
-        assert!(Target::decode(0x1234_05).is_err());
+        assert!(Target::decode(0x12_3405).is_err());
         let hole = Header { cmd: Cmd::AddF, flags: PE_PARENT, nr_pages: 10, vaddr: 0, dst_id: 0x101 };
         assert_eq!(hole.payload_len(), 0);
         let lazy_only = Header { cmd: Cmd::AddF, flags: PE_LAZY, nr_pages: 10, vaddr: 0, dst_id: 0x101 };

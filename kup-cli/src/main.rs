@@ -1,5 +1,99 @@
-//! `kup`: instant kernel updates that keep running applications. Only the skeleton exists yet.
+//! `kup`: instant kernel updates that keep running applications and their memory.
+//!
+//! This binary drives CRIU (the checkpoint engine) and owns the memory path: checkpoints go into
+//! FOAM files (foam-store) over CRIU's page-server protocol and come back on demand.
+
+mod checkpoint;
+mod criu;
+mod error;
+mod inspect;
+mod procs;
+mod report;
+mod restore;
+mod spawn;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "kup", version, about = "Instant kernel updates that keep running applications and their memory")]
+struct Cli {
+    /// The CRIU binary (default: $KUP_CRIU, then `criu` on PATH, then /opt/kup/criu/bin/criu)
+    #[arg(long, global = true)]
+    criu: Option<PathBuf>,
+    /// Print results as JSON on stdout
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Checkpoint running apps into a store: pre-dumps while they run, a final dump frozen
+    Checkpoint {
+        /// A process (with its children) to checkpoint; repeat for several apps
+        #[arg(long = "pid", required = true)]
+        pids: Vec<u32>,
+        /// The store directory (e.g. /kup on rpramfs)
+        #[arg(long)]
+        store: PathBuf,
+        /// Passes in all: N-1 pre-dumps while the app runs, then the final dump
+        #[arg(long, default_value_t = 2)]
+        iterations: u32,
+        /// Keep the apps running after the final dump (default: CRIU stops them)
+        #[arg(long)]
+        leave_running: bool,
+        /// Name of the checkpoint (default: the first app's command name)
+        #[arg(long)]
+        name: Option<String>,
+        /// An extra CRIU option for every pass and for restore (repeatable), e.g. --criu-opt=--ext-unix-sk
+        #[arg(long = "criu-opt", allow_hyphen_values = true)]
+        criu_opts: Vec<String>,
+    },
+    /// Restore the apps of a checkpoint (the newest complete one by default)
+    Restore {
+        #[arg(long)]
+        store: PathBuf,
+        /// Checkpoint id (see kup inspect)
+        #[arg(long)]
+        checkpoint: Option<String>,
+        /// Restore lazily: the app runs at once and its memory follows on demand (default)
+        #[arg(long, conflicts_with = "eager")]
+        lazy: bool,
+        /// Restore eagerly: all memory is in place before the app runs
+        #[arg(long)]
+        eager: bool,
+        /// Directory for CRIU's logs and sockets
+        #[arg(long, default_value = "/run/kup")]
+        work_dir: PathBuf,
+    },
+    /// List the checkpoints in a store; --verify checks every page's CRC
+    Inspect {
+        /// The store directory
+        store: PathBuf,
+        #[arg(long)]
+        verify: bool,
+    },
+}
+
 fn main() {
-    eprintln!("kup: not implemented yet (see the issue tracker); rpramfs is the first part that exists");
-    std::process::exit(2);
+    let cli = Cli::parse();
+    let result = match &cli.cmd {
+        Cmd::Checkpoint { pids, store, iterations, leave_running, name, criu_opts } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
+            let a = checkpoint::Args { pids: pids.clone(), store: store.clone(), iterations: *iterations, leave_running: *leave_running, name: name.clone(), json: cli.json, criu_options: criu_opts.clone() };
+            checkpoint::run(&c, &a).map(|_| ())
+        }),
+        Cmd::Restore { store, checkpoint, lazy: _, eager, work_dir } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
+            let mode = if *eager { restore::Mode::Eager } else { restore::Mode::Lazy };
+            let a = restore::Args { store: store.clone(), checkpoint: checkpoint.clone(), mode, json: cli.json, work_root: work_dir.clone() };
+            restore::run(&c, &a).map(|_| ())
+        }),
+        Cmd::Inspect { store, verify } => inspect::run(store, *verify, cli.json),
+    };
+    if let Err(e) = result {
+        eprintln!("kup: error: {e}");
+        std::process::exit(1);
+    }
 }

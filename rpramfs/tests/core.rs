@@ -159,6 +159,33 @@ fn full_file_system_fails_cleanly_and_can_be_emptied() {
 }
 
 #[test]
+fn space_freed_by_a_removal_is_usable_at_once() {
+    // Freed blocks wait two generations before reuse (crash safety); neither statfs nor the next
+    // big write may see the file system as full because of that.
+    let fs = fresh(8 << 20);
+    let chunk = vec![0x33; 64 << 10];
+    let fill = |name: &str| {
+        let f = file(&fs, name);
+        let mut off = 0;
+        while fs.write_file(f, off, &chunk).is_ok() {
+            off += chunk.len() as u64;
+        }
+        off
+    };
+    let first = fill("one");
+    let before = fs.usage().available_blocks;
+    fs.remove(ROOT, b"one", false).unwrap();
+    let after = fs.usage().available_blocks;
+    assert!(after >= before + first / 4096, "statfs right after rm: {before} -> {after} blocks available, {first} bytes freed");
+    // Remove and immediately refill, with statfs never called in between.
+    let second = fill("two");
+    assert!(second >= first - (256 << 10), "refilled {second} of {first} bytes");
+    fs.remove(ROOT, b"two", false).unwrap();
+    let third = fill("three");
+    assert!(third >= first - (256 << 10), "refilled {third} of {first} bytes");
+}
+
+#[test]
 fn orphans_are_freed_on_next_mount() {
     let fs = fresh(8 << 20);
     let f = file(&fs, "o");

@@ -283,9 +283,8 @@ impl Fs {
         };
         if !read_only {
             owner::write(&fs.region, Some(&Owner::current(&opts.what)))?;
-            let orphans = report.orphans.clone();
             fs.mutate(true, |w| {
-                for ino in orphans {
+                for &ino in &report.orphans {
                     if let Ok(inode) = w.inode(ino) {
                         w.free_inode(ino, &inode)?;
                     }
@@ -327,12 +326,23 @@ impl Fs {
     }
 
     /// Runs `f` as one transaction and commits it; on error nothing of it remains.
-    fn mutate<R>(&self, may_use_reserve: bool, f: impl FnOnce(&mut Work<'_>) -> Result<R>) -> Result<R> {
+    fn mutate<R>(&self, may_use_reserve: bool, mut f: impl FnMut(&mut Work<'_>) -> Result<R>) -> Result<R> {
         if self.read_only {
             return posix(libc::EROFS);
         }
         let mut guard = self.inner.lock();
-        let inner = &mut *guard;
+        match self.mutate_locked(&mut guard, may_use_reserve, &mut f) {
+            // Blocks freed by the last commits are held back until two more generations exist;
+            // when they are what is missing, write those generations and try once more.
+            Err(Error::NoSpace) if guard.alloc.pending_blocks() > 0 => {
+                self.release_deferred(&mut guard)?;
+                self.mutate_locked(&mut guard, may_use_reserve, &mut f)
+            }
+            r => r,
+        }
+    }
+
+    fn mutate_locked<R>(&self, inner: &mut Inner, may_use_reserve: bool, f: &mut impl FnMut(&mut Work<'_>) -> Result<R>) -> Result<R> {
         let mut tx = Tx::new(&self.region, &mut inner.alloc);
         tx.may_use_reserve = may_use_reserve;
         let mut w = Work { tx, root: inner.root, dirs: &mut inner.dirs, lookups: &inner.lookups, now: now() };
@@ -360,6 +370,17 @@ impl Fs {
                 Err(e)
             }
         }
+    }
+
+    /// Commits unchanged generations until every deferred free is reusable (at most two).
+    fn release_deferred(&self, inner: &mut Inner) -> Result<()> {
+        while inner.alloc.pending_blocks() > 0 {
+            let root = Root { gen: inner.root.gen + 1, ..inner.root };
+            write_commit(&self.region, &self.sb, &root, inner.alloc.used_blocks(), 0, &[])?;
+            inner.alloc.committed(root.gen);
+            inner.root = root;
+        }
+        Ok(())
     }
 
     fn read<R>(&self, f: impl FnOnce(&Region, Tree, &mut Inner) -> Result<R>) -> Result<R> {
@@ -918,8 +939,15 @@ impl Fs {
         })
     }
 
+    /// Space figures; deferred frees are released first, so that space freed by a removal is
+    /// free at once (a `df` right after `rm` shows it, and a tool checking for room sees it).
     pub fn usage(&self) -> Usage {
-        let inner = self.inner.lock();
+        let mut inner = self.inner.lock();
+        if !self.read_only && inner.alloc.pending_blocks() > 0 {
+            if let Err(e) = self.release_deferred(&mut inner) {
+                tracing::warn!("releasing deferred frees: {e}");
+            }
+        }
         Usage {
             pool_blocks: inner.alloc.pool_blocks(),
             free_blocks: inner.alloc.free_blocks() + inner.alloc.pending_blocks(),

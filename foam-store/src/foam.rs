@@ -1,0 +1,339 @@
+//! One FOAM file: an address space stored sparsely at file offset == virtual address (for shared
+//! memory: offset in the object), with a CRC32 per page in a companion `.crc` file at offset
+//! `page_index × 4`. File systems whose maximum file size is below 2^47 (ext4: 16 TiB) get the
+//! address space split into 2^40-byte segment files; [`FileMode`] says which layout a store uses.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{fallocate, FallocateFlags};
+use parking_lot::Mutex;
+
+use crate::protocol::PAGE_SIZE;
+use crate::ranges::RangeMap;
+use crate::Error;
+
+const PAGE: usize = PAGE_SIZE as usize;
+/// x86-64 user addresses are below 2^47; a single file must reach that far.
+const SINGLE_FILE_REACH: u64 = 1 << 47;
+const SPLIT_SEGMENT_BITS: u32 = 40;
+
+/// How address spaces map to files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FileMode {
+    /// One file per address space (rpramfs, tmpfs, xfs, btrfs).
+    Single,
+    /// Segment files of `2^segment_bits` bytes (ext4 and other file systems with small files).
+    Split { segment_bits: u32 },
+}
+
+impl FileMode {
+    /// Finds out whether `dir`'s file system holds files reaching 2^47 bytes.
+    pub fn probe(dir: &Path) -> Result<FileMode, Error> {
+        let path = dir.join(".foam-size-probe");
+        let f = OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&path).map_err(|e| Error::io(&path, e))?;
+        let single = f.set_len(SINGLE_FILE_REACH).is_ok();
+        let split_ok = single || f.set_len(1 << SPLIT_SEGMENT_BITS).is_ok();
+        drop(f);
+        let _ = std::fs::remove_file(&path);
+        match (single, split_ok) {
+            (true, _) => Ok(FileMode::Single),
+            (false, true) => Ok(FileMode::Split { segment_bits: SPLIT_SEGMENT_BITS }),
+            _ => Err(Error::Unsupported(format!(
+                "{} cannot hold sparse files of 2^{SPLIT_SEGMENT_BITS} bytes; put the store on rpramfs, tmpfs, xfs, btrfs or ext4",
+                dir.display()
+            ))),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            FileMode::Single => "one sparse file per address space".into(),
+            FileMode::Split { segment_bits } => format!("address spaces split into 2^{segment_bits}-byte files (small maximum file size)"),
+        }
+    }
+
+    fn segment_bits(&self) -> u32 {
+        match self {
+            FileMode::Single => 64,
+            FileMode::Split { segment_bits } => *segment_bits,
+        }
+    }
+}
+
+/// One address space's pages and their CRCs.
+pub struct FoamFile {
+    dir: PathBuf,
+    stem: String,
+    mode: FileMode,
+    writable: bool,
+    segments: Mutex<BTreeMap<u64, std::sync::Arc<File>>>,
+    crc: File,
+}
+
+impl FoamFile {
+    /// Opens (creating if needed) for writing; files are root-only (0600).
+    pub fn create(dir: &Path, stem: &str, mode: FileMode) -> Result<FoamFile, Error> {
+        let crc_path = dir.join(format!("{stem}.crc"));
+        let crc = OpenOptions::new().create(true).truncate(false).read(true).write(true).mode(0o600).open(&crc_path).map_err(|e| Error::io(&crc_path, e))?;
+        Ok(FoamFile { dir: dir.into(), stem: stem.into(), mode, writable: true, segments: Mutex::new(BTreeMap::new()), crc })
+    }
+
+    /// Opens an existing address space for reading.
+    pub fn open(dir: &Path, stem: &str, mode: FileMode) -> Result<FoamFile, Error> {
+        let crc_path = dir.join(format!("{stem}.crc"));
+        let crc = File::open(&crc_path).map_err(|e| Error::io(&crc_path, e))?;
+        Ok(FoamFile { dir: dir.into(), stem: stem.into(), mode, writable: false, segments: Mutex::new(BTreeMap::new()), crc })
+    }
+
+    pub fn stem(&self) -> &str {
+        &self.stem
+    }
+
+    fn segment_path(&self, seg: u64) -> PathBuf {
+        match self.mode {
+            FileMode::Single => self.dir.join(format!("{}.foam", self.stem)),
+            FileMode::Split { .. } => self.dir.join(format!("{}.foam.{seg:x}", self.stem)),
+        }
+    }
+
+    /// The paths of the data files that exist.
+    pub fn data_paths(&self) -> Vec<PathBuf> {
+        match self.mode {
+            FileMode::Single => vec![self.segment_path(0)].into_iter().filter(|p| p.exists()).collect(),
+            FileMode::Split { .. } => {
+                let prefix = format!("{}.foam.", self.stem);
+                let mut v: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|e| e.file_name().to_str().and_then(|n| n.strip_prefix(&prefix)).is_some_and(|s| u64::from_str_radix(s, 16).is_ok()))
+                    .map(|e| e.path())
+                    .collect();
+                v.sort();
+                v
+            }
+        }
+    }
+
+    fn segment(&self, seg: u64) -> Result<std::sync::Arc<File>, Error> {
+        let mut segs = self.segments.lock();
+        if let Some(f) = segs.get(&seg) {
+            return Ok(f.clone());
+        }
+        let path = self.segment_path(seg);
+        let f = if self.writable {
+            OpenOptions::new().create(true).truncate(false).read(true).write(true).mode(0o600).open(&path)
+        } else {
+            File::open(&path)
+        }
+        .map_err(|e| Error::io(&path, e))?;
+        let f = std::sync::Arc::new(f);
+        segs.insert(seg, f.clone());
+        Ok(f)
+    }
+
+    /// Splits `[vaddr, vaddr + len)` at segment boundaries: (segment, offset in it, offset in buffer, len).
+    fn pieces(&self, vaddr: u64, len: usize) -> Vec<(u64, u64, usize, usize)> {
+        let bits = self.mode.segment_bits();
+        let mut out = Vec::new();
+        let mut done = 0usize;
+        while done < len {
+            let at = vaddr + done as u64;
+            let (seg, off) = if bits >= 64 { (0, at) } else { (at >> bits, at & ((1u64 << bits) - 1)) };
+            let room = if bits >= 64 { u64::MAX } else { (1u64 << bits) - off };
+            let n = ((len - done) as u64).min(room) as usize;
+            out.push((seg, off, done, n));
+            done += n;
+        }
+        out
+    }
+
+    /// Stores whole pages at `vaddr` and their CRCs.
+    pub fn write_pages(&self, vaddr: u64, data: &[u8]) -> Result<(), Error> {
+        debug_assert!(vaddr.is_multiple_of(PAGE_SIZE) && data.len().is_multiple_of(PAGE));
+        for (seg, off, at, n) in self.pieces(vaddr, data.len()) {
+            let f = self.segment(seg)?;
+            f.write_all_at(&data[at..at + n], off).map_err(|e| Error::io(&self.segment_path(seg), e))?;
+        }
+        let crcs: Vec<u8> = data.chunks_exact(PAGE).flat_map(|p| crc32fast::hash(p).to_le_bytes()).collect();
+        self.crc.write_all_at(&crcs, crc_offset(vaddr)).map_err(|e| Error::io(&self.crc_path(), e))
+    }
+
+    /// Reads whole pages at `vaddr` into `buf`, checking every page against its CRC.
+    pub fn read_pages(&self, vaddr: u64, buf: &mut [u8]) -> Result<(), Error> {
+        for (seg, off, at, n) in self.pieces(vaddr, buf.len()) {
+            let f = self.segment(seg)?;
+            read_full_at(&f, &mut buf[at..at + n], off).map_err(|e| Error::io(&self.segment_path(seg), e))?;
+        }
+        let mut crcs = vec![0u8; buf.len() / PAGE * 4];
+        read_full_at(&self.crc, &mut crcs, crc_offset(vaddr)).map_err(|e| Error::io(&self.crc_path(), e))?;
+        for (i, page) in buf.chunks_exact(PAGE).enumerate() {
+            let want = u32::from_le_bytes(crcs[i * 4..i * 4 + 4].try_into().unwrap());
+            let got = crc32fast::hash(page);
+            if want != got {
+                return Err(Error::BadPage { space: self.stem.clone(), vaddr: vaddr + (i * PAGE) as u64, want, got });
+            }
+        }
+        Ok(())
+    }
+
+    fn crc_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.crc", self.stem))
+    }
+
+    /// Punches holes everywhere outside `keep`, so the files hold exactly the last dump's image.
+    pub fn keep_only(&self, keep: &RangeMap) -> Result<(), Error> {
+        for path in self.data_paths() {
+            let seg = self.segment_of_path(&path);
+            let f = self.segment(seg)?;
+            let len = f.metadata().map_err(|e| Error::io(&path, e))?.len();
+            let base = if self.mode.segment_bits() >= 64 { 0 } else { seg << self.mode.segment_bits() };
+            let seg_keep = RangeMap::from_ranges(
+                &keep.covered(base, base + len).into_iter().map(|mut r| { r.start -= base; r.end -= base; r }).collect::<Vec<_>>(),
+            );
+            for (a, b) in seg_keep.gaps(len) {
+                punch(&f, a, b - a).map_err(|e| Error::io(&path, e))?;
+            }
+        }
+        let crc_len = self.crc.metadata().map_err(|e| Error::io(&self.crc_path(), e))?.len();
+        let crc_keep = RangeMap::from_ranges(
+            &keep.iter().map(|r| crate::ranges::Range { start: crc_offset(r.start), end: crc_offset(r.end), flags: r.flags }).collect::<Vec<_>>(),
+        );
+        for (a, b) in crc_keep.gaps(crc_len) {
+            punch(&self.crc, a, b - a).map_err(|e| Error::io(&self.crc_path(), e))?;
+        }
+        Ok(())
+    }
+
+    fn segment_of_path(&self, path: &Path) -> u64 {
+        match self.mode {
+            FileMode::Single => 0,
+            FileMode::Split { .. } => path.extension().and_then(|e| e.to_str()).and_then(|e| u64::from_str_radix(e, 16).ok()).unwrap_or(0),
+        }
+    }
+
+    /// Makes everything written durable.
+    pub fn sync(&self) -> Result<(), Error> {
+        for (seg, f) in self.segments.lock().iter() {
+            f.sync_data().map_err(|e| Error::io(&self.segment_path(*seg), e))?;
+        }
+        self.crc.sync_data().map_err(|e| Error::io(&self.crc_path(), e))
+    }
+
+    /// Bytes of storage the data files use (not their apparent size).
+    pub fn allocated_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.data_paths().iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.blocks() * 512).sum()
+    }
+}
+
+fn crc_offset(vaddr: u64) -> u64 {
+    vaddr / PAGE_SIZE * 4
+}
+
+/// Reads `buf.len()` bytes at `off`; bytes past the end of the file read as zero (a sparse tail).
+fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn punch(f: &File, off: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    fallocate(f, FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE, off as i64, len as i64).map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{PE_LAZY, PE_PRESENT};
+
+    fn page(v: u8) -> Vec<u8> {
+        vec![v; PAGE]
+    }
+
+    #[test]
+    fn pages_round_trip_at_high_addresses_in_both_modes() {
+        // Whatever /tmp supports (ext4 here: split), and small segments to cross their boundaries.
+        let probed = FileMode::probe(&std::env::temp_dir()).unwrap();
+        for mode in [probed, FileMode::Split { segment_bits: 20 }] {
+            let dir = tempfile::tempdir().unwrap();
+            let f = FoamFile::create(dir.path(), "42", mode).unwrap();
+            let top = 0x7fff_ffff_e000u64;
+            let mut two = page(1);
+            two.extend(page(2));
+            f.write_pages(top, &two).unwrap();
+            // Straddles a 1 MiB segment boundary in split mode.
+            let mut three = page(3);
+            three.extend(page(4));
+            three.extend(page(5));
+            f.write_pages((1 << 20) - PAGE_SIZE, &three).unwrap();
+            drop(f);
+            let r = FoamFile::open(dir.path(), "42", mode).unwrap();
+            let mut buf = vec![0; 2 * PAGE];
+            r.read_pages(top, &mut buf).unwrap();
+            assert_eq!(buf, two);
+            let mut buf = vec![0; 3 * PAGE];
+            r.read_pages((1 << 20) - PAGE_SIZE, &mut buf).unwrap();
+            assert_eq!(buf, three);
+            assert!(r.allocated_bytes() <= 64 * PAGE as u64, "sparse: {}", r.allocated_bytes());
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_is_named_and_never_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = FoamFile::create(dir.path(), "7", FileMode::Single).unwrap();
+        f.write_pages(0x10000, &[page(9), page(8)].concat()).unwrap();
+        let data = dir.path().join("7.foam");
+        let file = OpenOptions::new().write(true).open(&data).unwrap();
+        file.write_all_at(&[0x55], 0x11000 + 100).unwrap();
+        let mut buf = vec![0; 2 * PAGE];
+        match f.read_pages(0x10000, &mut buf) {
+            Err(Error::BadPage { vaddr, space, .. }) => assert_eq!((vaddr, space.as_str()), (0x11000, "7")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn keep_only_punches_what_the_last_dump_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = FoamFile::create(dir.path(), "1", FileMode::Single).unwrap();
+        f.write_pages(0, &vec![7u8; 64 * PAGE]).unwrap();
+        let mut keep = RangeMap::new();
+        keep.insert(8 * PAGE_SIZE, 16 * PAGE_SIZE, PE_PRESENT | PE_LAZY);
+        f.keep_only(&keep).unwrap();
+        let mut buf = vec![0; 8 * PAGE];
+        f.read_pages(8 * PAGE_SIZE, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 7));
+        let raw = std::fs::read(dir.path().join("1.foam")).unwrap();
+        assert!(raw[..8 * PAGE].iter().all(|&b| b == 0) && raw[16 * PAGE..].iter().all(|&b| b == 0));
+        assert!(f.allocated_bytes() <= 8 * PAGE as u64 + 4096, "{}", f.allocated_bytes());
+    }
+
+    #[test]
+    fn probe_picks_single_files_on_tmpfs_like_dirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mode = FileMode::probe(dir.path()).unwrap();
+        assert!(!dir.path().join(".foam-size-probe").exists());
+        // /tmp is ext4 or tmpfs here; both are handled, and the mode says which.
+        assert!(!mode.describe().is_empty());
+    }
+}

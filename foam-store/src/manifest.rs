@@ -1,0 +1,210 @@
+//! kup's record of one checkpoint: apps, pids, per-pass statistics, the final page ranges of every
+//! address space, kernel, times and state.
+//!
+//! On disk: one header line `kup-manifest <version> <length> <crc32>` and then `length` bytes of
+//! JSON, so a torn or flipped manifest is refused rather than half-read, and people can still read
+//! it (`tail -n +2 manifest`). It is replaced atomically (write, fsync, rename, fsync the directory).
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use crate::criu_images::DumpStats;
+use crate::foam::FileMode;
+use crate::ranges::Range;
+use crate::Error;
+
+pub const MANIFEST_VERSION: u32 = 1;
+pub const MANIFEST_FILE: &str = "manifest";
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "state", content = "reason")]
+pub enum State {
+    /// Being written; a crash leaves it so, and it is never restored.
+    InProgress,
+    /// The final dump finished and the image is complete.
+    Complete,
+    /// A pass failed; the apps were left running and this checkpoint is not restorable.
+    Failed(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PassKind {
+    /// `criu pre-dump`: the app keeps running.
+    PreDump,
+    /// `criu dump`: the app is frozen for it.
+    Dump,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Pass {
+    pub kind: PassKind,
+    /// CRIU's images directory of this pass, relative to the app's directory.
+    pub criu_dir: String,
+    pub pages_data: u64,
+    /// Pages CRIU reported unchanged since the previous pass.
+    pub pages_parent: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    /// CRIU's own figures; `frozen_time_us` is the app's downtime within this pass.
+    pub criu: Option<DumpStats>,
+}
+
+/// One address space of the final image.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Space {
+    /// `<pid>` or `shmem-<id>`: the FOAM file stem.
+    pub name: String,
+    pub pages: u64,
+    pub ranges: Vec<Range>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct App {
+    /// Directory name inside the checkpoint: `<comm>-<pid>`.
+    pub name: String,
+    pub pid: u32,
+    pub comm: String,
+    /// Options CRIU needs for this app on dump and on restore (e.g. `--shell-job`).
+    pub criu_options: Vec<String>,
+    pub passes: Vec<Pass>,
+    pub spaces: Vec<Space>,
+}
+
+impl App {
+    pub fn final_criu_dir(&self) -> Option<&str> {
+        self.passes.iter().rev().find(|p| p.kind == PassKind::Dump).map(|p| p.criu_dir.as_str())
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.spaces.iter().map(|s| s.pages).sum()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    pub version: u32,
+    pub id: String,
+    pub name: String,
+    #[serde(flatten)]
+    pub state: State,
+    pub created_unix_ms: u64,
+    pub finished_unix_ms: Option<u64>,
+    /// `uname -r` of the kernel the apps were checkpointed on.
+    pub kernel: String,
+    pub criu_version: String,
+    pub file_mode: FileMode,
+    /// Whether pre-dumps with soft-dirty tracking were possible; without them there is one full pass.
+    pub incremental: bool,
+    pub apps: Vec<App>,
+}
+
+impl Manifest {
+    pub fn encode(&self) -> Vec<u8> {
+        let body = serde_json::to_vec_pretty(self).expect("manifest serializes");
+        let mut out = format!("kup-manifest {} {} {:08x}\n", self.version, body.len(), crc32fast::hash(&body)).into_bytes();
+        out.extend_from_slice(&body);
+        out
+    }
+
+    pub fn decode(bytes: &[u8], path: &Path) -> Result<Manifest, Error> {
+        let bad = |why: String| Error::BadManifest { path: path.into(), why };
+        let nl = bytes.iter().position(|&b| b == b'\n').ok_or_else(|| bad("no header line (truncated or not a kup manifest)".into()))?;
+        let head = std::str::from_utf8(&bytes[..nl]).map_err(|_| bad("header is not text".into()))?;
+        let parts: Vec<&str> = head.split(' ').collect();
+        let [magic, version, len, crc] = parts[..] else { return Err(bad(format!("header {head:?} has the wrong shape"))) };
+        if magic != "kup-manifest" {
+            return Err(bad(format!("header {head:?} is not a kup manifest")));
+        }
+        let version: u32 = version.parse().map_err(|_| bad(format!("version {version:?}")))?;
+        if version > MANIFEST_VERSION {
+            return Err(bad(format!("format version {version} is newer than this kup understands ({MANIFEST_VERSION}); use a newer kup")));
+        }
+        let len: usize = len.parse().map_err(|_| bad(format!("length {len:?}")))?;
+        let crc = u32::from_str_radix(crc, 16).map_err(|_| bad(format!("crc {crc:?}")))?;
+        let body = &bytes[nl + 1..];
+        if body.len() != len {
+            return Err(bad(format!("truncated: {} of {len} bytes", body.len())));
+        }
+        if crc32fast::hash(body) != crc {
+            return Err(bad(format!("CRC mismatch (stored {crc:08x}, computed {:08x}): the file was damaged", crc32fast::hash(body))));
+        }
+        serde_json::from_slice(body).map_err(|e| bad(format!("unreadable content: {e}")))
+    }
+
+    pub fn load(dir: &Path) -> Result<Manifest, Error> {
+        let path = dir.join(MANIFEST_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        Manifest::decode(&bytes, &path)
+    }
+
+    /// Replaces the manifest atomically and durably.
+    pub fn save(&self, dir: &Path) -> Result<(), Error> {
+        let tmp = dir.join(format!("{MANIFEST_FILE}.tmp"));
+        let path = dir.join(MANIFEST_FILE);
+        let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(&self.encode()).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
+    }
+
+    pub fn restorable(&self) -> bool {
+        self.state == State::Complete
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.apps.iter().map(|a| a.pages()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            version: MANIFEST_VERSION,
+            id: "0001-web".into(),
+            name: "web".into(),
+            state: State::Failed("criu dump exited with 1".into()),
+            created_unix_ms: 1,
+            finished_unix_ms: None,
+            kernel: "6.1.0-56-cloud-amd64".into(),
+            criu_version: "4.1.1".into(),
+            file_mode: FileMode::Split { segment_bits: 40 },
+            incremental: true,
+            apps: vec![App {
+                name: "memcached-42".into(),
+                pid: 42,
+                comm: "memcached".into(),
+                criu_options: vec!["--tcp-established".into()],
+                passes: vec![],
+                spaces: vec![Space { name: "42".into(), pages: 2, ranges: vec![Range { start: 0x1000, end: 0x3000, flags: 6 }] }],
+            }],
+        }
+    }
+
+    #[test]
+    fn round_trips_and_refuses_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = sample();
+        m.save(dir.path()).unwrap();
+        assert_eq!(Manifest::load(dir.path()).unwrap(), m);
+        let path = dir.path().join(MANIFEST_FILE);
+        let good = std::fs::read(&path).unwrap();
+
+        let mut flipped = good.clone();
+        let i = flipped.len() - 10;
+        flipped[i] ^= 0x20;
+        let e = Manifest::decode(&flipped, &path).unwrap_err().to_string();
+        assert!(e.contains("CRC mismatch") && e.contains("manifest"), "{e}");
+
+        let e = Manifest::decode(&good[..good.len() - 1], &path).unwrap_err().to_string();
+        assert!(e.contains("truncated"), "{e}");
+
+        let newer = String::from_utf8(good.clone()).unwrap().replacen("kup-manifest 1 ", "kup-manifest 9 ", 1);
+        let e = Manifest::decode(newer.as_bytes(), &path).unwrap_err().to_string();
+        assert!(e.contains("newer"), "{e}");
+    }
+}

@@ -1,0 +1,92 @@
+//! A checkpoint store: a directory of checkpoints, each `<store>/<id>/` with its manifest and one
+//! directory per app (`<app>/criu/<pass>/` for CRIU's images, `<app>/mem/` for FOAM files).
+//! Ids are `<sequence>-<name>` so they sort by age. Everything is root-only (0700/0600): the
+//! files hold process memory.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::manifest::Manifest;
+use crate::Error;
+
+/// A checkpoint id and its manifest, or why the manifest cannot be read.
+pub type Listed = (String, Result<Manifest, Error>);
+
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// Opens the store, creating its directory (0700) when missing.
+    pub fn open(root: &Path) -> Result<Store, Error> {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(root).map_err(|e| Error::io(root, e))?;
+        let meta = std::fs::metadata(root).map_err(|e| Error::io(root, e))?;
+        if !meta.is_dir() {
+            return Err(Error::io(root, std::io::Error::from(std::io::ErrorKind::NotADirectory)));
+        }
+        Ok(Store { root: root.into() })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Creates the directory of a new checkpoint.
+    pub fn create_checkpoint(&self, name: &str) -> Result<(String, PathBuf), Error> {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(Error::Unsupported(format!("checkpoint name {name:?}: use letters, digits, '-', '_' and '.'")));
+        }
+        let next = self.ids()?.iter().filter_map(|id| id.split('-').next()?.parse::<u32>().ok()).max().unwrap_or(0) + 1;
+        let id = format!("{next:04}-{name}");
+        let dir = self.root.join(&id);
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| Error::io(&dir, e))?;
+        // The mode asked for is filtered by the umask; make sure it is what it must be.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| Error::io(&dir, e))?;
+        Ok((id, dir))
+    }
+
+    /// Checkpoint ids, oldest first.
+    pub fn ids(&self) -> Result<Vec<String>, Error> {
+        let mut ids: Vec<String> = std::fs::read_dir(&self.root)
+            .map_err(|e| Error::io(&self.root, e))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.split('-').next().is_some_and(|s| s.len() >= 4 && s.parse::<u32>().is_ok()))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    pub fn dir_of(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+
+    /// Every checkpoint with its manifest or the reason it cannot be read.
+    pub fn list(&self) -> Result<Vec<Listed>, Error> {
+        Ok(self.ids()?.into_iter().map(|id| {
+            let m = Manifest::load(&self.root.join(&id));
+            (id, m)
+        }).collect())
+    }
+
+    /// The checkpoint to restore: `id` if given, else the newest complete one.
+    pub fn pick(&self, id: Option<&str>) -> Result<(PathBuf, Manifest), Error> {
+        if let Some(id) = id {
+            let dir = self.root.join(id);
+            if !dir.is_dir() {
+                return Err(Error::NoCheckpoint(format!("no checkpoint {id:?} in {} (kup inspect {} lists them)", self.root.display(), self.root.display())));
+            }
+            let m = Manifest::load(&dir)?;
+            return Ok((dir, m));
+        }
+        for (id, m) in self.list()?.into_iter().rev() {
+            if let Ok(m) = m {
+                if m.restorable() {
+                    return Ok((self.root.join(id), m));
+                }
+            }
+        }
+        Err(Error::NoCheckpoint(format!("no complete checkpoint in {} (kup inspect {} lists them)", self.root.display(), self.root.display())))
+    }
+}

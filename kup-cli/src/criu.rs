@@ -1,0 +1,109 @@
+//! Finding CRIU, checking that it is a version kup speaks, and running it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use crate::error::{fail, Result};
+
+/// CRIU versions whose page-server protocol kup speaks: 3.17 up to (not including) 4.2.
+const OLDEST: (u32, u32) = (3, 17);
+const FIRST_UNSUPPORTED: (u32, u32) = (4, 2);
+
+pub struct Criu {
+    pub path: PathBuf,
+    pub version: String,
+}
+
+impl Criu {
+    /// `--criu PATH`, else `$KUP_CRIU`, else `criu` on PATH, else the copy the project's setup
+    /// installs for hosts whose own CRIU does not work (/opt/kup/criu/bin/criu).
+    pub fn locate(explicit: Option<&Path>) -> Result<Criu> {
+        let candidates: Vec<PathBuf> = match explicit.map(PathBuf::from).or_else(|| std::env::var_os("KUP_CRIU").map(PathBuf::from)) {
+            Some(p) => vec![p],
+            None => {
+                let mut v: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("criu")).collect()).unwrap_or_default();
+                v.push("/opt/kup/criu/bin/criu".into());
+                v
+            }
+        };
+        let Some(path) = candidates.iter().find(|p| p.is_file()).cloned() else {
+            return fail(format!(
+                "CRIU not found (looked for {}); install it (`apt-get install criu`, or scripts/criu-host/install.sh where Debian's does not run) or pass --criu PATH",
+                candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            ));
+        };
+        let out = Command::new(&path).arg("--version").output().map_err(|e| format!("cannot run {}: {e}", path.display()))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let Some(version) = text.lines().find_map(|l| l.strip_prefix("Version:")).map(|v| v.trim().to_string()) else {
+            return fail(format!("{} --version printed no version ({:?}); is it CRIU?", path.display(), text.trim()));
+        };
+        check_version(&version).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Criu { path, version })
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(&self.path);
+        c.stdin(Stdio::null());
+        c
+    }
+
+    /// Whether this kernel tracks dirty pages for CRIU (soft-dirty bits): needed for pre-dumps.
+    pub fn has_dirty_tracking(&self) -> bool {
+        self.command().args(["check", "--feature", "mem_dirty_track"]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    }
+
+    /// Whether userfaultfd supports what `criu lazy-pages` needs.
+    pub fn has_lazy_pages(&self) -> bool {
+        self.command().args(["check", "--feature", "uffd-noncoop"]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    }
+}
+
+fn check_version(v: &str) -> std::result::Result<(), String> {
+    let mut parts = v.split('.').map(|p| p.parse::<u32>());
+    let (Some(Ok(major)), Some(Ok(minor))) = (parts.next(), parts.next()) else {
+        return Err(format!("cannot parse CRIU version {v:?}"));
+    };
+    if (major, minor) < OLDEST {
+        return Err(format!("CRIU {v} is too old; kup needs 3.17 to 4.1"));
+    }
+    if (major, minor) >= FIRST_UNSUPPORTED {
+        return Err(format!(
+            "CRIU {v} is not supported: 4.2 changed the page-server protocol (32-byte header) and the pagemap image; use CRIU 3.17 to 4.1 (Debian bookworm or trixie)"
+        ));
+    }
+    Ok(())
+}
+
+/// Waits for CRIU and turns a failure into an error that points at its log.
+pub fn finish(mut child: Child, what: &str, log: &Path) -> Result<()> {
+    let status = child.wait().map_err(|e| format!("{what}: {e}"))?;
+    if status.success() {
+        return Ok(());
+    }
+    let tail = log_errors(log);
+    fail(format!("{what} failed ({status}); {}{tail}", log.display()))
+}
+
+/// The error lines of a CRIU log, for messages.
+pub fn log_errors(log: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(log) else { return String::new() };
+    let errs: Vec<&str> = text.lines().filter(|l| l.contains("Error") && !l.contains("RLIMIT_NOFILE")).collect();
+    if errs.is_empty() {
+        return String::new();
+    }
+    format!(":\n  {}", errs[errs.len().saturating_sub(6)..].join("\n  "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert!(check_version("3.17.1").is_ok());
+        assert!(check_version("4.1.1").is_ok());
+        assert!(check_version("4.2").unwrap_err().contains("4.2 changed the page-server protocol"));
+        assert!(check_version("3.16.1").unwrap_err().contains("too old"));
+        assert!(check_version("x").is_err());
+    }
+}

@@ -1,0 +1,106 @@
+//! What kup needs to know about the processes it checkpoints, from /proc.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::error::{fail, Result};
+
+pub struct Process {
+    pub pid: u32,
+    pub comm: String,
+    pub sid: u32,
+}
+
+impl Process {
+    /// A live process, or an error saying why it cannot be checkpointed.
+    pub fn inspect(pid: u32) -> Result<Process> {
+        let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(s) => s,
+            Err(_) => return fail(format!("no process with pid {pid}: it is not running (check the pid; kup checkpoints running processes)")),
+        };
+        // comm is in parentheses and may contain spaces; the fields after it are space-separated.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { return fail(format!("/proc/{pid}/stat is unreadable")) };
+        let comm = stat[open + 1..close].to_string();
+        let rest: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let state = rest.first().copied().unwrap_or("?");
+        if state == "Z" || state == "X" {
+            return fail(format!("pid {pid} ({comm}) has exited (zombie); there is nothing left to checkpoint"));
+        }
+        let sid = rest.get(3).and_then(|s| s.parse().ok()).unwrap_or(0);
+        Ok(Process { pid, comm, sid })
+    }
+
+    /// The process and all its descendants.
+    pub fn tree(&self) -> Vec<u32> {
+        let mut out = vec![self.pid];
+        let mut i = 0;
+        while i < out.len() {
+            let p = out[i];
+            for task in std::fs::read_dir(format!("/proc/{p}/task")).into_iter().flatten().flatten() {
+                let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+                out.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()).filter(|c| !out.contains(c)).collect::<Vec<_>>());
+            }
+            i += 1;
+        }
+        out
+    }
+
+    /// Anonymous and shared memory of the tree: what a checkpoint stores (an upper bound, since
+    /// shared pages count once per process).
+    pub fn memory_bytes(&self) -> u64 {
+        self.tree()
+            .iter()
+            .map(|p| {
+                let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+                status
+                    .lines()
+                    .filter(|l| l.starts_with("RssAnon:") || l.starts_with("RssShmem:"))
+                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .sum::<u64>()
+                    * 1024
+            })
+            .sum()
+    }
+
+    /// Whether any process of the tree holds a socket (CRIU then needs `--tcp-established`).
+    pub fn has_sockets(&self) -> bool {
+        self.tree().iter().any(|p| {
+            std::fs::read_dir(format!("/proc/{p}/fd")).into_iter().flatten().flatten().any(|fd| {
+                std::fs::read_link(fd.path()).is_ok_and(|t: PathBuf| t.to_string_lossy().starts_with("socket:"))
+            })
+        })
+    }
+
+    /// CRIU options this process needs on dump and restore.
+    pub fn criu_options(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        // Started from a shell: the session leader is outside the dumped tree.
+        if self.sid != self.pid {
+            v.push("--shell-job".to_string());
+        }
+        if self.has_sockets() {
+            v.push("--tcp-established".to_string());
+        }
+        v
+    }
+}
+
+pub fn exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Waits until `pid` no longer exists (its parent reaped it); restore needs the pid free.
+pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
+    let start = Instant::now();
+    while exists(pid) {
+        if start.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()
+}

@@ -1,0 +1,267 @@
+//! `kup restore`: brings a checkpoint's apps back, lazily (default) or eagerly.
+//!
+//! Both modes give CRIU an images directory made of the final dump's own images plus a pagemap
+//! and pages image synthesized from FOAM (page CRCs checked). Lazy: private anonymous memory is
+//! marked PE_LAZY and served on demand by kup's GET server to `criu lazy-pages`, so the app runs
+//! as soon as its non-memory state is back; eager: every page goes into the pages image first.
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use foam_store::criu_images::{write_restore_images, SynthStats};
+use foam_store::lazy_server::{self, LazySpace};
+use foam_store::manifest::{App, Manifest};
+use foam_store::protocol::Target;
+use foam_store::ranges::RangeMap;
+use foam_store::spaces::Spaces;
+use foam_store::store::Store;
+
+use crate::criu::{self, Criu};
+use crate::error::{fail, Result};
+use crate::procs;
+use crate::report;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Lazy,
+    Eager,
+}
+
+pub struct Args {
+    pub store: PathBuf,
+    pub checkpoint: Option<String>,
+    pub mode: Mode,
+    pub json: bool,
+    /// Where CRIU's logs and the lazy-pages socket go (a local directory, not the store).
+    pub work_root: PathBuf,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct AppRestore {
+    pub name: String,
+    pub pid: u32,
+    pub mode: Mode,
+    /// From the start of `kup restore` until the app's tasks run again.
+    pub running_ms: f64,
+    /// Of that, building CRIU's images from FOAM.
+    pub images_ms: f64,
+    /// Lazy: until the last page was fetched in the background.
+    pub fetched_ms: Option<f64>,
+    pub pages_eager: u64,
+    pub pages_lazy: u64,
+    pub pages_served: u64,
+}
+
+pub fn run(criu: &Criu, a: &Args) -> Result<Vec<AppRestore>> {
+    if !a.store.is_dir() {
+        return fail(format!("the store {} does not exist (is the region mounted?)", a.store.display()));
+    }
+    let store = Store::open(&a.store)?;
+    let (dir, m) = store.pick(a.checkpoint.as_deref())?;
+    if !m.restorable() {
+        return fail(format!("checkpoint {} is not restorable: {}", m.id, serde_json::to_string(&m.state).unwrap_or_default()));
+    }
+    for app in &m.apps {
+        for s in &app.spaces {
+            if let Some(Target::Pid(pid)) = Target::from_stem(&s.name) {
+                // A just-dumped task is reaped by its parent a moment after CRIU kills it.
+                if procs::exists(pid) && !procs::wait_gone(pid, Duration::from_secs(3)) {
+                    return fail(format!(
+                        "pid {pid} (of {}) is in use: CRIU restores every task under its old pid; stop that process first (if it is the checkpointed app itself, it was checkpointed with --leave-running)",
+                        app.name
+                    ));
+                }
+            }
+        }
+    }
+    let mut mode = a.mode;
+    if mode == Mode::Lazy && !criu.has_lazy_pages() {
+        mode = Mode::Eager;
+        if !a.json {
+            println!("  note: this kernel's userfaultfd lacks what criu lazy-pages needs (uffd-noncoop); restoring eagerly");
+        }
+    }
+    // The pages image of an eager restore is a copy of the image, written into the store.
+    if mode == Mode::Eager {
+        let need: u64 = m.apps.iter().map(|a| a.pages() * 4096).sum();
+        let free = crate::checkpoint::free_bytes(&a.store)?;
+        if need > free {
+            return fail(format!(
+                "an eager restore writes CRIU's pages image ({}) into the store, which has {} free; restore lazily (--lazy, the default) or free space in the store",
+                report::bytes(need),
+                report::bytes(free)
+            ));
+        }
+    }
+    if !a.json {
+        println!("restoring checkpoint {} ({} app(s), {}, taken on {}) {}", m.id, m.apps.len(), report::bytes(m.pages() * 4096), m.kernel, if mode == Mode::Lazy { "lazily" } else { "eagerly" });
+    }
+    let start = Instant::now();
+    let results: Vec<Result<AppRestore>> = std::thread::scope(|s| {
+        let hs: Vec<_> = m.apps.iter().map(|app| s.spawn(|| restore_app(criu, a, &m, &dir, app, mode, start))).collect();
+        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| fail("a restore thread panicked"))).collect()
+    });
+    let mut done = Vec::new();
+    let mut errors = Vec::new();
+    for (app, r) in m.apps.iter().zip(results) {
+        match r {
+            Ok(r) => done.push(r),
+            Err(e) => errors.push(format!("{}: {e}", app.name)),
+        }
+    }
+    if a.json {
+        report::print_json(&serde_json::json!({ "checkpoint": m.id, "mode": mode, "apps": done, "errors": errors }));
+    } else {
+        for r in &done {
+            let fetched = r.fetched_ms.map(|f| format!(", all memory fetched after {f:.1} ms ({} pages on demand/prefetched)", r.pages_served)).unwrap_or_default();
+            println!("  {}: running again after {:.1} ms (images {:.1} ms){fetched}", r.name, r.running_ms, r.images_ms);
+        }
+    }
+    if !errors.is_empty() {
+        return fail(format!("restore of checkpoint {} failed: {}", m.id, errors.join("; ")));
+    }
+    Ok(done)
+}
+
+fn restore_app(criu: &Criu, a: &Args, m: &Manifest, ckpt_dir: &Path, app: &App, mode: Mode, start: Instant) -> Result<AppRestore> {
+    let app_dir = ckpt_dir.join(&app.name);
+    let Some(final_rel) = app.final_criu_dir() else { return fail("the checkpoint has no final dump") };
+    let final_dir = app_dir.join(final_rel);
+    // CRIU's images for this restore, in the store next to the checkpoint (pages images can be large).
+    let images = app_dir.join("restore");
+    if images.exists() {
+        std::fs::remove_dir_all(&images).map_err(|e| format!("{}: {e}", images.display()))?;
+    }
+    mkdir_private(&images)?;
+    for e in std::fs::read_dir(&final_dir).map_err(|e| format!("{}: {e}", final_dir.display()))? {
+        let e = e.map_err(|e| format!("{}: {e}", final_dir.display()))?;
+        let n = e.file_name().to_string_lossy().into_owned();
+        let ours = n.starts_with("pagemap-") || n.starts_with("pages-") || n == "parent" || n.starts_with("criu.") || n == "stats-dump";
+        if !ours && e.file_type().is_ok_and(|t| t.is_file()) {
+            std::fs::copy(e.path(), images.join(&n)).map_err(|err| format!("{}: {err}", e.path().display()))?;
+        }
+    }
+    let spaces = Spaces::open(&app_dir.join("mem"), m.file_mode);
+    let mut lazy_spaces = BTreeMap::new();
+    let mut synth = SynthStats::default();
+    for (i, s) in app.spaces.iter().enumerate() {
+        let t = Target::from_stem(&s.name).ok_or_else(|| format!("manifest names an unknown address space {:?}", s.name))?;
+        let file = spaces.get_or_create(t)?;
+        let ranges = RangeMap::from_ranges(&s.ranges);
+        let st = write_restore_images(&images, t, i as u32 + 1, Some(&file), &ranges, mode == Mode::Lazy)
+            .map_err(|e| format!("{e} (app {}, address space {})", app.name, s.name))?;
+        synth.pages_copied += st.pages_copied;
+        synth.pages_lazy += st.pages_lazy;
+        if let (Target::Pid(pid), true) = (t, st.pages_lazy > 0) {
+            let lazy = RangeMap::from_ranges(&s.ranges.iter().filter(|r| r.lazy()).copied().collect::<Vec<_>>());
+            lazy_spaces.insert(pid, LazySpace { file: Arc::clone(&file), lazy });
+        }
+    }
+    let images_ms = report::ms(start.elapsed());
+    let work = a.work_root.join(&m.id).join(&app.name);
+    if work.exists() {
+        std::fs::remove_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    }
+    mkdir_private(&work)?;
+    let mut restore = criu.command();
+    restore.arg("restore").arg("-D").arg(&images).arg("-W").arg(&work).args(["-o", "restore.log", "-d"]).args(&app.criu_options);
+    restore.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    let restore_log = work.join("restore.log");
+    let mut out = AppRestore { name: app.name.clone(), pid: app.pid, mode, running_ms: 0.0, images_ms, fetched_ms: None, pages_eager: synth.pages_copied, pages_lazy: synth.pages_lazy, pages_served: 0 };
+
+    if mode == Mode::Eager || lazy_spaces.is_empty() {
+        let child = restore.spawn().map_err(|e| format!("cannot start {}: {e}", criu.path.display()))?;
+        criu::finish(child, "criu restore", &restore_log)?;
+        out.running_ms = report::ms(start.elapsed());
+        remove_images(&images);
+        return Ok(out);
+    }
+
+    // Lazy: kup's GET server ← socketpair → criu lazy-pages ← userfaultfds ← criu restore.
+    let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    let theirs: OwnedFd = theirs.into();
+    let mut daemon = criu.command();
+    daemon.arg("lazy-pages").arg("-D").arg(&images).arg("-W").arg(&work);
+    daemon.args(["-o", "lazy-pages.log", "--page-server", "--ps-socket", &crate::spawn::CHILD_FD.to_string()]);
+    daemon.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    crate::spawn::pass_socket(&mut daemon, &theirs);
+    let mut daemon = daemon.spawn().map_err(|e| format!("cannot start {}: {e}", criu.path.display()))?;
+    drop(theirs);
+    let daemon_log = work.join("lazy-pages.log");
+    let served = AtomicU64::new(0);
+    let result = std::thread::scope(|s| -> Result<()> {
+        let server = s.spawn(|| {
+            let mut sock = ours;
+            let r = lazy_server::serve(&mut sock, &lazy_spaces, Some(&served));
+            drop(sock);
+            r
+        });
+        // restore hands the userfaultfds over lazy-pages.socket, which the daemon creates.
+        let sock_path = work.join("lazy-pages.socket");
+        let waited = Instant::now();
+        while !sock_path.exists() {
+            if let Ok(Some(st)) = daemon.try_wait() {
+                return fail(format!("criu lazy-pages exited early ({st}); see {}{}", daemon_log.display(), criu::log_errors(&daemon_log)));
+            }
+            if waited.elapsed() > Duration::from_secs(30) {
+                let _ = daemon.kill();
+                return fail(format!("criu lazy-pages did not start within 30 s; see {}", daemon_log.display()));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        restore.arg("--lazy-pages");
+        let child = restore.spawn().map_err(|e| format!("cannot start {}: {e}", criu.path.display()))?;
+        if let Err(e) = criu::finish(child, "criu restore --lazy-pages", &restore_log) {
+            let _ = daemon.kill();
+            return Err(e);
+        }
+        out.running_ms = report::ms(start.elapsed());
+        let served_result = server.join().map_err(|_| "the lazy-pages server thread panicked".to_string())?;
+        let daemon_status = daemon.wait().map_err(|e| format!("criu lazy-pages: {e}"))?;
+        match served_result {
+            Ok(r) => {
+                out.pages_served = r.pages;
+                if !daemon_status.success() {
+                    return fail(format!("criu lazy-pages failed ({daemon_status}); see {}{}", daemon_log.display(), criu::log_errors(&daemon_log)));
+                }
+                out.fetched_ms = Some(report::ms(start.elapsed()));
+                Ok(())
+            }
+            Err(e) => {
+                // The app must not run on missing or wrong memory: stop what was restored.
+                kill_tasks(app);
+                fail(format!("{e}; the restored tasks of {} were killed", app.name))
+            }
+        }
+    });
+    result?;
+    out.pages_served = served.load(Ordering::Relaxed).max(out.pages_served);
+    remove_images(&images);
+    Ok(out)
+}
+
+/// The synthesized images are a copy of the checkpoint; once the app runs they only take room.
+fn remove_images(images: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(images) {
+        eprintln!("kup: warning: could not remove {}: {e}", images.display());
+    }
+}
+
+fn kill_tasks(app: &App) {
+    for s in &app.spaces {
+        if let Some(Target::Pid(pid)) = Target::from_stem(&s.name) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+fn mkdir_private(p: &Path) -> Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(p).map_err(|e| format!("{}: {e}", p.display()).into())
+}

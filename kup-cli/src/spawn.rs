@@ -1,0 +1,31 @@
+//! Starting CRIU with one end of a socketpair as its fd 3 (`--ps-socket 3`). The only unsafe code
+//! in kup: the hook that runs in the child between fork and exec.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+/// The descriptor number CRIU is told to use.
+pub const CHILD_FD: i32 = 3;
+
+/// Arranges for `sock` to be fd 3 in the child started by `cmd` (and nowhere else: the socket
+/// itself stays close-on-exec, so CRIU processes started in parallel do not inherit it and EOF
+/// still reaches the server when this CRIU exits).
+pub fn pass_socket(cmd: &mut Command, sock: &OwnedFd) {
+    let fd = sock.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and only calls dup2/fcntl, which
+    // are async-signal-safe; it touches no memory of the parent besides the copied `fd` integer.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == CHILD_FD {
+                // dup2 onto itself is a no-op that keeps FD_CLOEXEC: clear it instead.
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, CHILD_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,326 @@
+//! `kup checkpoint` / `restore` / `inspect` on this host with the real CRIU (4.1.1 from
+//! scripts/criu-host/install.sh, found through KUP_CRIU as `make test` sets it) and a real rpramfs
+//! mount. The subject (tests/subjects/memsubject.c) verifies its own memory after restore.
+//!
+//! These tests need root, FUSE and a working CRIU; they fail (never skip) without them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const KUP: &str = env!("CARGO_BIN_EXE_kup");
+
+fn target_bin(name: &str) -> PathBuf {
+    Path::new(KUP).with_file_name(name)
+}
+
+fn criu() -> String {
+    let c = std::env::var("KUP_CRIU").unwrap_or_else(|_| "/opt/kup/criu/bin/criu".into());
+    assert!(Path::new(&c).exists(), "CRIU not found at {c}: run scripts/criu-host/install.sh (make test does) or set KUP_CRIU");
+    c
+}
+
+/// Runs a command with a deadline; returns (exit code, stdout, stderr).
+fn run(cmd: &mut Command, limit: Duration) -> (i32, String, String) {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let start = Instant::now();
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut out, &mut s).ok();
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut err, &mut s).ok();
+        s
+    });
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > limit {
+            child.kill().ok();
+            panic!("{cmd:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status.code().unwrap_or(-1), t_out.join().unwrap(), t_err.join().unwrap())
+}
+
+fn kup(args: &[&str]) -> (i32, String, String) {
+    let (code, out, err) = run(Command::new(KUP).args(args).env("KUP_CRIU", criu()), Duration::from_secs(300));
+    eprintln!("$ kup {}\n{out}{err}(exit {code})", args.join(" "));
+    (code, out, err)
+}
+
+/// An rpramfs file system on a region file, unmounted on drop.
+struct Rpramfs {
+    dir: tempfile::TempDir,
+}
+
+impl Rpramfs {
+    fn new(size: &str) -> Rpramfs {
+        let dir = tempfile::tempdir().unwrap();
+        let region = dir.path().join("region");
+        let mnt = dir.path().join("kup");
+        std::fs::create_dir(&mnt).unwrap();
+        Command::new("truncate").args(["-s", size]).arg(&region).status().unwrap();
+        let bin = target_bin("rpramfs");
+        assert!(bin.exists(), "{} missing: build the workspace first", bin.display());
+        let (c, _, e) = run(Command::new(&bin).arg("mkfs").arg(&region), Duration::from_secs(60));
+        assert_eq!(c, 0, "{e}");
+        let log = dir.path().join("rpramfs.log");
+        let (c, _, e) = run(Command::new(&bin).arg("mount").arg(&region).arg(&mnt).arg("--log").arg(&log), Duration::from_secs(60));
+        assert_eq!(c, 0, "{e}");
+        Rpramfs { dir }
+    }
+
+    fn store(&self) -> PathBuf {
+        self.dir.path().join("kup")
+    }
+}
+
+impl Drop for Rpramfs {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if Command::new("umount").arg(self.store()).stderr(Stdio::null()).status().is_ok_and(|s| s.success()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Command::new("umount").arg("-l").arg(self.store()).status().ok();
+    }
+}
+
+fn memsubject() -> PathBuf {
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("memsubject");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/subjects/memsubject.c");
+    let (c, _, e) = run(Command::new("gcc").args(["-O2", "-Wall", "-Wextra", "-o"]).arg(&out).arg(&src), Duration::from_secs(60));
+    assert_eq!(c, 0, "building memsubject: {e}");
+    out
+}
+
+/// A running memsubject; killed on drop (by pid, since restores re-create it under the same pid).
+struct Subject {
+    pid: u32,
+    status: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Subject {
+    fn start(args: &[&str]) -> Subject {
+        let dir = tempfile::tempdir().unwrap();
+        let status = dir.path().join("status");
+        // setsid --fork: its own session, no tty (CRIU needs no --shell-job), and the launcher exits.
+        let mut cmd = Command::new("setsid");
+        cmd.arg("--fork");
+        cmd.arg(memsubject()).arg("--status").arg(&status).args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        let mut launcher = cmd.spawn().unwrap();
+        let line = wait_status(&status, Duration::from_secs(120));
+        launcher.wait().ok();
+        assert!(line.starts_with("READY"), "{line}");
+        let pid = line.split_whitespace().find_map(|w| w.strip_prefix("pid=")).unwrap().parse().unwrap();
+        Subject { pid, status, _dir: dir }
+    }
+
+    /// Asks the process to verify its memory; returns its status line.
+    fn verify(&self) -> String {
+        std::fs::remove_file(&self.status).ok();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGUSR1).expect("subject is not running");
+        wait_status(&self.status, Duration::from_secs(120))
+    }
+
+    fn alive(&self) -> bool {
+        Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
+
+    fn kill_and_wait(&self) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGKILL).ok();
+        let start = Instant::now();
+        while self.alive() {
+            assert!(start.elapsed() < Duration::from_secs(10), "pid {} does not go away", self.pid);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Subject {
+    fn drop(&mut self) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGKILL).ok();
+    }
+}
+
+fn wait_status(path: &Path, limit: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            if !s.is_empty() {
+                return s.trim().to_string();
+            }
+        }
+        assert!(start.elapsed() < limit, "no status in {} after {limit:?}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn only_checkpoint(store: &Path) -> PathBuf {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(store).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
+    assert_eq!(v.len(), 1, "{v:?}");
+    v.pop().unwrap()
+}
+
+#[test]
+fn a_512_mib_process_survives_checkpoint_and_eager_and_lazy_restore() {
+    // Room for the checkpoint and, during an eager restore, CRIU's pages image next to it.
+    let fs = Rpramfs::new("1200M");
+    let store = fs.store();
+    let s = Subject::start(&["--private-mib", "384", "--shared-mib", "64", "--memfd-mib", "64"]);
+    let store_s = store.to_str().unwrap();
+    let pid = s.pid.to_string();
+
+    let (c, out, _) = kup(&["checkpoint", "--pid", &pid, "--store", store_s]);
+    assert_eq!(c, 0);
+    assert!(out.contains("complete"), "{out}");
+    assert!(!s.alive() || { s.kill_and_wait(); true });
+    let ckpt = only_checkpoint(&store);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&ckpt).unwrap().permissions().mode() & 0o777, 0o700, "checkpoints hold memory: root-only");
+
+    let (c, out, _) = kup(&["restore", "--store", store_s, "--eager"]);
+    assert_eq!(c, 0);
+    assert!(out.contains("running again"), "{out}");
+    let ok = s.verify();
+    assert!(ok.starts_with("OK") && ok.contains("private=384 shared=64 memfd=64"), "{ok}");
+    s.kill_and_wait();
+
+    let (c, out, _) = kup(&["--json", "restore", "--store", store_s]);
+    assert_eq!(c, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["mode"], "lazy");
+    assert!(v["apps"][0]["pages_lazy"].as_u64().unwrap() >= 384 * 256 - 16, "{v}");
+    assert!(v["apps"][0]["fetched_ms"].as_f64().is_some(), "{v}");
+    let ok = s.verify();
+    assert!(ok.starts_with("OK"), "{ok}");
+    s.kill_and_wait();
+
+    let (c, out, _) = kup(&["inspect", "--verify", store_s]);
+    assert_eq!(c, 0);
+    assert!(out.contains("CRC ok"), "{out}");
+
+    // Without room for the pages image, an eager restore is refused up front.
+    let filler = store.join("filler");
+    let (c, _, e) = run(Command::new("fallocate").args(["-l", "400M"]).arg(&filler), Duration::from_secs(60));
+    assert_eq!(c, 0, "{e}");
+    let (c, _, err) = kup(&["restore", "--store", store_s, "--eager"]);
+    assert_eq!(c, 1);
+    assert!(err.contains("eager restore writes") && err.contains("--lazy"), "{err}");
+    assert!(!s.alive());
+    std::fs::remove_file(&filler).unwrap();
+
+    // One flipped byte in a private page: inspect names it, eager restore refuses before CRIU
+    // starts, lazy restore stops the app; no restore ever runs on the wrong byte.
+    let manifest = foam_store::manifest::Manifest::load(&ckpt).unwrap();
+    let app = &manifest.apps[0];
+    let space = app.spaces.iter().find(|sp| sp.name == pid).unwrap();
+    let biggest = space.ranges.iter().max_by_key(|r| r.end - r.start).unwrap();
+    let victim = biggest.start + (biggest.end - biggest.start) / 3 / 4096 * 4096;
+    let mem = ckpt.join(&app.name).join("mem");
+    let (file, off) = match manifest.file_mode {
+        foam_store::foam::FileMode::Single => (mem.join(format!("{pid}.foam")), victim),
+        foam_store::foam::FileMode::Split { segment_bits } => (mem.join(format!("{pid}.foam.{:x}", victim >> segment_bits)), victim & ((1 << segment_bits) - 1)),
+    };
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&file).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, off + 1234).unwrap();
+    f.write_all_at(&[b[0] ^ 0x40], off + 1234).unwrap();
+    drop(f);
+    let page = format!("{victim:#x}");
+
+    let (c, out, err) = kup(&["inspect", "--verify", store_s]);
+    assert_eq!(c, 1);
+    assert!(out.contains("DAMAGED") && out.contains(&page), "{out}{err}");
+
+    let (c, _, err) = kup(&["restore", "--store", store_s, "--eager"]);
+    assert_eq!(c, 1);
+    assert!(err.contains("fails its CRC") && err.contains(&page) && err.contains(&app.name), "{err}");
+    assert!(!s.alive(), "eager restore must not start the app");
+
+    let (c, _, err) = kup(&["restore", "--store", store_s, "--lazy"]);
+    assert_eq!(c, 1);
+    assert!(err.contains("fails its CRC") && err.contains(&page), "{err}");
+    let start = Instant::now();
+    while s.alive() {
+        assert!(start.elapsed() < Duration::from_secs(10), "the lazily restored app was not stopped");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn bad_input_is_refused_before_anything_is_frozen() {
+    let fs = Rpramfs::new("96M");
+    let store = fs.store();
+    let store_s = store.to_str().unwrap();
+
+    // A pid that does not exist.
+    let (c, _, err) = kup(&["checkpoint", "--pid", "4000000", "--store", store_s]);
+    assert_eq!(c, 1);
+    assert!(err.contains("no process with pid 4000000"), "{err}");
+
+    // A store without room: the app keeps running and no checkpoint is left behind.
+    let s = Subject::start(&["--private-mib", "128"]);
+    let (c, _, err) = kup(&["checkpoint", "--pid", &s.pid.to_string(), "--store", store_s]);
+    assert_eq!(c, 1);
+    assert!(err.contains("free") && err.contains("larger region"), "{err}");
+    assert!(s.verify().starts_with("OK"));
+    assert_eq!(std::fs::read_dir(&store).unwrap().count(), 0);
+
+    // A CRIU whose protocol kup does not speak.
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("criu");
+    std::fs::write(&fake, "#!/bin/sh\necho 'Version: 4.2'\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (c, _, err) = run(Command::new(KUP).args(["checkpoint", "--pid", &s.pid.to_string(), "--store", store_s, "--criu"]).arg(&fake), Duration::from_secs(30));
+    assert_eq!(c, 1);
+    assert!(err.contains("CRIU 4.2 is not supported") && err.contains("3.17 to 4.1"), "{err}");
+
+    // Nothing to restore.
+    let (c, _, err) = kup(&["restore", "--store", store_s]);
+    assert_eq!(c, 1);
+    assert!(err.contains("no complete checkpoint"), "{err}");
+}
+
+#[test]
+fn a_dump_that_fails_midway_leaves_the_app_running_and_the_checkpoint_failed() {
+    let fs = Rpramfs::new("256M");
+    let store = fs.store();
+    let store_s = store.to_str().unwrap();
+    // CRIU on this host cannot dump inet sockets (the kernel refuses two getsockopt calls): the
+    // failure comes after the process was frozen, the case CRIU must undo.
+    let mut child = Command::new("setsid")
+        .args(["python3", "-c", "import socket,time\ns=socket.socket()\ns.bind(('127.0.0.1',0))\ns.listen()\nprint('up',flush=True)\ntime.sleep(600)"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "up");
+    let pid = child.id();
+    let (c, _, err) = kup(&["checkpoint", "--pid", &pid.to_string(), "--store", store_s]);
+    child.kill().ok();
+    child.wait().ok();
+    assert_eq!(c, 1);
+    assert!(err.contains("marked failed") && err.contains(&format!("{pid} running")), "{err}");
+    let ckpt = only_checkpoint(&store);
+    let m = foam_store::manifest::Manifest::load(&ckpt).unwrap();
+    assert!(matches!(m.state, foam_store::manifest::State::Failed(_)), "{:?}", m.state);
+    let id = ckpt.file_name().unwrap().to_str().unwrap();
+    let (c, _, err) = kup(&["restore", "--store", store_s, "--checkpoint", id]);
+    assert_eq!(c, 1);
+    assert!(err.contains("not restorable"), "{err}");
+}

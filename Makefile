@@ -27,6 +27,7 @@ test-guest: build
 	tests/guest/run persist
 	tests/guest/run crash-kexec
 	tests/guest/run cold
+	tests/guest/run checkpoint
 
 bench: build
 	$(CARGO) run --release -p rpramfs --example bench

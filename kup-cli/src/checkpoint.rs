@@ -151,6 +151,9 @@ fn checkpoint_app(criu: &Criu, a: &Args, p: &Process, ckpt_dir: &Path, mode: Fil
     let app_dir = ckpt_dir.join(&name);
     let spaces = Spaces::create(&app_dir.join("mem"), mode)?;
     let mut options = p.criu_options();
+    if options.iter().any(|o| o == "--tcp-established") && !a.criu_options.iter().any(|o| o.starts_with("--network-lock")) {
+        options.extend(criu.network_lock_options());
+    }
     options.extend(a.criu_options.iter().cloned());
     let mut app = App { name: name.clone(), pid: p.pid, comm: p.comm.clone(), criu_options: options.clone(), passes: vec![], spaces: vec![] };
     let estimate = p.memory_bytes();

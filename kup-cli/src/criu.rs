@@ -52,6 +52,18 @@ impl Criu {
         self.command().args(["check", "--feature", "mem_dirty_track"]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
     }
 
+    /// How CRIU should lock TCP connections while it works on them: its default is iptables;
+    /// where that tool is missing (minimal images, the test guests) nftables, through the
+    /// libnftables Debian's CRIU links.
+    pub fn network_lock_options(&self) -> Vec<String> {
+        let has_iptables = std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("iptables").is_file()));
+        if has_iptables {
+            vec![]
+        } else {
+            vec!["--network-lock".into(), "nftables".into()]
+        }
+    }
+
     /// Whether userfaultfd supports what `criu lazy-pages` needs.
     pub fn has_lazy_pages(&self) -> bool {
         self.command().args(["check", "--feature", "uffd-noncoop"]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())

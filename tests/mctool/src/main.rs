@@ -1,0 +1,220 @@
+//! A small memcached client for the guest scenarios (memcslap is too slow under emulation to
+//! load hundreds of MiB): it loads items whose values are derived from (seed, index), reads them
+//! all back and compares, and probes availability.
+//!
+//!   mctool load   [--addr A] --items N --value-size B [--seed S]   pipelined `set … noreply`
+//!   mctool verify [--addr A] --items N --value-size B [--seed S]   multi-get, byte-for-byte check
+//!   mctool probe  [--addr A] --interval-ms I --until-file F        one `get` every I ms; prints the
+//!                                                                  longest outage when F appears
+//! Output is one line of `key=value` figures; exit status 0 only when every item matched.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+struct Opts {
+    addr: String,
+    items: u64,
+    value_size: usize,
+    seed: u64,
+    interval_ms: u64,
+    until_file: String,
+}
+
+fn parse(args: &[String]) -> Result<Opts, String> {
+    let mut o = Opts { addr: "127.0.0.1:11211".into(), items: 0, value_size: 65536, seed: 1, interval_ms: 10, until_file: String::new() };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut v = || it.next().cloned().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--addr" => o.addr = v()?,
+            "--items" => o.items = v()?.parse().map_err(|e| format!("--items: {e}"))?,
+            "--value-size" => o.value_size = v()?.parse().map_err(|e| format!("--value-size: {e}"))?,
+            "--seed" => o.seed = v()?.parse().map_err(|e| format!("--seed: {e}"))?,
+            "--interval-ms" => o.interval_ms = v()?.parse().map_err(|e| format!("--interval-ms: {e}"))?,
+            "--until-file" => o.until_file = v()?,
+            _ => return Err(format!("unknown argument {a}")),
+        }
+    }
+    Ok(o)
+}
+
+fn key(o: &Opts, i: u64) -> String {
+    format!("kup-{}-{i}", o.seed)
+}
+
+/// The value of item `i`: xorshift bytes seeded by (seed, i), so any corruption shows.
+fn value(o: &Opts, i: u64) -> Vec<u8> {
+    let mut x = o.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xBF58_476D_1CE4_E5B9) | 1;
+    let mut v = Vec::with_capacity(o.value_size + 8);
+    while v.len() < o.value_size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(o.value_size);
+    v
+}
+
+fn connect(addr: &str) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+fn load(o: &Opts) -> Result<String, String> {
+    let start = Instant::now();
+    let mut s = connect(&o.addr).map_err(|e| format!("connect {}: {e}", o.addr))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, s.try_clone().map_err(|e| e.to_string())?);
+    for i in 0..o.items {
+        write!(w, "set {} 0 0 {} noreply\r\n", key(o, i), o.value_size).map_err(|e| e.to_string())?;
+        w.write_all(&value(o, i)).map_err(|e| e.to_string())?;
+        w.write_all(b"\r\n").map_err(|e| e.to_string())?;
+    }
+    // A request with a reply: once it arrives, every set before it was processed.
+    w.write_all(b"version\r\n").map_err(|e| e.to_string())?;
+    w.flush().map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(&mut s).read_line(&mut line).map_err(|e| e.to_string())?;
+    if !line.starts_with("VERSION") {
+        return Err(format!("memcached answered {line:?} after the sets (out of memory? see memcached -m)"));
+    }
+    let mib = (o.items * o.value_size as u64) as f64 / 1048576.0;
+    Ok(format!("loaded items={} mib={mib:.1} seconds={:.2}", o.items, start.elapsed().as_secs_f64()))
+}
+
+fn verify(o: &Opts) -> Result<String, String> {
+    let start = Instant::now();
+    let s = connect(&o.addr).map_err(|e| format!("connect {}: {e}", o.addr))?;
+    let mut r = BufReader::with_capacity(1 << 20, s.try_clone().map_err(|e| e.to_string())?);
+    let mut w = s;
+    let (mut ok, mut missing, mut wrong) = (0u64, 0u64, 0u64);
+    let mut first_bad = String::new();
+    const BATCH: u64 = 32;
+    let mut i = 0;
+    while i < o.items {
+        let n = BATCH.min(o.items - i);
+        let keys: Vec<String> = (i..i + n).map(|j| key(o, j)).collect();
+        write!(w, "get {}\r\n", keys.join(" ")).map_err(|e| e.to_string())?;
+        let mut seen = std::collections::HashMap::new();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+                return Err("memcached closed the connection".into());
+            }
+            let line = line.trim_end();
+            if line == "END" {
+                break;
+            }
+            let parts: Vec<&str> = line.split(' ').collect();
+            if parts.len() < 4 || parts[0] != "VALUE" {
+                return Err(format!("unexpected reply {line:?}"));
+            }
+            let len: usize = parts[3].parse().map_err(|_| format!("bad length in {line:?}"))?;
+            let mut data = vec![0u8; len + 2];
+            r.read_exact(&mut data).map_err(|e| e.to_string())?;
+            data.truncate(len);
+            seen.insert(parts[1].to_string(), data);
+        }
+        for (j, k) in (i..i + n).zip(&keys) {
+            match seen.get(k) {
+                None => {
+                    missing += 1;
+                    if first_bad.is_empty() {
+                        first_bad = format!("{k} missing");
+                    }
+                }
+                Some(v) if *v != value(o, j) => {
+                    wrong += 1;
+                    if first_bad.is_empty() {
+                        first_bad = format!("{k} has a wrong value");
+                    }
+                }
+                Some(_) => ok += 1,
+            }
+        }
+        i += n;
+    }
+    let line = format!("verified keys={ok}/{} missing={missing} wrong={wrong} seconds={:.2}", o.items, start.elapsed().as_secs_f64());
+    if ok == o.items {
+        Ok(line)
+    } else {
+        Err(format!("{line} first={first_bad}"))
+    }
+}
+
+/// One `get` every interval; the longest stretch without a successful answer is the outage.
+fn probe(o: &Opts) -> Result<String, String> {
+    let interval = Duration::from_millis(o.interval_ms);
+    let mut conn: Option<(TcpStream, BufReader<TcpStream>)> = None;
+    let start = Instant::now();
+    let mut last_ok = start;
+    let (mut longest, mut longest_at, mut probes, mut failures) = (Duration::ZERO, 0.0, 0u64, 0u64);
+    while o.until_file.is_empty() || !std::path::Path::new(&o.until_file).exists() {
+        let t = Instant::now();
+        probes += 1;
+        let ok = (|| -> std::io::Result<()> {
+            if conn.is_none() {
+                let s = TcpStream::connect_timeout(&o.addr.parse().map_err(std::io::Error::other)?, Duration::from_millis(200))?;
+                s.set_nodelay(true)?;
+                s.set_read_timeout(Some(Duration::from_millis(500)))?;
+                conn = Some((s.try_clone()?, BufReader::new(s)));
+            }
+            let (w, r) = conn.as_mut().unwrap();
+            w.write_all(b"get kup-probe\r\n")?;
+            let mut line = String::new();
+            r.read_line(&mut line)?;
+            if line.starts_with("END") || line.starts_with("VALUE") {
+                if line.starts_with("VALUE") {
+                    // Drain the value and END.
+                    let mut rest = String::new();
+                    r.read_line(&mut rest)?;
+                    r.read_line(&mut rest)?;
+                }
+                Ok(())
+            } else {
+                Err(std::io::Error::other(format!("reply {line:?}")))
+            }
+        })();
+        match ok {
+            Ok(()) => {
+                let gap = t.duration_since(last_ok);
+                if gap > longest {
+                    longest = gap;
+                    longest_at = last_ok.duration_since(start).as_secs_f64();
+                }
+                last_ok = Instant::now();
+            }
+            Err(_) => {
+                failures += 1;
+                conn = None;
+            }
+        }
+        std::thread::sleep(interval.saturating_sub(t.elapsed()));
+    }
+    Ok(format!(
+        "probe outage_ms={:.0} outage_start_s={longest_at:.2} probes={probes} failures={failures} seconds={:.1}",
+        longest.as_secs_f64() * 1e3,
+        start.elapsed().as_secs_f64()
+    ))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let result = match args.get(1).map(String::as_str) {
+        Some(cmd @ ("load" | "verify" | "probe")) => parse(&args[2..]).and_then(|o| match cmd {
+            "load" => load(&o),
+            "verify" => verify(&o),
+            _ => probe(&o),
+        }),
+        _ => Err("usage: mctool load|verify|probe [--addr A] [--items N] [--value-size B] [--seed S] [--interval-ms I] [--until-file F]".into()),
+    };
+    match result {
+        Ok(line) => println!("{line}"),
+        Err(e) => {
+            println!("mctool: {e}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -8,8 +8,10 @@ CARGO ?= cargo
 setup:
 	@scripts/setup-host.sh
 
+# memsubject (tests/subjects) lands next to the Rust binaries, so guest initramfs builds pick it up.
 build: setup
 	$(CARGO) build --release --workspace
+	gcc -O2 -Wall -Wextra -o target/release/memsubject tests/subjects/memsubject.c
 
 # Until the kernel-update demo exists, the demo shows rpramfs surviving a daemon kill -9.
 demo: build

@@ -69,6 +69,10 @@ enum Cmd {
         #[arg(long, default_value = "/run/kup")]
         work_dir: PathBuf,
     },
+    /// Print CRIU's statistics of a dump directory (stats-dump) as JSON, e.g. the frozen time of a
+    /// plain `criu dump` to compare with kup's
+    #[command(hide = true)]
+    CriuStats { dir: PathBuf },
     /// List the checkpoints in a store; --verify checks every page's CRC
     Inspect {
         /// The store directory
@@ -91,6 +95,7 @@ fn main() {
             restore::run(&c, &a).map(|_| ())
         }),
         Cmd::Inspect { store, verify } => inspect::run(store, *verify, cli.json),
+        Cmd::CriuStats { dir } => foam_store::criu_images::read_dump_stats(dir).map_err(Into::into).map(|s| report::print_json(&serde_json::json!(s))),
     };
     if let Err(e) = result {
         eprintln!("kup: error: {e}");

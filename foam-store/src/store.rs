@@ -81,9 +81,16 @@ impl Store {
             return Ok((dir, m));
         }
         for (id, m) in self.list()?.into_iter().rev() {
-            if let Ok(m) = m {
-                if m.restorable() {
-                    return Ok((self.root.join(id), m));
+            match m {
+                Ok(m) if m.restorable() => return Ok((self.root.join(id), m)),
+                // Failed or interrupted attempts: the apps were left running; an older one may do.
+                Ok(_) => continue,
+                // Never fall back silently past a damaged record to older state.
+                Err(e) => {
+                    return Err(Error::NoCheckpoint(format!(
+                        "the newest checkpoint, {id}, cannot be read ({e}); to restore an older one on purpose, name it with --checkpoint (kup inspect {} lists them)",
+                        self.root.display()
+                    )))
                 }
             }
         }

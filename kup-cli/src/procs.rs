@@ -27,6 +27,13 @@ impl Process {
             return fail(format!("pid {pid} ({comm}) has exited (zombie); there is nothing left to checkpoint"));
         }
         let sid = rest.get(3).and_then(|s| s.parse().ok()).unwrap_or(0);
+        if pid == 1 {
+            return fail("pid 1 is the init process; CRIU checkpoints applications, not init");
+        }
+        // Kernel threads have no executable (and no user memory).
+        if std::fs::read_link(format!("/proc/{pid}/exe")).is_err() {
+            return fail(format!("pid {pid} ({comm}) is a kernel thread (it has no executable); only user processes can be checkpointed"));
+        }
         Ok(Process { pid, comm, sid })
     }
 

@@ -256,6 +256,58 @@ fn a_512_mib_process_survives_checkpoint_and_eager_and_lazy_restore() {
         assert!(start.elapsed() < Duration::from_secs(10), "the lazily restored app was not stopped");
         std::thread::sleep(Duration::from_millis(20));
     }
+
+    // A FOAM file cut short: the pages past its end are named, not restored as zeros.
+    let len = std::fs::metadata(&file).unwrap().len();
+    let cut = off + (biggest.end - victim) / 2 / 4096 * 4096;
+    assert!(cut < len);
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(cut).unwrap();
+    let (c, _, err) = kup(&["restore", "--store", store_s, "--eager"]);
+    assert_eq!(c, 1);
+    assert!(err.contains("fails its CRC") && err.contains(&app.name), "{err}");
+    assert!(!s.alive());
+
+    // A damaged manifest: named, and restore does not fall back to anything older on its own.
+    let mpath = ckpt.join("manifest");
+    let mut bytes = std::fs::read(&mpath).unwrap();
+    let i = bytes.len() / 2;
+    bytes[i] ^= 0x01;
+    std::fs::write(&mpath, &bytes).unwrap();
+    let (c, _, err) = kup(&["restore", "--store", store_s]);
+    assert_eq!(c, 1);
+    assert!(err.contains("manifest") && err.contains("CRC mismatch") && err.contains("--checkpoint"), "{err}");
+    let (c, out, _) = kup(&["inspect", store_s]);
+    assert_eq!(c, 1);
+    assert!(out.contains("UNREADABLE"), "{out}");
+}
+
+#[test]
+fn several_apps_are_checkpointed_and_restored_together() {
+    let fs = Rpramfs::new("512M");
+    let store = fs.store();
+    let store_s = store.to_str().unwrap();
+    let a = Subject::start(&["--private-mib", "64", "--memfd-mib", "16", "--seed", "11"]);
+    let b = Subject::start(&["--private-mib", "96", "--shared-mib", "8", "--seed", "12"]);
+    let (c, out, _) = kup(&["--json", "checkpoint", "--pid", &a.pid.to_string(), "--pid", &b.pid.to_string(), "--store", store_s, "--name", "pair"]);
+    assert_eq!(c, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["apps"].as_array().unwrap().len(), 2, "{v}");
+    assert!(v["checkpoint"].as_str().unwrap().ends_with("-pair"));
+    for s in [&a, &b] {
+        if s.alive() {
+            s.kill_and_wait();
+        }
+    }
+    let (c, out, _) = kup(&["restore", "--store", store_s]);
+    assert_eq!(c, 0);
+    assert_eq!(out.matches("running again").count(), 2, "{out}");
+    assert!(a.verify().starts_with("OK pid="));
+    assert!(b.verify().starts_with("OK pid="));
+    // The init process and kernel threads are refused by name.
+    let (c, _, err) = kup(&["checkpoint", "--pid", "1", "--store", store_s]);
+    assert!(c == 1 && err.contains("init process"), "{err}");
+    let (c, _, err) = kup(&["checkpoint", "--pid", "2", "--store", store_s]);
+    assert!(c == 1 && err.contains("kernel thread"), "{err}");
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! Finding CRIU, checking that it is a version kup speaks, and running it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::error::{fail, Result};
 
@@ -86,14 +87,34 @@ fn check_version(v: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// Waits for CRIU and turns a failure into an error that points at its log.
-pub fn finish(mut child: Child, what: &str, log: &Path) -> Result<()> {
-    let status = child.wait().map_err(|e| format!("{what}: {e}"))?;
+/// Waits for CRIU (killing it after `limit`) and turns a failure into an error that points at
+/// its log.
+pub fn finish(mut child: Child, what: &str, log: &Path, limit: Duration) -> Result<()> {
+    let status = match wait_timeout(&mut child, limit).map_err(|e| format!("{what}: {e}"))? {
+        Some(st) => st,
+        None => return fail(format!("{what} did not finish within {} s and was killed; see {}{}", limit.as_secs(), log.display(), log_errors(log))),
+    };
     if status.success() {
         return Ok(());
     }
     let tail = log_errors(log);
     fail(format!("{what} failed ({status}); {}{tail}", log.display()))
+}
+
+/// The child's exit status, or None after killing it when `limit` passed first.
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> std::io::Result<Option<ExitStatus>> {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(Some(st));
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// The error lines of a CRIU log, for messages.

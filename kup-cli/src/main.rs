@@ -68,6 +68,9 @@ enum Cmd {
         /// Directory for CRIU's logs and sockets
         #[arg(long, default_value = "/run/kup")]
         work_dir: PathBuf,
+        /// Seconds CRIU may take for each restore step (and lazy-pages for fetching everything)
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
     },
     /// Print CRIU's statistics of a dump directory (stats-dump) as JSON, e.g. the frozen time of a
     /// plain `criu dump` to compare with kup's
@@ -89,9 +92,9 @@ fn main() {
             let a = checkpoint::Args { pids: pids.clone(), store: store.clone(), iterations: *iterations, leave_running: *leave_running, name: name.clone(), json: cli.json, criu_options: criu_opts.clone() };
             checkpoint::run(&c, &a).map(|_| ())
         }),
-        Cmd::Restore { store, checkpoint, lazy: _, eager, work_dir } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
+        Cmd::Restore { store, checkpoint, lazy: _, eager, work_dir, timeout } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
             let mode = if *eager { restore::Mode::Eager } else { restore::Mode::Lazy };
-            let a = restore::Args { store: store.clone(), checkpoint: checkpoint.clone(), mode, json: cli.json, work_root: work_dir.clone() };
+            let a = restore::Args { store: store.clone(), checkpoint: checkpoint.clone(), mode, json: cli.json, work_root: work_dir.clone(), timeout: std::time::Duration::from_secs(*timeout) };
             restore::run(&c, &a).map(|_| ())
         }),
         Cmd::Inspect { store, verify } => inspect::run(store, *verify, cli.json),

@@ -41,6 +41,8 @@ pub struct Args {
     pub json: bool,
     /// Where CRIU's logs and the lazy-pages socket go (a local directory, not the store).
     pub work_root: PathBuf,
+    /// How long CRIU may take for each step before kup kills it and reports a failure.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -178,7 +180,7 @@ fn restore_app(criu: &Criu, a: &Args, m: &Manifest, ckpt_dir: &Path, app: &App, 
 
     if mode == Mode::Eager || lazy_spaces.is_empty() {
         let child = restore.spawn().map_err(|e| format!("cannot start {}: {e}", criu.path.display()))?;
-        criu::finish(child, "criu restore", &restore_log)?;
+        criu::finish(child, "criu restore", &restore_log, a.timeout)?;
         out.running_ms = report::ms(start.elapsed());
         remove_images(&images);
         return Ok(out);
@@ -212,19 +214,27 @@ fn restore_app(criu: &Criu, a: &Args, m: &Manifest, ckpt_dir: &Path, app: &App, 
             }
             if waited.elapsed() > Duration::from_secs(30) {
                 let _ = daemon.kill();
+                let _ = daemon.wait();
                 return fail(format!("criu lazy-pages did not start within 30 s; see {}", daemon_log.display()));
             }
             std::thread::sleep(Duration::from_millis(2));
         }
         restore.arg("--lazy-pages");
         let child = restore.spawn().map_err(|e| format!("cannot start {}: {e}", criu.path.display()))?;
-        if let Err(e) = criu::finish(child, "criu restore --lazy-pages", &restore_log) {
+        if let Err(e) = criu::finish(child, "criu restore --lazy-pages", &restore_log, a.timeout) {
+            // The daemon's exit closes its socket, which ends the server thread.
             let _ = daemon.kill();
+            let _ = daemon.wait();
             return Err(e);
         }
         out.running_ms = report::ms(start.elapsed());
+        // Killing a stuck daemon closes its end of the socket, which ends the server thread.
+        let daemon_status = criu::wait_timeout(&mut daemon, a.timeout).map_err(|e| format!("criu lazy-pages: {e}"))?;
         let served_result = server.join().map_err(|_| "the lazy-pages server thread panicked".to_string())?;
-        let daemon_status = daemon.wait().map_err(|e| format!("criu lazy-pages: {e}"))?;
+        let Some(daemon_status) = daemon_status else {
+            kill_tasks(app);
+            return fail(format!("criu lazy-pages did not finish fetching within {} s and was killed, and so were the restored tasks of {}; see {}", a.timeout.as_secs(), app.name, daemon_log.display()));
+        };
         match served_result {
             Ok(r) => {
                 out.pages_served = r.pages;

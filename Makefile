@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: demo test test-host test-guest build setup install bench clean
+.PHONY: demo test test-host test-guest build setup install bench bench-foam clean
 
 setup:
 	@scripts/setup-host.sh
@@ -30,9 +30,15 @@ test-guest: build
 	tests/guest/run crash-kexec
 	tests/guest/run cold
 	tests/guest/run checkpoint
+	tests/guest/run update
 
 bench: build
 	$(CARGO) run --release -p rpramfs --example bench
+
+# FOAM checkpoints against plain CRIU, lazy against eager restore, in a QEMU guest (docs/benchmarks.md);
+# 10-25 minutes under TCG. KUP_BENCH_SIZES="64 128" KUP_BENCH_DIRTY="10" for a quick run.
+bench-foam: build
+	tests/guest/run foam-bench
 
 install: build
 	install -m 0755 target/release/rpramfs /usr/local/sbin/rpramfs

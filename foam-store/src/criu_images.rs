@@ -19,6 +19,7 @@ const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
 const IMG_SERVICE_MAGIC: u32 = 0x5510_5940;
 const PAGEMAP_MAGIC: u32 = 0x5608_4025;
 const STATS_MAGIC: u32 = 0x5709_3306;
+const PSTREE_MAGIC: u32 = 0x5027_3030;
 /// A pagemap entry's page count is a u32 in CRIU ≤ 4.1.
 const MAX_ENTRY_PAGES: u64 = 1 << 30;
 const COPY_CHUNK: usize = 1 << 20;
@@ -147,6 +148,51 @@ fn create_private(path: &Path) -> Result<File, Error> {
     std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(path).map_err(|e| Error::io(path, e))
 }
 
+/// The tasks of a dump (`pstree.img`): each process's pid and the ids of its threads.
+pub fn read_pstree(dir: &Path) -> Result<Vec<(u32, Vec<u32>)>, Error> {
+    let path = dir.join("pstree.img");
+    let b = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let bad = || Error::Unsupported(format!("{} is not a CRIU process tree image this kup understands", path.display()));
+    let word = |i: usize| b.get(i..i + 4).map(|w| u32::from_le_bytes(w.try_into().unwrap()));
+    if word(0) != Some(IMG_COMMON_MAGIC) || word(4) != Some(PSTREE_MAGIC) {
+        return Err(bad());
+    }
+    let mut out = Vec::new();
+    let mut at = 8;
+    while at < b.len() {
+        let len = word(at).ok_or_else(bad)? as usize;
+        let entry = b.get(at + 4..at + 4 + len).ok_or_else(bad)?;
+        let (mut pid, mut threads) = (0u32, Vec::new());
+        for (f, v) in fields(entry).ok_or_else(bad)? {
+            match (f, v) {
+                (1, Field::Varint(v)) => pid = v as u32,
+                (5, Field::Varint(v)) => threads.push(v as u32),
+                // A packed repeated field.
+                (5, Field::Bytes(mut packed)) => {
+                    while !packed.is_empty() {
+                        let mut v = 0u64;
+                        let mut shift = 0;
+                        loop {
+                            let (&byte, rest) = packed.split_first().ok_or_else(bad)?;
+                            packed = rest;
+                            v |= ((byte & 0x7f) as u64) << shift;
+                            shift += 7;
+                            if byte < 0x80 {
+                                break;
+                            }
+                        }
+                        threads.push(v as u32);
+                    }
+                }
+                _ => {}
+            }
+        }
+        out.push((pid, threads));
+        at += 4 + len;
+    }
+    Ok(out)
+}
+
 /// CRIU's own account of a dump (`stats-dump`), times in microseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DumpStats {
@@ -223,5 +269,12 @@ mod tests {
         let s = read_dump_stats(&dir).unwrap();
         assert_eq!((s.frozen_time_us, s.memdump_time_us, s.memwrite_time_us), (13968, 356, 112));
         assert_eq!((s.pages_scanned, s.pages_skipped_parent, s.pages_written), (57, 0, 30));
+    }
+
+    #[test]
+    fn reads_a_real_process_tree() {
+        // From `criu dump` (4.1.1) of memsubject, pid 26177, one thread.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/criu-images");
+        assert_eq!(read_pstree(&dir).unwrap(), vec![(26177, vec![26177])]);
     }
 }

@@ -9,9 +9,11 @@
 //! - [`lazy_server`]: the GET server for `criu lazy-pages`.
 //! - [`criu_images`]: pagemap/pages synthesis for restore, dump statistics.
 //! - [`manifest`], [`store`]: the checkpoint record and the store's directory layout.
+//! - [`framed`]: the CRC-checked, atomically replaced record files.
 
 pub mod criu_images;
 pub mod foam;
+pub mod framed;
 pub mod lazy_server;
 pub mod manifest;
 pub mod protocol;

@@ -1,21 +1,20 @@
 //! kup's record of one checkpoint: apps, pids, per-pass statistics, the final page ranges of every
 //! address space, kernel, times and state.
 //!
-//! On disk: one header line `kup-manifest <version> <length> <crc32>` and then `length` bytes of
-//! JSON, so a torn or flipped manifest is refused rather than half-read, and people can still read
-//! it (`tail -n +2 manifest`). It is replaced atomically (write, fsync, rename, fsync the directory).
+//! On disk it is a [`framed`](crate::framed) record: header line `kup-manifest <version> <length>
+//! <crc32>`, then JSON.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use crate::criu_images::DumpStats;
 use crate::foam::FileMode;
+use crate::framed;
 use crate::ranges::Range;
 use crate::Error;
 
 pub const MANIFEST_VERSION: u32 = 1;
 pub const MANIFEST_FILE: &str = "manifest";
+const MANIFEST_KIND: &str = "kup-manifest";
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "state", content = "reason")]
@@ -102,51 +101,20 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn encode(&self) -> Vec<u8> {
-        let body = serde_json::to_vec_pretty(self).expect("manifest serializes");
-        let mut out = format!("kup-manifest {} {} {:08x}\n", self.version, body.len(), crc32fast::hash(&body)).into_bytes();
-        out.extend_from_slice(&body);
-        out
+        framed::encode(MANIFEST_KIND, self.version, self)
     }
 
     pub fn decode(bytes: &[u8], path: &Path) -> Result<Manifest, Error> {
-        let bad = |why: String| Error::BadManifest { path: path.into(), why };
-        let nl = bytes.iter().position(|&b| b == b'\n').ok_or_else(|| bad("no header line (truncated or not a kup manifest)".into()))?;
-        let head = std::str::from_utf8(&bytes[..nl]).map_err(|_| bad("header is not text".into()))?;
-        let parts: Vec<&str> = head.split(' ').collect();
-        let [magic, version, len, crc] = parts[..] else { return Err(bad(format!("header {head:?} has the wrong shape"))) };
-        if magic != "kup-manifest" {
-            return Err(bad(format!("header {head:?} is not a kup manifest")));
-        }
-        let version: u32 = version.parse().map_err(|_| bad(format!("version {version:?}")))?;
-        if version > MANIFEST_VERSION {
-            return Err(bad(format!("format version {version} is newer than this kup understands ({MANIFEST_VERSION}); use a newer kup")));
-        }
-        let len: usize = len.parse().map_err(|_| bad(format!("length {len:?}")))?;
-        let crc = u32::from_str_radix(crc, 16).map_err(|_| bad(format!("crc {crc:?}")))?;
-        let body = &bytes[nl + 1..];
-        if body.len() != len {
-            return Err(bad(format!("truncated: {} of {len} bytes", body.len())));
-        }
-        if crc32fast::hash(body) != crc {
-            return Err(bad(format!("CRC mismatch (stored {crc:08x}, computed {:08x}): the file was damaged", crc32fast::hash(body))));
-        }
-        serde_json::from_slice(body).map_err(|e| bad(format!("unreadable content: {e}")))
+        framed::decode(MANIFEST_KIND, MANIFEST_VERSION, bytes, path)
     }
 
     pub fn load(dir: &Path) -> Result<Manifest, Error> {
-        let path = dir.join(MANIFEST_FILE);
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        Manifest::decode(&bytes, &path)
+        framed::load(MANIFEST_KIND, MANIFEST_VERSION, &dir.join(MANIFEST_FILE))
     }
 
     /// Replaces the manifest atomically and durably.
     pub fn save(&self, dir: &Path) -> Result<(), Error> {
-        let tmp = dir.join(format!("{MANIFEST_FILE}.tmp"));
-        let path = dir.join(MANIFEST_FILE);
-        let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(&self.encode()).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
+        framed::save(&dir.join(MANIFEST_FILE), &self.encode())
     }
 
     pub fn restorable(&self) -> bool {

@@ -96,7 +96,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
     }
 
     // ---- the passes, all apps in parallel ----------------------------------------------------
-    let bars = indicatif::MultiProgress::new();
+    let bars = report::multi_progress(a.json);
     let out = Mutex::new(());
     let results: Vec<Result<App>> = std::thread::scope(|s| {
         let handles: Vec<_> = procs

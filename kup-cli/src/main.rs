@@ -7,10 +7,14 @@ mod checkpoint;
 mod criu;
 mod error;
 mod inspect;
+mod kexec;
 mod procs;
+mod record;
 mod report;
 mod restore;
+mod resume;
 mod spawn;
+mod update;
 
 use std::path::PathBuf;
 
@@ -72,6 +76,60 @@ enum Cmd {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
+    /// Update the kernel: checkpoint the apps, switch with kexec, resume them on the new kernel
+    Update {
+        /// The new kernel image (bzImage)
+        #[arg(long)]
+        kernel: PathBuf,
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// The new kernel's command line (default: the running one); must keep the region's memmap=
+        #[arg(long)]
+        append: Option<String>,
+        /// `ram` (rpramfs on --region mounted at --mountpoint) or a directory
+        #[arg(long)]
+        store: String,
+        #[arg(long = "pid", required = true)]
+        pids: Vec<u32>,
+        #[arg(long, default_value_t = 2)]
+        iterations: u32,
+        /// A command that exits 0 when the apps are healthy (default: their tasks run and their listening ports accept)
+        #[arg(long)]
+        health_check: Option<String>,
+        /// Check everything and print the plan; stop nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// The running kernel's image, for fallback (default /boot/vmlinuz-$(uname -r))
+        #[arg(long)]
+        old_kernel: Option<PathBuf>,
+        #[arg(long)]
+        old_initrd: Option<PathBuf>,
+        /// The command line to boot the running kernel with on fallback (default: the running one)
+        #[arg(long)]
+        old_append: Option<String>,
+        #[command(flatten)]
+        ram: RamStore,
+    },
+    /// After a kernel switch (run at boot): restore the checkpointed apps, check them, record the timeline
+    Resume {
+        /// `ram` or a directory
+        #[arg(long, default_value = "ram")]
+        store: String,
+        /// Restore eagerly (default lazy)
+        #[arg(long)]
+        eager: bool,
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        #[command(flatten)]
+        ram: RamStore,
+    },
+    /// The last update and its timeline
+    Status {
+        #[arg(long, default_value = "ram")]
+        store: String,
+        #[command(flatten)]
+        ram: RamStore,
+    },
     /// Print CRIU's statistics of a dump directory (stats-dump) as JSON, e.g. the frozen time of a
     /// plain `criu dump` to compare with kup's
     #[command(hide = true)]
@@ -83,6 +141,28 @@ enum Cmd {
         #[arg(long)]
         verify: bool,
     },
+}
+
+/// Where `--store ram` lives.
+#[derive(clap::Args)]
+struct RamStore {
+    /// The reserved region (memmap=SIZE!OFFSET shows it as /dev/pmem0)
+    #[arg(long, default_value = "/dev/pmem0")]
+    region: PathBuf,
+    /// Where rpramfs is mounted
+    #[arg(long, default_value = "/kup")]
+    mountpoint: PathBuf,
+}
+
+impl RamStore {
+    /// (store directory, region when the store is rpramfs on a region)
+    fn resolve(&self, store: &str) -> (PathBuf, Option<PathBuf>) {
+        if store == "ram" {
+            (self.mountpoint.clone(), Some(self.region.clone()))
+        } else {
+            (PathBuf::from(store), None)
+        }
+    }
 }
 
 fn main() {
@@ -98,6 +178,31 @@ fn main() {
             restore::run(&c, &a).map(|_| ())
         }),
         Cmd::Inspect { store, verify } => inspect::run(store, *verify, cli.json),
+        Cmd::Update { kernel, initrd, append, store, pids, iterations, health_check, dry_run, old_kernel, old_initrd, old_append, ram } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
+            let (store, region) = ram.resolve(store);
+            let a = update::Args {
+                kernel: kernel.clone(),
+                initrd: initrd.clone(),
+                append: append.clone(),
+                store,
+                region,
+                pids: pids.clone(),
+                iterations: *iterations,
+                health_check: health_check.clone(),
+                dry_run: *dry_run,
+                old_kernel: old_kernel.clone(),
+                old_initrd: old_initrd.clone(),
+                old_append: old_append.clone(),
+                json: cli.json,
+            };
+            update::run(&c, &a)
+        }),
+        Cmd::Resume { store, eager, timeout, ram } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
+            let (store, region) = ram.resolve(store);
+            let mode = if *eager { restore::Mode::Eager } else { restore::Mode::Lazy };
+            resume::run(&c, &resume::Args { store, region, mode, timeout: std::time::Duration::from_secs(*timeout) })
+        }),
+        Cmd::Status { store, ram } => resume::status(&ram.resolve(store).0, cli.json),
         Cmd::CriuStats { dir } => foam_store::criu_images::read_dump_stats(dir).map_err(Into::into).map(|s| report::print_json(&serde_json::json!(s))),
     };
     if let Err(e) = result {

@@ -26,12 +26,13 @@ pub fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-/// A byte-counting progress bar on a terminal; hidden otherwise and under `--json`.
+/// A byte-counting progress bar on an interactive terminal; hidden otherwise (pipes, `--json`,
+/// and serial consoles, where redrawing costs more than it shows).
 pub fn progress_bar(len: u64, json: bool, prefix: String) -> indicatif::ProgressBar {
-    if json || !std::io::stderr().is_terminal() {
+    if json || !interactive_stderr() {
         return indicatif::ProgressBar::hidden();
     }
-    let pb = indicatif::ProgressBar::new(len.max(1));
+    let pb = indicatif::ProgressBar::with_draw_target(Some(len.max(1)), indicatif::ProgressDrawTarget::stderr_with_hz(4));
     pb.set_style(
         indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}")
             .expect("template")
@@ -39,6 +40,24 @@ pub fn progress_bar(len: u64, json: bool, prefix: String) -> indicatif::Progress
     );
     pb.set_prefix(prefix);
     pb
+}
+
+/// The container of several apps' bars; hidden where single bars would be.
+pub fn multi_progress(json: bool) -> indicatif::MultiProgress {
+    if json || !interactive_stderr() {
+        indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden())
+    } else {
+        indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr_with_hz(4))
+    }
+}
+
+fn interactive_stderr() -> bool {
+    if !std::io::stderr().is_terminal() {
+        return false;
+    }
+    let tty = std::fs::read_link("/proc/self/fd/2").unwrap_or_default();
+    let tty = tty.to_string_lossy();
+    !(tty == "/dev/console" || tty.starts_with("/dev/ttyS") || std::env::var("TERM").is_ok_and(|t| t == "dumb" || t == "linux" && tty.starts_with("/dev/console")))
 }
 
 pub fn print_json(v: &serde_json::Value) {

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use foam_store::criu_images::{write_restore_images, SynthStats};
+use foam_store::criu_images::{read_pstree, write_restore_images, SynthStats};
 use foam_store::lazy_server::{self, LazySpace};
 use foam_store::manifest::{App, Manifest};
 use foam_store::protocol::Target;
@@ -71,17 +71,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Vec<AppRestore>> {
         return fail(format!("checkpoint {} is not restorable: {}", m.id, serde_json::to_string(&m.state).unwrap_or_default()));
     }
     for app in &m.apps {
-        for s in &app.spaces {
-            if let Some(Target::Pid(pid)) = Target::from_stem(&s.name) {
-                // A just-dumped task is reaped by its parent a moment after CRIU kills it.
-                if procs::exists(pid) && !procs::wait_gone(pid, Duration::from_secs(3)) {
-                    return fail(format!(
-                        "pid {pid} (of {}) is in use: CRIU restores every task under its old pid; stop that process first (if it is the checkpointed app itself, it was checkpointed with --leave-running)",
-                        app.name
-                    ));
-                }
-            }
-        }
+        check_ids_free(&dir, app)?;
     }
     let mut mode = a.mode;
     if mode == Mode::Lazy && !criu.has_lazy_pages() {
@@ -262,6 +252,25 @@ fn remove_images(images: &Path) {
     if let Err(e) = std::fs::remove_dir_all(images) {
         eprintln!("kup: warning: could not remove {}: {e}", images.display());
     }
+}
+
+/// CRIU restores every process and thread under its old id: all of them must be free.
+fn check_ids_free(ckpt_dir: &Path, app: &App) -> Result<()> {
+    let Some(final_rel) = app.final_criu_dir() else { return fail(format!("{}: the checkpoint has no final dump", app.name)) };
+    let tree = read_pstree(&ckpt_dir.join(&app.name).join(final_rel))?;
+    for (pid, threads) in &tree {
+        for id in std::iter::once(pid).chain(threads) {
+            // A just-dumped task is reaped by its parent a moment after CRIU kills it.
+            if procs::exists(*id) && !procs::wait_gone(*id, Duration::from_secs(3)) {
+                let holder = procs::Process::inspect(*id).map(|p| format!("{} (pid {})", p.comm, procs::tgid(*id).unwrap_or(*id))).unwrap_or_else(|_| "another task".into());
+                return fail(format!(
+                    "id {id} (a task of {}) is in use by {holder}: CRIU restores every process and thread under its old id; stop that process (if it is the checkpointed app itself, it was checkpointed with --leave-running)",
+                    app.name
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn kill_tasks(app: &App) {

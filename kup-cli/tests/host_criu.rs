@@ -303,6 +303,9 @@ fn several_apps_are_checkpointed_and_restored_together() {
     assert_eq!(out.matches("running again").count(), 2, "{out}");
     assert!(a.verify().starts_with("OK pid="));
     assert!(b.verify().starts_with("OK pid="));
+    // Restoring while the apps run: their ids are taken, and the message says by whom.
+    let (c, _, err) = kup(&["restore", "--store", store_s]);
+    assert!(c == 1 && err.contains("is in use by memsubject"), "{err}");
     // The init process and kernel threads are refused by name.
     let (c, _, err) = kup(&["checkpoint", "--pid", "1", "--store", store_s]);
     assert!(c == 1 && err.contains("init process"), "{err}");

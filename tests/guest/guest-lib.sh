@@ -49,6 +49,33 @@ kver() { awk -v k="$1" '$1 == k { print $2 }' /boot/kernels; }
 # which_kernel: a or b, for the running kernel.
 which_kernel() { awk -v v="$(uname -r)" '$2 == v { print $1 }' /boot/kernels; }
 
+# next_cmdline STAGE [KEY=VALUE...]: the running command line with kup.stage=STAGE and each KEY=VALUE
+# set (replacing an earlier value).
+next_cmdline() {
+    next=$1
+    shift
+    line=
+    for w in $(cat /proc/cmdline); do
+        key=${w%%=*}
+        [ "$key" = kup.stage ] && continue
+        for kv in "$@"; do [ "${kv%%=*}" = "$key" ] && continue 2; done
+        line="$line $w"
+    done
+    echo "${line# } kup.stage=$next${*:+ $*}"
+}
+
+# initrd_rebuild: /boot/initrd, this very initramfs for the next kernel (see kexec_to), built once.
+initrd_rebuild() {
+    if [ ! -s /boot/initrd ]; then
+        mark "initramfs-rebuild"
+        mkdir -p /run/rootfs
+        mount -o bind / /run/rootfs || fail "bind mount of / for the initramfs rebuild"
+        (cd /run/rootfs && cpio -o -H newc <bench/files >/boot/initrd) 2>/tmp/cpio.err ||
+            fail "rebuilding the initramfs: $(tail -n 3 /tmp/cpio.err)"
+        umount /run/rootfs
+    fi
+}
+
 # kexec_to a|b STAGE [KEY=VALUE...]: loads kernel A or B with this very initramfs and the running
 # command line with kup.stage set to STAGE and each KEY=VALUE set (replacing an earlier value), then
 # switches to it. Never returns. The initramfs is rebuilt (uncompressed) from the member list the host
@@ -58,22 +85,8 @@ which_kernel() { awk -v v="$(uname -r)" '$2 == v { print $1 }' /boot/kernels; }
 kexec_to() {
     k=$1 next=$2
     shift 2
-    line=
-    for w in $(cat /proc/cmdline); do
-        key=${w%%=*}
-        [ "$key" = kup.stage ] && continue
-        for kv in "$@"; do [ "${kv%%=*}" = "$key" ] && continue 2; done
-        line="$line $w"
-    done
-    line="${line# } kup.stage=$next${*:+ $*}"
-    if [ ! -s /boot/initrd ]; then
-        mark "initramfs-rebuild"
-        mkdir -p /run/rootfs
-        mount -o bind / /run/rootfs || fail "bind mount of / for the initramfs rebuild"
-        (cd /run/rootfs && cpio -o -H newc <bench/files >/boot/initrd) 2>/tmp/cpio.err ||
-            fail "rebuilding the initramfs: $(tail -n 3 /tmp/cpio.err)"
-        umount /run/rootfs
-    fi
+    line=$(next_cmdline "$next" "$@")
+    initrd_rebuild
     mark "kexec-load kernel=$k stage=$next"
     kexec -s -l "/boot/vmlinuz-$k" --initrd=/boot/initrd --append="$line" || fail "kexec -s -l /boot/vmlinuz-$k failed"
     mark "kexec-loaded"

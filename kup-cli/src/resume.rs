@@ -1,0 +1,199 @@
+//! `kup resume` (early at boot) and `kup status`.
+//!
+//! resume: mounts the store, reads the update record, restores the checkpoint, runs the health
+//! check and records the timeline. A failure on the new kernel falls back (`kexec` into the old
+//! kernel, which resumes the same checkpoint); a failure on the old kernel, or a second failure,
+//! stops with the record marked failed — never a loop.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use foam_store::store::Store;
+
+use crate::criu::Criu;
+use crate::error::{fail, Result};
+use crate::kexec;
+use crate::procs;
+use crate::record::{Phase, UpdateRecord};
+use crate::report;
+use crate::restore;
+
+pub struct Args {
+    pub store: PathBuf,
+    pub region: Option<PathBuf>,
+    pub mode: restore::Mode,
+    pub timeout: Duration,
+}
+
+/// At most this many resume attempts per update (the new kernel, then the old one).
+const MAX_RESUMES: u32 = 2;
+
+pub fn run(criu: &Criu, a: &Args) -> Result<()> {
+    if let Some(region) = &a.region {
+        if !kexec::is_mounted(&a.store) {
+            mount_store(region, &a.store)?;
+        }
+    }
+    let Some(mut rec) = UpdateRecord::load(&a.store)? else {
+        println!("kup resume: no update in {}; nothing to do", a.store.display());
+        return Ok(());
+    };
+    match &rec.phase {
+        Phase::Switching | Phase::FallingBack => {}
+        Phase::Resumed | Phase::Failed(_) => {
+            println!("kup resume: the last update is finished ({}); nothing to do", serde_json::to_string(&rec.phase).unwrap_or_default());
+            return Ok(());
+        }
+    }
+    let running = procs::kernel_release();
+    rec.event("kernel-up", boot_unix_ms());
+    rec.resumes += 1;
+    let on_new = running == rec.new.release && rec.phase == Phase::Switching;
+    if rec.resumes > MAX_RESUMES {
+        rec.phase = Phase::Failed(format!("resume failed {MAX_RESUMES} times; the checkpoint {} is kept, restore it by hand with kup restore", rec.checkpoint));
+        rec.save(&a.store)?;
+        return fail("resume already failed before; stopping here instead of switching kernels again (see kup status)");
+    }
+    rec.save(&a.store)?;
+    println!("kup resume: {} on {running} (update {} -> {}, attempt {})", rec.checkpoint, rec.old.release, rec.new.release, rec.resumes);
+
+    let restore_start = report::unix_ms();
+    rec.event("restore-start", restore_start);
+    let outcome = restore::run(criu, &restore::Args {
+        store: a.store.clone(),
+        checkpoint: Some(rec.checkpoint.clone()),
+        mode: a.mode,
+        json: false,
+        work_root: PathBuf::from("/run/kup"),
+        timeout: a.timeout,
+    })
+    .and_then(|apps| {
+        // restore::run returns once lazy fetching is done; the apps ran again earlier.
+        let at = |ms: f64| restore_start + ms as u64;
+        rec.event("running", at(apps.iter().map(|a| a.running_ms).fold(0.0, f64::max)));
+        if let Some(f) = apps.iter().filter_map(|a| a.fetched_ms).reduce(f64::max) {
+            rec.event("memory-fetched", at(f));
+        }
+        health_check(&rec, &apps)
+    });
+    match outcome {
+        Ok(()) => {
+            rec.event_now("serving");
+            rec.phase = Phase::Resumed;
+            rec.save(&a.store)?;
+            // Only a healthy resume lets the checkpoint go.
+            let dir = Store::open(&a.store)?.dir_of(&rec.checkpoint);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                eprintln!("kup: warning: could not delete {}: {e}", dir.display());
+            }
+            println!("kup resume: the apps run again on {running}; timeline:");
+            for l in rec.timeline_lines() {
+                println!("{l}");
+            }
+            Ok(())
+        }
+        Err(e) if on_new => {
+            rec.phase = Phase::FallingBack;
+            rec.event_now("fallback");
+            rec.save(&a.store)?;
+            eprintln!("kup resume: {e}\nkup resume: falling back to {}", rec.old.release);
+            fallback(&rec, a)
+        }
+        Err(e) => {
+            rec.phase = Phase::Failed(e.to_string());
+            rec.save(&a.store)?;
+            fail(format!("{e}\nresume failed on {running} too; the checkpoint {} is kept (kup status; kup restore --checkpoint {})", rec.checkpoint, rec.checkpoint))
+        }
+    }
+}
+
+/// Back to the old kernel, which resumes the same checkpoint.
+pub fn fallback(rec: &UpdateRecord, a: &Args) -> Result<()> {
+    kexec::load(&rec.old)?;
+    if let Some(region) = &a.region {
+        kexec::unmount_store(&a.store, region)?;
+    }
+    kexec::execute()
+}
+
+/// The health check: the operator's command (exit 0 = healthy), or each app's tasks alive and
+/// its listening TCP ports accepting connections.
+fn health_check(rec: &UpdateRecord, apps: &[restore::AppRestore]) -> Result<()> {
+    if let Some(cmd) = &rec.health_check {
+        let st = Command::new("sh").arg("-c").arg(cmd).status().map_err(|e| format!("health check {cmd:?}: {e}"))?;
+        return if st.success() { Ok(()) } else { fail(format!("health check {cmd:?} failed ({st})")) };
+    }
+    for app in apps {
+        if !procs::exists(app.pid) {
+            return fail(format!("health check: {} (pid {}) is not running after the restore", app.name, app.pid));
+        }
+        for port in listening_ports(app.pid) {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("health check: {} does not accept connections on port {port}: {e}", app.name))?;
+        }
+    }
+    Ok(())
+}
+
+/// TCP ports the process listens on (IPv4 and IPv6 sockets it holds).
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|t| t.to_string_lossy().strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')).map(str::to_string))
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is HEXIP:HEXPORT, st 0A is LISTEN, inode is field 9.
+            if f.len() > 9 && f[3] == "0A" && inodes.iter().any(|i| i == f[9]) {
+                if let Some(port) = f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) {
+                    if !ports.contains(&port) {
+                        ports.push(port);
+                    }
+                }
+            }
+        }
+    }
+    ports
+}
+
+fn mount_store(region: &Path, mountpoint: &Path) -> Result<()> {
+    std::fs::create_dir_all(mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+    let rpramfs = std::env::current_exe().ok().map(|p| p.with_file_name("rpramfs")).filter(|p| p.is_file()).unwrap_or_else(|| PathBuf::from("rpramfs"));
+    let out = Command::new(&rpramfs).arg("mount").arg(region).arg(mountpoint).output().map_err(|e| format!("cannot run {}: {e}", rpramfs.display()))?;
+    if !out.status.success() {
+        return fail(format!("rpramfs mount {} {} failed: {}", region.display(), mountpoint.display(), String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(())
+}
+
+/// When this kernel started, from the uptime.
+fn boot_unix_ms() -> u64 {
+    let up: f64 = std::fs::read_to_string("/proc/uptime").ok().and_then(|s| s.split_whitespace().next()?.parse().ok()).unwrap_or(0.0);
+    report::unix_ms().saturating_sub((up * 1000.0) as u64)
+}
+
+/// `kup status`: the last update and its timeline.
+pub fn status(store: &Path, json: bool) -> Result<()> {
+    let Some(rec) = UpdateRecord::load(store)? else {
+        println!("no update recorded in {}", store.display());
+        return Ok(());
+    };
+    if json {
+        report::print_json(&serde_json::to_value(&rec).map_err(|e| e.to_string())?);
+        return Ok(());
+    }
+    println!("update {} -> {}: {}", rec.old.release, rec.new.release, serde_json::to_string(&rec.phase).unwrap_or_default());
+    println!("  checkpoint {} ({}), resume attempts {}", rec.checkpoint, rec.apps.join(", "), rec.resumes);
+    for l in rec.timeline_lines() {
+        println!("{l}");
+    }
+    Ok(())
+}

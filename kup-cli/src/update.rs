@@ -1,0 +1,117 @@
+//! `kup update`: preflight, checkpoint, update record, clean unmount, `kexec -e`.
+//!
+//! Nothing is frozen until the preflight has passed: the new kernel loads, its command line keeps
+//! the region's `memmap=`, the old kernel is there to fall back to, every pid exists, CRIU is
+//! usable and the store has room.
+
+use std::path::PathBuf;
+
+use crate::checkpoint;
+use crate::criu::Criu;
+use crate::error::{fail, Result};
+use crate::kexec;
+use crate::procs::{self, Process};
+use crate::record::{self, Kernel, UpdateRecord};
+use crate::report;
+
+pub struct Args {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub append: Option<String>,
+    /// The store directory; with `--store ram`, the rpramfs mount point.
+    pub store: PathBuf,
+    /// The region under the store (`--store ram`): unmounted cleanly before the switch.
+    pub region: Option<PathBuf>,
+    pub pids: Vec<u32>,
+    pub iterations: u32,
+    pub health_check: Option<String>,
+    pub dry_run: bool,
+    pub old_kernel: Option<PathBuf>,
+    pub old_initrd: Option<PathBuf>,
+    pub old_append: Option<String>,
+    pub json: bool,
+}
+
+pub fn run(criu: &Criu, a: &Args) -> Result<()> {
+    // ---- preflight ----------------------------------------------------------------------------
+    let current_cmdline = std::fs::read_to_string("/proc/cmdline").map_err(|e| format!("/proc/cmdline: {e}"))?.trim().to_string();
+    let new_cmdline = a.append.clone().unwrap_or_else(|| current_cmdline.clone());
+    if !a.kernel.is_file() {
+        return fail(format!("the new kernel {} does not exist", a.kernel.display()));
+    }
+    let new_release = record::image_release(&a.kernel).ok_or_else(|| format!("{} is not a bootable kernel image (no bzImage header)", a.kernel.display()))?;
+    if let Some(i) = a.initrd.as_ref().filter(|i| !i.is_file()) {
+        return fail(format!("the initrd {} does not exist", i.display()));
+    }
+    if a.region.is_some() {
+        for m in kexec::memmap_params(&current_cmdline) {
+            if !new_cmdline.split_whitespace().any(|w| w == m) {
+                return fail(format!(
+                    "the new command line drops {m}, which reserves the region holding the checkpoint; the new kernel would not find it. Add {m} to --append"
+                ));
+            }
+        }
+        if !kexec::is_mounted(&a.store) {
+            return fail(format!("the store {} is not mounted (rpramfs mount {} {})", a.store.display(), a.region.as_ref().unwrap().display(), a.store.display()));
+        }
+    }
+    let old_release = procs::kernel_release();
+    let old_image = a.old_kernel.clone().unwrap_or_else(|| PathBuf::from(format!("/boot/vmlinuz-{old_release}")));
+    if !old_image.is_file() {
+        return fail(format!("the running kernel's image {} is missing; kup needs it to fall back (pass --old-kernel)", old_image.display()));
+    }
+    let old_initrd = a.old_initrd.clone().or_else(|| Some(PathBuf::from(format!("/boot/initrd.img-{old_release}"))).filter(|p| p.is_file()));
+    let procs_: Vec<Process> = a.pids.iter().map(|&p| Process::inspect(p)).collect::<Result<_>>()?;
+    let memory: u64 = procs_.iter().map(|p| p.memory_bytes()).sum();
+    let new = Kernel { release: new_release, image: a.kernel.clone(), initrd: a.initrd.clone(), cmdline: new_cmdline };
+    let old = Kernel { release: old_release, image: old_image, initrd: old_initrd, cmdline: a.old_append.clone().unwrap_or(current_cmdline) };
+    kexec::load(&new)?;
+
+    if !a.json || a.dry_run {
+        println!("kup update: {} -> {}", old.release, new.release);
+        println!("  new kernel: {} (initrd {}), command line: {}", new.image.display(), new.initrd.as_ref().map_or("none".into(), |p| p.display().to_string()), new.cmdline);
+        println!("  fallback:   {} (initrd {})", old.image.display(), old.initrd.as_ref().map_or("none".into(), |p| p.display().to_string()));
+        println!("  apps:       {} ({} of memory) into {}", procs_.iter().map(|p| format!("{}-{}", p.comm, p.pid)).collect::<Vec<_>>().join(", "), report::bytes(memory), a.store.display());
+    }
+    if a.dry_run {
+        kexec::unload();
+        println!("  preflight passed (the new kernel loads, its command line keeps the region, the pids exist); nothing was stopped");
+        return Ok(());
+    }
+
+    // ---- checkpoint ---------------------------------------------------------------------------
+    let started = report::unix_ms();
+    let ck = checkpoint::Args {
+        pids: a.pids.clone(),
+        store: a.store.clone(),
+        iterations: a.iterations,
+        leave_running: false,
+        name: Some("update".into()),
+        json: a.json,
+        criu_options: vec![],
+    };
+    let m = match checkpoint::run(criu, &ck) {
+        Ok(m) => m,
+        Err(e) => {
+            kexec::unload();
+            return fail(format!("{e}\nkup update stopped before switching kernels; the apps were left running"));
+        }
+    };
+    let done = m.finished_unix_ms.unwrap_or_else(report::unix_ms);
+    let frozen_ms = m.apps.iter().filter_map(|a| a.passes.last()?.criu.map(|c| c.frozen_time_us / 1000)).max().unwrap_or(0);
+    let mut rec = UpdateRecord::new(old, new, m.id.clone(), m.apps.iter().map(|a| a.name.clone()).collect(), a.health_check.clone());
+    rec.event("checkpoint-start", started);
+    rec.event("frozen", done.saturating_sub(frozen_ms));
+    rec.event("checkpoint-done", done);
+    rec.event_now("kexec");
+    rec.save(&a.store)?;
+
+    // ---- switch -------------------------------------------------------------------------------
+    if let Some(region) = &a.region {
+        kexec::unmount_store(&a.store, region)?;
+    } else {
+        nix::unistd::sync();
+    }
+    println!("kup update: checkpoint {} stored; switching to {} now", m.id, rec.new.release);
+    kexec::execute()
+}

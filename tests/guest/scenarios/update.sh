@@ -1,0 +1,52 @@
+# update: `kup update --store ram` A -> B with memcached holding MC_ITEMS items of 64 KiB: kup checkpoints
+# it (2 passes) into rpramfs on /dev/pmem0, writes the update record, unmounts, kexecs into B; on B
+# `kup resume` (what a real host's boot runs) mounts the store, restores memcached lazily and checks it;
+# every item must read back with its value.
+
+MC_ITEMS=2048
+MC_VALUE=65536
+MC_ADDR=127.0.0.1:11211
+
+stage_a() {
+    need rpramfs kup mctool memcached
+    rpramfs mkfs "$REGION" || fail "rpramfs mkfs $REGION failed"
+    rp_mount
+    # Output to /dev/null: a log file on /tmp (a tmpfs) would not exist after the switch, and CRIU
+    # restores open files by path.
+    # Apps on a real host run with pids far above those early boot uses; CRIU needs them free again.
+    echo 20000 >/proc/sys/kernel/ns_last_pid
+    setsid memcached -u root -l 127.0.0.1 -p 11211 -m 512 -c 256 </dev/null >/dev/null 2>&1 &
+    i=0
+    until mctool load --addr $MC_ADDR --items 0 >/dev/null 2>&1; do
+        i=$((i + 1)); [ $i -gt 100 ] && fail "memcached does not answer"; usleep 100000
+    done
+    out=$(mctool load --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE) || fail "loading memcached: $out"
+    info "$out"
+    mc=$(pidof memcached) || fail "memcached is not running"
+    initrd_rebuild
+    rc=0
+    # Straight to the console: nothing of this boot survives the switch.
+    kup update --kernel /boot/vmlinuz-b --initrd /boot/initrd --append "$(next_cmdline b)" --store ram --pid "$mc" \
+        --old-kernel /boot/vmlinuz-a --old-initrd /boot/initrd --old-append "$(next_cmdline a2)" || rc=$?
+    fail "kup update returned (exit $rc) instead of switching kernels"
+}
+
+stage_b() {
+    initrd_rebuild # what a fallback to A boots with (a real host has it in /boot)
+    rc=0
+    # Straight to the console: a fallback switches kernels from inside kup resume.
+    kup resume || rc=$?
+    [ $rc -eq 0 ] || fail "kup resume exited $rc"
+    out=$(mctool verify --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE) || fail "after the update: $out"
+    kup status | sed 's/^/GUEST: INFO status: /'
+    pass "$out; kernel $(kver a) -> $(uname -r)"
+}
+
+# Only after a fallback: A resumes the same checkpoint, but the update itself failed.
+stage_a2() {
+    rc=0
+    kup resume || rc=$?
+    out=$(mctool verify --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE) || true
+    kup status
+    fail "kup resume fell back to $(uname -r) (resume there exited $rc; $out)"
+}

@@ -48,9 +48,13 @@ impl Criu {
         c
     }
 
+    fn has_feature(&self, feature: &str) -> bool {
+        self.command().args(["check", "--feature", feature]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    }
+
     /// Whether this kernel tracks dirty pages for CRIU (soft-dirty bits): needed for pre-dumps.
     pub fn has_dirty_tracking(&self) -> bool {
-        self.command().args(["check", "--feature", "mem_dirty_track"]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+        self.has_feature("mem_dirty_track")
     }
 
     /// How CRIU should lock TCP connections while it works on them: its default is iptables;
@@ -67,7 +71,7 @@ impl Criu {
 
     /// Whether userfaultfd supports what `criu lazy-pages` needs.
     pub fn has_lazy_pages(&self) -> bool {
-        self.command().args(["check", "--feature", "uffd-noncoop"]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+        self.has_feature("uffd-noncoop")
     }
 }
 

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: demo test test-host test-guest build setup install bench bench-foam clean
+.PHONY: demo demo-rpramfs test test-host test-guest build setup install bench bench-foam clean
 
 setup:
 	@scripts/setup-host.sh
@@ -13,8 +13,12 @@ build: setup
 	$(CARGO) build --release --workspace
 	gcc -O2 -Wall -Wextra -o target/release/memsubject tests/subjects/memsubject.c
 
-# Until the kernel-update demo exists, the demo shows rpramfs surviving a daemon kill -9.
+# The main job: the memcached kernel update in the QEMU guest (one PASS/FAIL line at the end).
 demo: build
+	tests/demo.sh
+
+# rpramfs alone surviving a kill -9 of its daemon (no guest).
+demo-rpramfs: build
 	tests/demo-rpramfs.sh
 
 test: test-host test-guest

@@ -97,13 +97,14 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
 
     // ---- the passes, all apps in parallel ----------------------------------------------------
     let bars = report::multi_progress(a.json);
+    let gate = FinalGate::new(procs.len());
     let out = Mutex::new(());
     let results: Vec<Result<App>> = std::thread::scope(|s| {
         let handles: Vec<_> = procs
             .iter()
             .map(|p| {
-                let (dir, bars, out) = (&dir, &bars, &out);
-                s.spawn(move || checkpoint_app(criu, a, p, dir, mode, passes, incremental, bars, out))
+                let (dir, bars, out, gate) = (&dir, &bars, &out, &gate);
+                s.spawn(move || checkpoint_app(criu, a, p, dir, mode, passes, incremental, bars, out, gate.ticket()))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| fail("a checkpoint thread panicked"))).collect()
@@ -146,7 +147,18 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn checkpoint_app(criu: &Criu, a: &Args, p: &Process, ckpt_dir: &Path, mode: FileMode, passes: u32, incremental: bool, bars: &indicatif::MultiProgress, out: &Mutex<()>) -> Result<App> {
+fn checkpoint_app(
+    criu: &Criu,
+    a: &Args,
+    p: &Process,
+    ckpt_dir: &Path,
+    mode: FileMode,
+    passes: u32,
+    incremental: bool,
+    bars: &indicatif::MultiProgress,
+    out: &Mutex<()>,
+    mut ticket: Ticket<'_>,
+) -> Result<App> {
     let name = format!("{}-{}", p.comm.replace(['/', ' '], "_"), p.pid);
     let app_dir = ckpt_dir.join(&name);
     let spaces = Spaces::create(&app_dir.join("mem"), mode)?;
@@ -161,6 +173,9 @@ fn checkpoint_app(criu: &Criu, a: &Args, p: &Process, ckpt_dir: &Path, mode: Fil
     let mut last: Option<SessionReport> = None;
     for pass in 1..=passes {
         let kind = if pass < passes { PassKind::PreDump } else { PassKind::Dump };
+        if kind == PassKind::Dump && !ticket.arrive() {
+            return fail("not frozen: the checkpoint of another app failed before the final dump, so this app was left running");
+        }
         let criu_rel = format!("criu/{pass}");
         let criu_dir = app_dir.join(&criu_rel);
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&criu_dir).map_err(|e| format!("{}: {e}", criu_dir.display()))?;
@@ -268,6 +283,62 @@ fn checkpoint_app(criu: &Criu, a: &Args, p: &Process, ckpt_dir: &Path, mode: Fil
         app.spaces.push(Space { name: t.stem(), pages: r.ranges.pages(), ranges: r.ranges.to_vec() });
     }
     Ok(app)
+}
+
+/// All apps enter their final (frozen) dump together, after every app's pre-dumps: the apps are
+/// down for the same short window (an app done early would otherwise be stopped while the others
+/// still pre-dump), and when one app fails before that point none of them is stopped.
+struct FinalGate {
+    state: Mutex<(usize, bool)>,
+    all_in: parking_lot::Condvar,
+    apps: usize,
+}
+
+impl FinalGate {
+    fn new(apps: usize) -> FinalGate {
+        FinalGate { state: Mutex::new((0, false)), all_in: parking_lot::Condvar::new(), apps }
+    }
+
+    fn ticket(&self) -> Ticket<'_> {
+        Ticket { gate: self, used: false }
+    }
+
+    fn arrive(&self, ok: bool) -> bool {
+        let mut st = self.state.lock();
+        st.0 += 1;
+        st.1 |= !ok;
+        self.all_in.notify_all();
+        while st.0 < self.apps {
+            self.all_in.wait(&mut st);
+        }
+        !st.1
+    }
+}
+
+/// One app's place at the gate; an app that fails before the gate still arrives (as failed).
+struct Ticket<'a> {
+    gate: &'a FinalGate,
+    used: bool,
+}
+
+impl Ticket<'_> {
+    /// Waits for every app; true when all of them got here without failing.
+    fn arrive(&mut self) -> bool {
+        self.used = true;
+        self.gate.arrive(true)
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if !self.used {
+            // Failed before the gate: count it without waiting.
+            let mut st = self.gate.state.lock();
+            st.0 += 1;
+            st.1 = true;
+            self.gate.all_in.notify_all();
+        }
+    }
 }
 
 pub fn free_bytes(dir: &Path) -> Result<u64> {

@@ -43,7 +43,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
     if let Some(i) = a.initrd.as_ref().filter(|i| !i.is_file()) {
         return fail(format!("the initrd {} does not exist", i.display()));
     }
-    if a.region.is_some() {
+    if let Some(region) = &a.region {
         for m in kexec::memmap_params(&current_cmdline) {
             if !new_cmdline.split_whitespace().any(|w| w == m) {
                 return fail(format!(
@@ -52,7 +52,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
             }
         }
         if !kexec::is_mounted(&a.store) {
-            return fail(format!("the store {} is not mounted (rpramfs mount {} {})", a.store.display(), a.region.as_ref().unwrap().display(), a.store.display()));
+            return fail(format!("the store {} is not mounted (rpramfs mount {} {})", a.store.display(), region.display(), a.store.display()));
         }
     }
     let old_release = procs::kernel_release();

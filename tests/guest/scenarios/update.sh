@@ -1,7 +1,9 @@
 # update: `kup update --store ram` A -> B with memcached holding MC_ITEMS items of 64 KiB: kup checkpoints
 # it (2 passes) into rpramfs on /dev/pmem0, writes the update record, unmounts, kexecs into B; on B
 # `kup resume` (what a real host's boot runs) mounts the store, restores memcached lazily and checks it;
-# every item must read back with its value.
+# every item must read back with its value. A client probes memcached with a get every 10 ms; it is
+# updated along with memcached (a second app), and the longest gap between its answered gets is the
+# downtime a client saw.
 
 MC_ITEMS=2048
 MC_VALUE=65536
@@ -23,23 +25,37 @@ stage_a() {
     out=$(mctool load --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE) || fail "loading memcached: $out"
     info "$out"
     mc=$(pidof memcached) || fail "memcached is not running"
+    setsid mctool probe --addr $MC_ADDR --interval-ms 10 --until-file /tmp/probe.stop --out /tmp/probe.out \
+        </dev/null >/dev/null 2>&1 &
+    probe=$!
+    sleep 1
+    kill -0 $probe 2>/dev/null || fail "the probe did not start"
     initrd_rebuild
+    # The fallback kernel's initrd, kept in the store: B boots without it, and rebuilding it there
+    # would delay the resume (a real host has it in /boot).
+    cp /boot/initrd $MNT/initrd-a || fail "copying the initrd into the store"
     rc=0
     # Straight to the console: nothing of this boot survives the switch.
-    kup update --kernel /boot/vmlinuz-b --initrd /boot/initrd --append "$(next_cmdline b)" --store ram --pid "$mc" \
-        --old-kernel /boot/vmlinuz-a --old-initrd /boot/initrd --old-append "$(next_cmdline a2)" || rc=$?
+    kup update --kernel /boot/vmlinuz-b --initrd /boot/initrd --append "$(next_cmdline b)" --store ram --pid "$mc" --pid "$probe" \
+        --old-kernel /boot/vmlinuz-a --old-initrd $MNT/initrd-a --old-append "$(next_cmdline a2)" || rc=$?
     fail "kup update returned (exit $rc) instead of switching kernels"
 }
 
 stage_b() {
-    initrd_rebuild # what a fallback to A boots with (a real host has it in /boot)
     rc=0
     # Straight to the console: a fallback switches kernels from inside kup resume.
     kup resume || rc=$?
     [ $rc -eq 0 ] || fail "kup resume exited $rc"
     out=$(mctool verify --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE) || fail "after the update: $out"
+    info "$out"
+    touch /tmp/probe.stop
+    wait_for /tmp/probe.out 10 || fail "the restored probe did not report"
+    probe=$(cat /tmp/probe.out)
+    info "$probe"
+    downtime=$(echo "$probe" | sed -n 's/.*outage_ms=\([0-9]*\).*/\1/p')
     kup status | sed 's/^/GUEST: INFO status: /'
-    pass "$out; kernel $(kver a) -> $(uname -r)"
+    keys=$(echo "$out" | sed -n 's/.*keys=\([0-9]*\/[0-9]*\).*/\1/p')
+    pass "keys=$keys downtime_ms=$downtime kernel=$(kver a)->$(uname -r)"
 }
 
 # Only after a fallback: A resumes the same checkpoint, but the update itself failed.

@@ -4,8 +4,10 @@
 //!
 //!   mctool load   [--addr A] --items N --value-size B [--seed S]   pipelined `set … noreply`
 //!   mctool verify [--addr A] --items N --value-size B [--seed S]   multi-get, byte-for-byte check
-//!   mctool probe  [--addr A] --interval-ms I --until-file F        one `get` every I ms; prints the
-//!                                                                  longest outage when F appears
+//!   mctool probe  [--addr A] --interval-ms I --until-file F [--out O]
+//!                 one `get` every I ms; when F appears, writes the longest outage to O (or stdout).
+//!                 Gaps are measured on the wall clock, so the probe may itself be checkpointed and
+//!                 restored on another kernel (whose monotonic clock starts again at boot).
 //! Output is one line of `key=value` figures; exit status 0 only when every item matched.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -19,10 +21,11 @@ struct Opts {
     seed: u64,
     interval_ms: u64,
     until_file: String,
+    out: String,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
-    let mut o = Opts { addr: "127.0.0.1:11211".into(), items: 0, value_size: 65536, seed: 1, interval_ms: 10, until_file: String::new() };
+    let mut o = Opts { addr: "127.0.0.1:11211".into(), items: 0, value_size: 65536, seed: 1, interval_ms: 10, until_file: String::new(), out: String::new() };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut v = || it.next().cloned().ok_or(format!("{a} needs a value"));
@@ -33,6 +36,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--seed" => o.seed = v()?.parse().map_err(|e| format!("--seed: {e}"))?,
             "--interval-ms" => o.interval_ms = v()?.parse().map_err(|e| format!("--interval-ms: {e}"))?,
             "--until-file" => o.until_file = v()?,
+            "--out" => o.out = v()?,
             _ => return Err(format!("unknown argument {a}")),
         }
     }
@@ -146,13 +150,15 @@ fn verify(o: &Opts) -> Result<String, String> {
 
 /// One `get` every interval; the longest stretch without a successful answer is the outage.
 fn probe(o: &Opts) -> Result<String, String> {
+    use std::time::SystemTime;
     let interval = Duration::from_millis(o.interval_ms);
     let mut conn: Option<(TcpStream, BufReader<TcpStream>)> = None;
-    let start = Instant::now();
+    let start = SystemTime::now();
+    let since = |t: SystemTime| t.duration_since(start).unwrap_or_default();
     let mut last_ok = start;
     let (mut longest, mut longest_at, mut probes, mut failures) = (Duration::ZERO, 0.0, 0u64, 0u64);
     while o.until_file.is_empty() || !std::path::Path::new(&o.until_file).exists() {
-        let t = Instant::now();
+        let t = SystemTime::now();
         probes += 1;
         let ok = (|| -> std::io::Result<()> {
             if conn.is_none() {
@@ -165,39 +171,45 @@ fn probe(o: &Opts) -> Result<String, String> {
             w.write_all(b"get kup-probe\r\n")?;
             let mut line = String::new();
             r.read_line(&mut line)?;
-            if line.starts_with("END") || line.starts_with("VALUE") {
-                if line.starts_with("VALUE") {
-                    // Drain the value and END.
+            match line.split(' ').next() {
+                Some("END\r\n") => Ok(()),
+                Some("VALUE") => {
+                    // The value line and END.
                     let mut rest = String::new();
                     r.read_line(&mut rest)?;
                     r.read_line(&mut rest)?;
+                    Ok(())
                 }
-                Ok(())
-            } else {
-                Err(std::io::Error::other(format!("reply {line:?}")))
+                _ => Err(std::io::Error::other(format!("reply {line:?}"))),
             }
         })();
         match ok {
             Ok(()) => {
-                let gap = t.duration_since(last_ok);
+                // The outage: the longest time between two answered probes.
+                let now = SystemTime::now();
+                let gap = now.duration_since(last_ok).unwrap_or_default();
                 if gap > longest {
                     longest = gap;
-                    longest_at = last_ok.duration_since(start).as_secs_f64();
+                    longest_at = since(last_ok).as_secs_f64();
                 }
-                last_ok = Instant::now();
+                last_ok = now;
             }
             Err(_) => {
                 failures += 1;
                 conn = None;
             }
         }
-        std::thread::sleep(interval.saturating_sub(t.elapsed()));
+        std::thread::sleep(interval.saturating_sub(t.elapsed().unwrap_or_default()));
     }
-    Ok(format!(
+    let line = format!(
         "probe outage_ms={:.0} outage_start_s={longest_at:.2} probes={probes} failures={failures} seconds={:.1}",
         longest.as_secs_f64() * 1e3,
-        start.elapsed().as_secs_f64()
-    ))
+        since(SystemTime::now()).as_secs_f64()
+    );
+    if !o.out.is_empty() {
+        std::fs::write(&o.out, format!("{line}\n")).map_err(|e| format!("{}: {e}", o.out))?;
+    }
+    Ok(line)
 }
 
 fn main() {

@@ -35,6 +35,8 @@ test-guest: build
 	tests/guest/run cold
 	tests/guest/run checkpoint
 	tests/guest/run update
+	tests/guest/run fallback-app
+	tests/guest/run fallback-kernel
 
 bench: build
 	$(CARGO) run --release -p rpramfs --example bench

@@ -183,7 +183,7 @@ fn checkpoint_app(
         cmd.arg(if kind == PassKind::Dump { "dump" } else { "pre-dump" })
             .args(["-t", &p.pid.to_string(), "-D"])
             .arg(&criu_dir)
-            .args(["-o", "criu.log", "--page-server", "--ps-socket", &crate::spawn::CHILD_FD.to_string()])
+            .args(["-o", "criu.log", "--page-server", "--ps-socket", &crate::os::CHILD_FD.to_string()])
             .args(&options);
         if incremental {
             cmd.arg("--track-mem");
@@ -199,7 +199,7 @@ fn checkpoint_app(
 
         let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
         let theirs: OwnedFd = theirs.into();
-        crate::spawn::pass_socket(&mut cmd, &theirs);
+        crate::os::pass_socket(&mut cmd, &theirs);
         let received = AtomicU64::new(0);
         let bar = bars.add(report::progress_bar(estimate, a.json, format!("{name} pass {pass}/{passes}")));
         let start = Instant::now();

@@ -13,7 +13,7 @@ mod record;
 mod report;
 mod restore;
 mod resume;
-mod spawn;
+mod os;
 mod update;
 
 use std::path::PathBuf;
@@ -166,6 +166,7 @@ impl RamStore {
 }
 
 fn main() {
+    os::default_sigpipe();
     let cli = Cli::parse();
     let result = match &cli.cmd {
         Cmd::Checkpoint { pids, store, iterations, leave_running, name, criu_opts } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {

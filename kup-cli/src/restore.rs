@@ -181,9 +181,9 @@ fn restore_app(criu: &Criu, a: &Args, m: &Manifest, ckpt_dir: &Path, app: &App, 
     let theirs: OwnedFd = theirs.into();
     let mut daemon = criu.command();
     daemon.arg("lazy-pages").arg("-D").arg(&images).arg("-W").arg(&work);
-    daemon.args(["-o", "lazy-pages.log", "--page-server", "--ps-socket", &crate::spawn::CHILD_FD.to_string()]);
+    daemon.args(["-o", "lazy-pages.log", "--page-server", "--ps-socket", &crate::os::CHILD_FD.to_string()]);
     daemon.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-    crate::spawn::pass_socket(&mut daemon, &theirs);
+    crate::os::pass_socket(&mut daemon, &theirs);
     let mut daemon = daemon.spawn().map_err(|e| format!("cannot start {}: {e}", criu.path.display()))?;
     drop(theirs);
     let daemon_log = work.join("lazy-pages.log");

@@ -121,6 +121,10 @@ pub fn fallback(rec: &UpdateRecord, a: &Args) -> Result<()> {
 /// The health check: the operator's command (exit 0 = healthy), or each app's tasks alive and
 /// its listening TCP ports accepting connections.
 fn health_check(rec: &UpdateRecord, apps: &[restore::AppRestore]) -> Result<()> {
+    // Test-only fault injection (the guest's fallback scenarios): a health check that fails.
+    if std::env::var("KUP_TEST_FAULT").is_ok_and(|f| f == "health-check") {
+        return fail("health check: failed on purpose (KUP_TEST_FAULT=health-check)");
+    }
     if let Some(cmd) = &rec.health_check {
         let st = Command::new("sh").arg("-c").arg(cmd).status().map_err(|e| format!("health check {cmd:?}: {e}"))?;
         return if st.success() { Ok(()) } else { fail(format!("health check {cmd:?} failed ({st})")) };

@@ -9,7 +9,10 @@ MC_ITEMS=2048
 MC_VALUE=65536
 MC_ADDR=127.0.0.1:11211
 
-stage_a() {
+stage_a() { update_from_a; }
+
+# update_from_a [KEY=VALUE...]: the update, with KEY=VALUE added to B's command line.
+update_from_a() {
     need rpramfs kup mctool memcached
     rpramfs mkfs "$REGION" || fail "rpramfs mkfs $REGION failed"
     rp_mount
@@ -36,7 +39,7 @@ stage_a() {
     cp /boot/initrd $MNT/initrd-a || fail "copying the initrd into the store"
     rc=0
     # Straight to the console: nothing of this boot survives the switch.
-    kup update --kernel /boot/vmlinuz-b --initrd /boot/initrd --append "$(next_cmdline b)" --store ram --pid "$mc" --pid "$probe" \
+    kup update --kernel /boot/vmlinuz-b --initrd /boot/initrd --append "$(next_cmdline b "$@")" --store ram --pid "$mc" --pid "$probe" \
         --old-kernel /boot/vmlinuz-a --old-initrd $MNT/initrd-a --old-append "$(next_cmdline a2)" || rc=$?
     fail "kup update returned (exit $rc) instead of switching kernels"
 }

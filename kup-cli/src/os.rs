@@ -1,5 +1,5 @@
-//! Starting CRIU with one end of a socketpair as its fd 3 (`--ps-socket 3`). The only unsafe code
-//! in kup: the hook that runs in the child between fork and exec.
+//! The only unsafe code in kup: the hook that gives CRIU one end of a socketpair as its fd 3
+//! (`--ps-socket 3`) between fork and exec, and restoring SIGPIPE's default action.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -27,5 +27,15 @@ pub fn pass_socket(cmd: &mut Command, sock: &OwnedFd) {
             }
             Ok(())
         });
+    }
+}
+
+/// Lets a closed pipe end kup quietly (`kup status | head`), as it does other tools, instead of
+/// Rust's default of ignoring SIGPIPE and panicking in `println!`.
+pub fn default_sigpipe() {
+    // SAFETY: called once at the start of main, before any thread exists; SIG_DFL installs no
+    // handler code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

@@ -35,6 +35,7 @@ test-guest: build
 	tests/guest/run cold
 	tests/guest/run checkpoint
 	tests/guest/run update
+	tests/guest/run update-multi
 	tests/guest/run fallback-app
 	tests/guest/run fallback-kernel
 

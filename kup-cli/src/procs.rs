@@ -87,6 +87,9 @@ impl Process {
         }
         if self.has_sockets() {
             v.push("--tcp-established".to_string());
+            // A client connecting at the moment of the final dump sits in the listen queue, not
+            // yet accepted; CRIU cannot carry that over, so it is dropped and the client retries.
+            v.push("--skip-in-flight".to_string());
         }
         v
     }

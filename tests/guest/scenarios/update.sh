@@ -3,7 +3,9 @@
 # `kup resume` (what a real host's boot runs) mounts the store, restores memcached lazily and checks it;
 # every item must read back with its value. A client probes memcached with a get every 10 ms; it is
 # updated along with memcached (a second app), and the longest gap between its answered gets is the
-# downtime a client saw.
+# downtime a client saw. Then the baseline an operator has without kup, on the same machine: stop
+# memcached, reboot into B (kexec, the fast way), start memcached — its downtime, and the items it
+# kept (none).
 
 MC_ITEMS=2048
 MC_VALUE=65536
@@ -58,7 +60,24 @@ stage_b() {
     downtime=$(echo "$probe" | sed -n 's/.*outage_ms=\([0-9]*\).*/\1/p')
     kup status | sed 's/^/GUEST: INFO status: /'
     keys=$(echo "$out" | sed -n 's/.*keys=\([0-9]*\/[0-9]*\).*/\1/p')
-    pass "keys=$keys downtime_ms=$downtime kernel=$(kver a)->$(uname -r)"
+    # The baseline: stop memcached, reboot into B, start memcached.
+    kill $(pidof memcached)
+    wait_gone memcached 10 || fail "memcached does not stop"
+    kexec_to b b2 "kup.t0=$(mctool now)" "kup.result=keys=$keys,downtime_ms=$downtime"
+}
+
+stage_b2() {
+    t0=$(cmdline_arg kup.t0) || fail "no kup.t0"
+    result=$(cmdline_arg kup.result | tr ',' ' ') || fail "no kup.result"
+    setsid memcached -u root -l 127.0.0.1 -p 11211 -m 512 -c 256 </dev/null >/dev/null 2>&1 &
+    i=0
+    until mctool load --addr $MC_ADDR --items 0 >/dev/null 2>&1; do
+        i=$((i + 1)); [ $i -gt 300 ] && fail "memcached does not answer"; usleep 10000
+    done
+    base_ms=$(($(mctool now) - t0))
+    kept=$(mctool verify --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE | sed -n 's/.*keys=\([0-9]*\)\/.*/\1/p')
+    info "side by side: kup update: $result | stop, reboot, start: downtime_ms=$base_ms keys=$kept/$MC_ITEMS"
+    pass "$result kernel=$(kver a)->$(kver b) baseline_downtime_ms=$base_ms baseline_keys=$kept/$MC_ITEMS"
 }
 
 # Only after a fallback: A resumes the same checkpoint, but the update itself failed.

@@ -8,6 +8,8 @@
 //!                 one `get` every I ms; when F appears, writes the longest outage to O (or stdout).
 //!                 Gaps are measured on the wall clock, so the probe may itself be checkpointed and
 //!                 restored on another kernel (whose monotonic clock starts again at boot).
+//!   mctool now                                                     the wall clock in ms since 1970
+//!                                                                  (busybox date has no %N)
 //! Output is one line of `key=value` figures; exit status 0 only when every item matched.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -215,12 +217,13 @@ fn probe(o: &Opts) -> Result<String, String> {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let result = match args.get(1).map(String::as_str) {
+        Some("now") => Ok(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0).to_string()),
         Some(cmd @ ("load" | "verify" | "probe")) => parse(&args[2..]).and_then(|o| match cmd {
             "load" => load(&o),
             "verify" => verify(&o),
             _ => probe(&o),
         }),
-        _ => Err("usage: mctool load|verify|probe [--addr A] [--items N] [--value-size B] [--seed S] [--interval-ms I] [--until-file F]".into()),
+        _ => Err("usage: mctool now | load|verify|probe [--addr A] [--items N] [--value-size B] [--seed S] [--interval-ms I] [--until-file F]".into()),
     };
     match result {
         Ok(line) => println!("{line}"),

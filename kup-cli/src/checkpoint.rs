@@ -40,7 +40,7 @@ pub struct Args {
 }
 
 /// Room kept free beyond the apps' memory: CRIU's own images and the manifest.
-const SLACK_BYTES: u64 = 64 << 20;
+pub const SLACK_BYTES: u64 = 64 << 20;
 
 pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
     // ---- preflight: nothing is frozen until all of this passed -------------------------------

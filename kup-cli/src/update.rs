@@ -32,6 +32,23 @@ pub struct Args {
     pub json: bool,
 }
 
+/// Bytes per second the store takes in 1 MiB writes (32 MiB written, synced, removed).
+fn store_write_rate(store: &std::path::Path) -> std::io::Result<f64> {
+    use std::io::Write;
+    let path = store.join(".kup-rate-probe");
+    let start = std::time::Instant::now();
+    let mut f = std::fs::File::create(&path)?;
+    let chunk = vec![0x5au8; 1 << 20];
+    for _ in 0..32 {
+        f.write_all(&chunk)?;
+    }
+    f.sync_all()?;
+    let secs = start.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok((32u64 << 20) as f64 / secs.max(1e-6))
+}
+
 pub fn run(criu: &Criu, a: &Args) -> Result<()> {
     // ---- preflight ----------------------------------------------------------------------------
     let current_cmdline = std::fs::read_to_string("/proc/cmdline").map_err(|e| format!("/proc/cmdline: {e}"))?.trim().to_string();
@@ -63,6 +80,16 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
     let old_initrd = a.old_initrd.clone().or_else(|| Some(PathBuf::from(format!("/boot/initrd.img-{old_release}"))).filter(|p| p.is_file()));
     let procs_: Vec<Process> = a.pids.iter().map(|&p| Process::inspect(p)).collect::<Result<_>>()?;
     let memory: u64 = procs_.iter().map(|p| p.memory_bytes()).sum();
+    let free = checkpoint::free_bytes(&a.store)?;
+    if memory + checkpoint::SLACK_BYTES > free {
+        return fail(format!(
+            "the store {} has {} free, but the apps hold {} of memory (plus {} for CRIU's images); free space in the store or use a larger region",
+            a.store.display(),
+            report::bytes(free),
+            report::bytes(memory),
+            report::bytes(checkpoint::SLACK_BYTES)
+        ));
+    }
     let new = Kernel { release: new_release, image: a.kernel.clone(), initrd: a.initrd.clone(), cmdline: new_cmdline };
     let old = Kernel { release: old_release, image: old_image, initrd: old_initrd, cmdline: a.old_append.clone().unwrap_or(current_cmdline) };
     kexec::load(&new)?;
@@ -75,7 +102,16 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
     }
     if a.dry_run {
         kexec::unload();
-        println!("  preflight passed (the new kernel loads, its command line keeps the region, the pids exist); nothing was stopped");
+        println!("  store:      {} free for {} of app memory", report::bytes(free), report::bytes(memory));
+        match store_write_rate(&a.store) {
+            Ok(rate) => println!(
+                "  estimate:   the final dump takes ~{:.1} s if a tenth of that memory changes during the pre-dump (the store takes {:.0} MiB/s); the kernel's boot and the restore come on top",
+                memory as f64 / 10.0 / rate,
+                rate / 1048576.0
+            ),
+            Err(e) => println!("  estimate:   none (measuring the store failed: {e})"),
+        }
+        println!("  preflight passed (the new kernel loads, its command line keeps the region, the pids exist, the store has room); nothing was stopped");
         return Ok(());
     }
 

@@ -40,7 +40,7 @@ pub struct Args {
 }
 
 /// Room kept free beyond the apps' memory: CRIU's own images and the manifest.
-pub const SLACK_BYTES: u64 = 64 << 20;
+const SLACK_BYTES: u64 = 64 << 20;
 
 pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
     // ---- preflight: nothing is frozen until all of this passed -------------------------------
@@ -54,16 +54,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
     let store = Store::open(&a.store)?;
     let mode = FileMode::probe(store.root())?;
     let memory: u64 = procs.iter().map(|p| p.memory_bytes()).sum();
-    let free = free_bytes(store.root())?;
-    if memory + SLACK_BYTES > free {
-        return fail(format!(
-            "the store {} has {} free, but the apps hold {} of memory (plus {} for CRIU's images); free space in the store or use a larger region",
-            a.store.display(),
-            report::bytes(free),
-            report::bytes(memory),
-            report::bytes(SLACK_BYTES)
-        ));
-    }
+    check_room(&a.store, memory)?;
     let incremental = a.iterations > 1 && criu.has_dirty_tracking();
     let passes = if incremental { a.iterations } else { 1 };
     let mut notes = vec![format!("store layout: {}", mode.describe())];
@@ -339,6 +330,22 @@ impl Drop for Ticket<'_> {
             self.gate.all_in.notify_all();
         }
     }
+}
+
+/// Fails unless the store has room for `memory` bytes of app memory plus CRIU's images; returns
+/// the free bytes.
+pub fn check_room(store: &Path, memory: u64) -> Result<u64> {
+    let free = free_bytes(store)?;
+    if memory + SLACK_BYTES > free {
+        return fail(format!(
+            "the store {} has {} free, but the apps hold {} of memory (plus {} for CRIU's images); free space in the store or use a larger region",
+            store.display(),
+            report::bytes(free),
+            report::bytes(memory),
+            report::bytes(SLACK_BYTES)
+        ));
+    }
+    Ok(free)
 }
 
 pub fn free_bytes(dir: &Path) -> Result<u64> {

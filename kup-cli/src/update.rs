@@ -80,16 +80,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
     let old_initrd = a.old_initrd.clone().or_else(|| Some(PathBuf::from(format!("/boot/initrd.img-{old_release}"))).filter(|p| p.is_file()));
     let procs_: Vec<Process> = a.pids.iter().map(|&p| Process::inspect(p)).collect::<Result<_>>()?;
     let memory: u64 = procs_.iter().map(|p| p.memory_bytes()).sum();
-    let free = checkpoint::free_bytes(&a.store)?;
-    if memory + checkpoint::SLACK_BYTES > free {
-        return fail(format!(
-            "the store {} has {} free, but the apps hold {} of memory (plus {} for CRIU's images); free space in the store or use a larger region",
-            a.store.display(),
-            report::bytes(free),
-            report::bytes(memory),
-            report::bytes(checkpoint::SLACK_BYTES)
-        ));
-    }
+    let free = checkpoint::check_room(&a.store, memory)?;
     let new = Kernel { release: new_release, image: a.kernel.clone(), initrd: a.initrd.clone(), cmdline: new_cmdline };
     let old = Kernel { release: old_release, image: old_image, initrd: old_initrd, cmdline: a.old_append.clone().unwrap_or(current_cmdline) };
     kexec::load(&new)?;

@@ -37,6 +37,7 @@ test-guest: build
 	tests/guest/run update
 	tests/guest/run update-multi
 	tests/guest/run update-refuse
+	tests/guest/run update-major
 	tests/guest/run fallback-app
 	tests/guest/run fallback-kernel
 

@@ -55,12 +55,15 @@ pub struct UpdateRecord {
     pub health_check: Option<String>,
     /// `kup resume` attempts so far; a second failure stops instead of looping.
     pub resumes: u32,
+    /// Why the last resume attempt failed (the cause of a fallback).
+    #[serde(default)]
+    pub last_error: Option<String>,
     pub timeline: Vec<Event>,
 }
 
 impl UpdateRecord {
     pub fn new(old: Kernel, new: Kernel, checkpoint: String, apps: Vec<String>, health_check: Option<String>) -> UpdateRecord {
-        UpdateRecord { version: VERSION, phase: Phase::Switching, old, new, checkpoint, apps, health_check, resumes: 0, timeline: vec![] }
+        UpdateRecord { version: VERSION, phase: Phase::Switching, old, new, checkpoint, apps, health_check, resumes: 0, last_error: None, timeline: vec![] }
     }
 
     pub fn path(store: &Path) -> PathBuf {

@@ -96,6 +96,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
         }
         Err(e) if on_new => {
             rec.phase = Phase::FallingBack;
+            rec.last_error = Some(format!("on {running}: {e}"));
             rec.event_now("fallback");
             rec.save(&a.store)?;
             eprintln!("kup resume: {e}\nkup resume: falling back to {}", rec.old.release);
@@ -196,6 +197,9 @@ pub fn status(store: &Path, json: bool) -> Result<()> {
     }
     println!("update {} -> {}: {}", rec.old.release, rec.new.release, serde_json::to_string(&rec.phase).unwrap_or_default());
     println!("  checkpoint {} ({}), resume attempts {}", rec.checkpoint, rec.apps.join(", "), rec.resumes);
+    if let Some(e) = &rec.last_error {
+        println!("  failed resume: {}", e.replace('\n', "\n    "));
+    }
     for l in rec.timeline_lines() {
         println!("{l}");
     }

@@ -40,7 +40,8 @@ ensure_host_tools() {
 # archive (security), from deb822 .sources files or one-line sources.list entries.
 system_mirror() {
     local uri
-    uri=$(cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
+    # Some of these files do not exist on a given system; that is no error (set -e, pipefail).
+    uri=$({ cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null || true; } |
         awk -v sec="$([[ $1 == security ]] && echo 1 || echo 0)" '
             /^URIs:/ { for (i = 2; i <= NF; i++) pick($i) }
             /^deb / { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z+]+:\/\//) { pick($i); break } }

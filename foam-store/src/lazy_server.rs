@@ -6,7 +6,7 @@
 //! bytes, so the caller stops it.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::foam::FoamFile;
 use crate::protocol::{Cmd, Header, HEADER_LEN, PAGE_SIZE};
 use crate::ranges::RangeMap;
-use crate::Error;
+use crate::{read_session, Error};
 
 /// Pages per reply at most: 1 MiB, CRIU's background requests grow to 4 MiB and are answered in parts.
 pub const MAX_REPLY_PAGES: u32 = 256;
@@ -40,11 +40,7 @@ pub fn serve<S: Read + Write>(sock: &mut S, spaces: &BTreeMap<u32, LazySpace>, p
     let mut out = vec![0u8; HEADER_LEN + MAX_REPLY_PAGES as usize * PAGE_SIZE as usize];
     loop {
         let mut hb = [0u8; HEADER_LEN];
-        match sock.read_exact(&mut hb) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(Error::SessionCut),
-            Err(e) => return Err(Error::Socket(e)),
-        }
+        read_session(sock, &mut hb)?;
         let h = Header::parse(&hb)?;
         match h.cmd {
             Cmd::Get => {

@@ -53,3 +53,12 @@ impl Error {
         Error::Io { path: path.into(), source }
     }
 }
+
+/// Reads exactly `buf.len()` bytes of a page-server session; the peer going away mid-way is
+/// [`Error::SessionCut`].
+pub(crate) fn read_session<S: std::io::Read>(sock: &mut S, buf: &mut [u8]) -> Result<(), Error> {
+    sock.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => Error::SessionCut,
+        _ => Error::Socket(e),
+    })
+}

@@ -7,14 +7,14 @@
 //! checks its own parent inventory, and without one it aborts the dump.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::protocol::{Cmd, Header, ProtocolError, Target, HEADER_LEN, PAGE_SIZE, PE_PARENT, PE_PRESENT};
 use crate::ranges::RangeMap;
 use crate::spaces::Spaces;
-use crate::Error;
+use crate::{read_session, Error};
 
 /// Writes are gathered up to this size.
 const COALESCE: usize = 4 << 20;
@@ -69,11 +69,7 @@ impl<'a> Receiver<'a> {
         let mut offset = 0usize;
         loop {
             let mut hb = [0u8; HEADER_LEN];
-            match sock.read_exact(&mut hb) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(Error::SessionCut),
-                Err(e) => return Err(Error::Socket(e)),
-            }
+            read_session(sock, &mut hb)?;
             let h = Header::parse(&hb)?;
             if h.vaddr % PAGE_SIZE != 0 {
                 return Err(ProtocolError::Unaligned { offset, vaddr: h.vaddr }.into());
@@ -155,10 +151,7 @@ impl<'a> Receiver<'a> {
                 p.vaddr = at;
             }
             let n = left.min(p.buf.len() - p.fill);
-            sock.read_exact(&mut p.buf[p.fill..p.fill + n]).map_err(|e| match e.kind() {
-                io::ErrorKind::UnexpectedEof => Error::SessionCut,
-                _ => Error::Socket(e),
-            })?;
+            read_session(sock, &mut p.buf[p.fill..p.fill + n])?;
             p.fill += n;
             at += n as u64;
             left -= n;

@@ -121,6 +121,19 @@ wait_gone() {
     done
 }
 
+# mc_start PORT MEGABYTES [SECONDS]: starts memcached on 127.0.0.1:PORT in its own session and waits
+# (SECONDS, default 10) until it answers. Output goes to /dev/null: a log on /tmp (a tmpfs) would not
+# exist after a kernel switch, and CRIU restores open files by path.
+mc_start() {
+    setsid memcached -u root -l 127.0.0.1 -p "$1" -m "$2" -c 256 </dev/null >/dev/null 2>&1 &
+    i=0
+    until mctool load --addr "127.0.0.1:$1" --items 0 >/dev/null 2>&1; do
+        i=$((i + 1))
+        [ $i -gt $((${3:-10} * 100)) ] && fail "memcached on port $1 does not answer"
+        usleep 10000
+    done
+}
+
 # need BINARY...: fails the scenario when a binary is not in the guest.
 need() {
     for b in "$@"; do

@@ -8,21 +8,11 @@ MC_ITEMS=2048
 MC_VALUE=65536
 MC_ADDR=127.0.0.1:11211
 
-mc_start_wait() {
-    i=0
-    until mctool load --addr $MC_ADDR --items 0 >/dev/null 2>&1; do
-        i=$((i + 1))
-        [ $i -gt 100 ] && fail "memcached does not answer on $MC_ADDR: $(tail -n 3 /tmp/mc.log)"
-        usleep 100000
-    done
-}
-
 stage_a() {
     need rpramfs kup mctool memcached memcslap criu
     rpramfs mkfs "$REGION" || fail "rpramfs mkfs $REGION failed"
     rp_mount
-    setsid memcached -u root -l 127.0.0.1 -p 11211 -m 512 -c 256 </dev/null >/tmp/mc.log 2>&1 &
-    mc_start_wait
+    mc_start 11211 512
     out=$(mctool load --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE) || fail "loading memcached: $out"
     info "$out"
     mc=$(pidof memcached) || fail "memcached is not running"

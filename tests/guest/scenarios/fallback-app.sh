@@ -12,11 +12,7 @@ stage_b() {
 
 stage_a2() {
     [ "$(uname -r)" = "$(kver a)" ] || fail "fell back to $(uname -r), not A"
-    rc=0
-    kup resume || rc=$?
-    [ $rc -eq 0 ] || fail "kup resume on A after the fallback exited $rc"
-    out=$(mctool verify --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE) || fail "after the fallback: $out"
-    kup status | sed 's/^/GUEST: INFO status: /'
+    resume_verified "on A after the fallback"
     kup status | grep -q '"resumed"' || fail "the update record does not say resumed"
     kup status | grep -q fallback || fail "the timeline has no fallback"
     pass "fell back to $(uname -r) after a failed health check on $(kver b): $out"

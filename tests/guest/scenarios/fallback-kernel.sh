@@ -15,11 +15,7 @@ stage_a() {
 
 after_reset() {
     [ "$(uname -r)" = "$(kver a)" ] || fail "booted $(uname -r) after the reset, not A"
-    rc=0
-    kup resume || rc=$?
-    [ $rc -eq 0 ] || fail "kup resume on A after the reset exited $rc"
-    out=$(mctool verify --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE) || fail "after the reset: $out"
-    kup status | sed 's/^/GUEST: INFO status: /'
+    resume_verified "on A after the reset"
     kup status | grep -q '"resumed"' || fail "the update record does not say resumed"
     pass "kernel $(kver b) panicked; back on $(uname -r) after the reset with the same checkpoint: $out"
 }

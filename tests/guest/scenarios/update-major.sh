@@ -6,20 +6,12 @@
 . /bench/scenarios/update.sh
 
 stage_b() {
-    rc=0
-    kup resume || rc=$?
-    [ $rc -eq 0 ] || fail "kup resume on B exited $rc without falling back"
-    out=$(mctool verify --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE) || fail "after the update: $out"
-    kup status | sed 's/^/GUEST: INFO status: /'
+    resume_verified "on B (without falling back)"
     pass "major update $(kver a) -> $(uname -r) resumed memcached: $out"
 }
 
 stage_a2() {
-    rc=0
-    kup resume || rc=$?
-    [ $rc -eq 0 ] || fail "kup resume on A after the fallback exited $rc"
-    out=$(mctool verify --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE) || fail "after the fallback: $out"
-    kup status | sed 's/^/GUEST: INFO status: /'
+    resume_verified "on A after the fallback"
     why=$(kup status | sed -n 's/^  failed resume: //p' | head -n 1)
     pass "major update $(kver a) -> $(kver b) not possible with CRIU $(criu --version | sed -n 's/Version: //p'); kup fell back to $(uname -r) and memcached kept its items ($out). Why: $why"
 }

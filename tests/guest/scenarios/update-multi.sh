@@ -6,21 +6,13 @@
 MC_ITEMS=1024
 MC_VALUE=65536
 
-mc_wait() {
-    i=0
-    until mctool load --addr "$1" --items 0 >/dev/null 2>&1; do
-        i=$((i + 1)); [ $i -gt 100 ] && fail "memcached on $1 does not answer"; usleep 100000
-    done
-}
-
 stage_a() {
     need rpramfs kup mctool memcached memsubject
     rpramfs mkfs "$REGION" || fail "rpramfs mkfs $REGION failed"
     rp_mount
     echo 20000 >/proc/sys/kernel/ns_last_pid
     for port in 11211 11212; do
-        setsid memcached -u root -l 127.0.0.1 -p $port -m 256 -c 64 </dev/null >/dev/null 2>&1 &
-        mc_wait 127.0.0.1:$port
+        mc_start $port 256
         out=$(mctool load --addr 127.0.0.1:$port --items $MC_ITEMS --value-size $MC_VALUE --seed $port) || fail "loading $port: $out"
         info "port $port: $out"
     done

@@ -24,11 +24,7 @@ stage_a() {
     need rpramfs kup mctool memcached
     rpramfs mkfs "$REGION" || fail "rpramfs mkfs $REGION failed"
     rp_mount
-    setsid memcached -u root -l 127.0.0.1 -p 11211 -m 64 -c 64 </dev/null >/dev/null 2>&1 &
-    i=0
-    until mctool load --addr $MC_ADDR --items 0 >/dev/null 2>&1; do
-        i=$((i + 1)); [ $i -gt 100 ] && fail "memcached does not answer"; usleep 100000
-    done
+    mc_start 11211 64
     out=$(mctool load --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE) || fail "loading memcached: $out"
     mc=$(pidof memcached)
     initrd_rebuild

@@ -18,15 +18,9 @@ update_from_a() {
     need rpramfs kup mctool memcached
     rpramfs mkfs "$REGION" || fail "rpramfs mkfs $REGION failed"
     rp_mount
-    # Output to /dev/null: a log file on /tmp (a tmpfs) would not exist after the switch, and CRIU
-    # restores open files by path.
     # Apps on a real host run with pids far above those early boot uses; CRIU needs them free again.
     echo 20000 >/proc/sys/kernel/ns_last_pid
-    setsid memcached -u root -l 127.0.0.1 -p 11211 -m 512 -c 256 </dev/null >/dev/null 2>&1 &
-    i=0
-    until mctool load --addr $MC_ADDR --items 0 >/dev/null 2>&1; do
-        i=$((i + 1)); [ $i -gt 100 ] && fail "memcached does not answer"; usleep 100000
-    done
+    mc_start 11211 512
     out=$(mctool load --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE) || fail "loading memcached: $out"
     info "$out"
     mc=$(pidof memcached) || fail "memcached is not running"
@@ -46,19 +40,25 @@ update_from_a() {
     fail "kup update returned (exit $rc) instead of switching kernels"
 }
 
-stage_b() {
+# resume_verified WHERE: kup resume must succeed and every item be back; prints the update's status
+# and sets $out to mctool's verdict.
+resume_verified() {
     rc=0
     # Straight to the console: a fallback switches kernels from inside kup resume.
     kup resume || rc=$?
-    [ $rc -eq 0 ] || fail "kup resume exited $rc"
-    out=$(mctool verify --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE) || fail "after the update: $out"
+    [ $rc -eq 0 ] || fail "kup resume $1 exited $rc"
+    out=$(mctool verify --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE) || fail "$1: $out"
+    kup status | sed 's/^/GUEST: INFO status: /'
+}
+
+stage_b() {
+    resume_verified "on $(uname -r)"
     info "$out"
     touch /tmp/probe.stop
     wait_for /tmp/probe.out 10 || fail "the restored probe did not report"
     probe=$(cat /tmp/probe.out)
     info "$probe"
     downtime=$(echo "$probe" | sed -n 's/.*outage_ms=\([0-9]*\).*/\1/p')
-    kup status | sed 's/^/GUEST: INFO status: /'
     keys=$(echo "$out" | sed -n 's/.*keys=\([0-9]*\/[0-9]*\).*/\1/p')
     # The baseline: stop memcached, reboot into B, start memcached.
     kill $(pidof memcached)
@@ -69,11 +69,7 @@ stage_b() {
 stage_b2() {
     t0=$(cmdline_arg kup.t0) || fail "no kup.t0"
     result=$(cmdline_arg kup.result | tr ',' ' ') || fail "no kup.result"
-    setsid memcached -u root -l 127.0.0.1 -p 11211 -m 512 -c 256 </dev/null >/dev/null 2>&1 &
-    i=0
-    until mctool load --addr $MC_ADDR --items 0 >/dev/null 2>&1; do
-        i=$((i + 1)); [ $i -gt 300 ] && fail "memcached does not answer"; usleep 10000
-    done
+    mc_start 11211 512 3
     base_ms=$(($(mctool now) - t0))
     kept=$(mctool verify --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE | sed -n 's/.*keys=\([0-9]*\)\/.*/\1/p')
     info "side by side: kup update: $result | stop, reboot, start: downtime_ms=$base_ms keys=$kept/$MC_ITEMS"

@@ -71,6 +71,8 @@ pub struct FoamFile {
     stem: String,
     mode: FileMode,
     writable: bool,
+    /// Data files are written with O_DIRECT (see [`direct_writes_pay`]).
+    direct: bool,
     segments: Mutex<BTreeMap<u64, std::sync::Arc<File>>>,
     crc: File,
 }
@@ -80,14 +82,20 @@ impl FoamFile {
     pub fn create(dir: &Path, stem: &str, mode: FileMode) -> Result<FoamFile, Error> {
         let crc_path = dir.join(format!("{stem}.crc"));
         let crc = OpenOptions::new().create(true).truncate(false).read(true).write(true).mode(0o600).open(&crc_path).map_err(|e| Error::io(&crc_path, e))?;
-        Ok(FoamFile { dir: dir.into(), stem: stem.into(), mode, writable: true, segments: Mutex::new(BTreeMap::new()), crc })
+        Ok(FoamFile { dir: dir.into(), stem: stem.into(), mode, writable: true, direct: false, segments: Mutex::new(BTreeMap::new()), crc })
+    }
+
+    /// Writes data with O_DIRECT from now on.
+    pub fn with_direct_writes(mut self, direct: bool) -> FoamFile {
+        self.direct = direct;
+        self
     }
 
     /// Opens an existing address space for reading.
     pub fn open(dir: &Path, stem: &str, mode: FileMode) -> Result<FoamFile, Error> {
         let crc_path = dir.join(format!("{stem}.crc"));
         let crc = File::open(&crc_path).map_err(|e| Error::io(&crc_path, e))?;
-        Ok(FoamFile { dir: dir.into(), stem: stem.into(), mode, writable: false, segments: Mutex::new(BTreeMap::new()), crc })
+        Ok(FoamFile { dir: dir.into(), stem: stem.into(), mode, writable: false, direct: false, segments: Mutex::new(BTreeMap::new()), crc })
     }
 
     pub fn stem(&self) -> &str {
@@ -127,7 +135,8 @@ impl FoamFile {
         }
         let path = self.segment_path(seg);
         let f = if self.writable {
-            OpenOptions::new().create(true).truncate(false).read(true).write(true).mode(0o600).open(&path)
+            let flags = if self.direct { nix::fcntl::OFlag::O_DIRECT.bits() } else { 0 };
+            OpenOptions::new().create(true).truncate(false).read(true).write(true).mode(0o600).custom_flags(flags).open(&path)
         } else {
             File::open(&path)
         }
@@ -155,13 +164,21 @@ impl FoamFile {
 
     /// Stores whole pages at `vaddr` and their CRCs.
     pub fn write_pages(&self, vaddr: u64, data: &[u8]) -> Result<(), Error> {
+        let mut crcs = Vec::new();
+        page_crcs(data, &mut crcs);
+        self.write_pages_with_crcs(vaddr, data, &crcs)
+    }
+
+    /// Stores whole pages at `vaddr` with their CRCs as computed by [`page_crcs`] (the receiver
+    /// computes them on another thread while the previous write is under way).
+    pub fn write_pages_with_crcs(&self, vaddr: u64, data: &[u8], crcs: &[u8]) -> Result<(), Error> {
         debug_assert!(vaddr.is_multiple_of(PAGE_SIZE) && data.len().is_multiple_of(PAGE));
+        debug_assert_eq!(crcs.len(), data.len() / PAGE * 4);
         for (seg, off, at, n) in self.pieces(vaddr, data.len()) {
             let f = self.segment(seg)?;
             f.write_all_at(&data[at..at + n], off).map_err(|e| Error::io(&self.segment_path(seg), e))?;
         }
-        let crcs: Vec<u8> = data.chunks_exact(PAGE).flat_map(|p| crc32fast::hash(p).to_le_bytes()).collect();
-        self.crc.write_all_at(&crcs, crc_offset(vaddr)).map_err(|e| Error::io(&self.crc_path(), e))
+        self.crc.write_all_at(crcs, crc_offset(vaddr)).map_err(|e| Error::io(&self.crc_path(), e))
     }
 
     /// Reads whole pages at `vaddr` into `buf`, checking every page against its CRC.
@@ -230,6 +247,20 @@ impl FoamFile {
         use std::os::unix::fs::MetadataExt;
         self.data_paths().iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.blocks() * 512).sum()
     }
+}
+
+/// Whether data files in `dir` are better written with O_DIRECT: on FUSE (rpramfs) a buffered
+/// write first copies every page into the page cache (pages the dump never reads again, allocated
+/// and zeroed while the app is frozen); O_DIRECT hands the buffer to the daemon. Elsewhere O_DIRECT
+/// would need aligned buffers (ext4, xfs) or is refused (tmpfs before 6.6), and buffered is right.
+pub fn direct_writes_pay(dir: &Path) -> bool {
+    nix::sys::statfs::statfs(dir).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::FUSE_SUPER_MAGIC)
+}
+
+/// The CRCs of whole pages, as stored in the `.crc` file (4 bytes each, little-endian), into `out`.
+pub fn page_crcs(data: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    out.extend(data.chunks_exact(PAGE).flat_map(|p| crc32fast::hash(p).to_le_bytes()));
 }
 
 fn crc_offset(vaddr: u64) -> u64 {

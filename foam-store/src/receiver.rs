@@ -1,14 +1,19 @@
 //! The page-server side of `criu pre-dump` / `criu dump`: receives one session over the socket
 //! handed to CRIU with `--ps-socket` and writes the pages into FOAM files.
 //!
-//! Data is gathered into large writes (FUSE handles a 4 KiB write ~30× slower than a 1 MiB one),
-//! and every page gets a CRC. The reply to OPEN2/PARENT says "a parent exists" only when the
-//! client was started for an incremental pass (`--prev-images-dir` with `--track-mem`): CRIU then
-//! checks its own parent inventory, and without one it aborts the dump.
+//! Data is gathered into runs of up to 1 MiB (FUSE handles a 4 KiB write ~30× slower than a 1 MiB
+//! one, and 1 MiB is rpramfs's largest FUSE write), and every page gets a CRC. A writer thread
+//! stores each run while the session thread receives and checksums the next ones, so CRIU, which
+//! waits on a full socket while the app is frozen, is not held up by the store. The reply to
+//! OPEN2/PARENT says "a parent exists" only when the client was started for an incremental pass
+//! (`--prev-images-dir` with `--track-mem`): CRIU then checks its own parent inventory, and without
+//! one it aborts the dump.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver as ChannelRx, SyncSender};
+use std::thread::{Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
 use crate::protocol::{Cmd, Header, ProtocolError, Target, HEADER_LEN, PAGE_SIZE, PE_PARENT, PE_PRESENT};
@@ -17,7 +22,9 @@ use crate::spaces::Spaces;
 use crate::{read_session, Error};
 
 /// Writes are gathered up to this size.
-const COALESCE: usize = 4 << 20;
+const RUN_BYTES: usize = 1 << 20;
+/// Runs received but not yet stored (the memory the pipeline holds: 8 MiB).
+const RUNS_IN_FLIGHT: usize = 8;
 
 /// What one session named per address space.
 #[derive(Clone, Debug, Default)]
@@ -46,12 +53,79 @@ pub struct Receiver<'a> {
     pub progress: Option<&'a AtomicU64>,
 }
 
-/// Pages waiting to be written in one go.
-struct Pending {
+/// Contiguous pages of one address space on their way to the store.
+struct Run {
     buf: Vec<u8>,
     fill: usize,
     target: Option<Target>,
     vaddr: u64,
+    crcs: Vec<u8>,
+}
+
+/// The writer thread and the channels to it: full runs go there, emptied ones come back.
+struct Writer<'scope> {
+    full: Option<SyncSender<Run>>,
+    empty: ChannelRx<Run>,
+    thread: Option<ScopedJoinHandle<'scope, Result<(), Error>>>,
+}
+
+impl<'scope> Writer<'scope> {
+    fn start<'env>(scope: &'scope Scope<'scope, 'env>, spaces: &'env Spaces) -> Writer<'scope> {
+        let (full, full_rx) = sync_channel::<Run>(RUNS_IN_FLIGHT);
+        let (empty_tx, empty) = sync_channel::<Run>(RUNS_IN_FLIGHT);
+        for _ in 0..RUNS_IN_FLIGHT {
+            let run = Run { buf: vec![0; RUN_BYTES], fill: 0, target: None, vaddr: 0, crcs: Vec::with_capacity(RUN_BYTES / 4096 * 4) };
+            empty_tx.send(run).expect("the channel has room for every run");
+        }
+        let thread = std::thread::Builder::new()
+            .name("foam-writer".into())
+            .spawn_scoped(scope, move || {
+                for mut run in full_rx {
+                    if let Some(t) = run.target {
+                        spaces.get_or_create(t)?.write_pages_with_crcs(run.vaddr, &run.buf[..run.fill], &run.crcs)?;
+                    }
+                    run.fill = 0;
+                    run.target = None;
+                    // The session may have ended (an error): nobody takes the run back then.
+                    let _ = empty_tx.send(run);
+                }
+                Ok(())
+            })
+            .expect("spawning the FOAM writer thread");
+        Writer { full: Some(full), empty, thread: Some(thread) }
+    }
+
+    /// An empty run; waits while all runs are in flight.
+    fn take(&mut self) -> Result<Run, Error> {
+        match self.empty.recv() {
+            Ok(run) => Ok(run),
+            Err(_) => Err(self.finish().err().unwrap_or_else(stopped)),
+        }
+    }
+
+    /// Hands a filled run to the writer.
+    fn store(&mut self, mut run: Run) -> Result<(), Error> {
+        crate::foam::page_crcs(&run.buf[..run.fill], &mut run.crcs);
+        let sent = self.full.as_ref().map(|f| f.send(run).is_ok()).unwrap_or(false);
+        if sent {
+            Ok(())
+        } else {
+            Err(self.finish().err().unwrap_or_else(stopped))
+        }
+    }
+
+    /// Waits until every run handed over is stored; the writer's error if it failed.
+    fn finish(&mut self) -> Result<(), Error> {
+        self.full = None;
+        match self.thread.take() {
+            Some(t) => t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            None => Ok(()),
+        }
+    }
+}
+
+fn stopped() -> Error {
+    Error::Unsupported("the FOAM writer thread stopped without an error".into())
 }
 
 impl<'a> Receiver<'a> {
@@ -63,8 +137,31 @@ impl<'a> Receiver<'a> {
     /// closing reply, so a dump CRIU reports as successful is durable.
     pub fn serve<S: Read + Write>(&self, sock: &mut S) -> Result<SessionReport, Error> {
         let start = Instant::now();
+        let mut report = std::thread::scope(|scope| {
+            let mut writer = Writer::start(scope, self.spaces);
+            let r = self.session(sock, &mut writer);
+            // On an error the writer still finishes what it has (and its own error, if any, is
+            // the cause: the session saw only the closed channel).
+            let w = writer.finish();
+            match (r, w) {
+                (Ok(report), Ok(())) => Ok(report),
+                (Ok(_), Err(e)) | (Err(_), Err(e)) => Err(e),
+                (Err(e), Ok(())) => Err(e),
+            }
+        })?;
+        for tr in report.targets.values() {
+            report.pages_data += tr.pages_data;
+            report.pages_parent += tr.pages_parent;
+        }
+        report.bytes = report.pages_data * PAGE_SIZE;
+        report.elapsed = start.elapsed();
+        Ok(report)
+    }
+
+    /// The session's commands, up to and including the closing reply.
+    fn session<S: Read + Write>(&self, sock: &mut S, writer: &mut Writer) -> Result<SessionReport, Error> {
         let mut report = SessionReport::default();
-        let mut pending = Pending { buf: vec![0; COALESCE], fill: 0, target: None, vaddr: 0 };
+        let mut pending = writer.take()?;
         let mut current: Option<Target> = None;
         let mut offset = 0usize;
         loop {
@@ -102,7 +199,7 @@ impl<'a> Receiver<'a> {
                     let (start, end) = (h.vaddr, h.vaddr + h.nr_pages as u64 * PAGE_SIZE);
                     let tr = report.targets.get_mut(&t).unwrap();
                     if flags & PE_PRESENT != 0 {
-                        self.receive_data(sock, &mut pending, t, h.vaddr, h.nr_pages as u64 * PAGE_SIZE)?;
+                        self.receive_data(sock, writer, &mut pending, t, h.vaddr, h.nr_pages as u64 * PAGE_SIZE)?;
                         tr.ranges.insert(start, end, flags);
                         tr.pages_data += h.nr_pages as u64;
                     } else if flags & PE_PARENT != 0 {
@@ -121,7 +218,10 @@ impl<'a> Receiver<'a> {
                     }
                 }
                 Cmd::Close | Cmd::ForceClose => {
-                    self.flush(&mut pending)?;
+                    if pending.fill > 0 {
+                        writer.store(pending)?;
+                    }
+                    writer.finish()?;
                     for t in report.targets.keys() {
                         self.spaces.get_or_create(*t)?.sync()?;
                     }
@@ -131,43 +231,31 @@ impl<'a> Receiver<'a> {
                 Cmd::Get => return Err(Error::Unsupported("a GET request in a dump session".into())),
             }
         }
-        for tr in report.targets.values() {
-            report.pages_data += tr.pages_data;
-            report.pages_parent += tr.pages_parent;
-        }
-        report.bytes = report.pages_data * PAGE_SIZE;
-        report.elapsed = start.elapsed();
         Ok(report)
     }
 
-    fn receive_data<S: Read>(&self, sock: &mut S, p: &mut Pending, t: Target, vaddr: u64, len: u64) -> Result<(), Error> {
+    fn receive_data<S: Read>(&self, sock: &mut S, writer: &mut Writer, run: &mut Run, t: Target, vaddr: u64, len: u64) -> Result<(), Error> {
         let mut at = vaddr;
         let mut left = len as usize;
         while left > 0 {
-            let contiguous = p.target == Some(t) && p.vaddr + p.fill as u64 == at;
-            if !contiguous || p.fill == p.buf.len() {
-                self.flush(p)?;
-                p.target = Some(t);
-                p.vaddr = at;
+            let contiguous = run.target == Some(t) && run.vaddr + run.fill as u64 == at;
+            if !contiguous || run.fill == run.buf.len() {
+                if run.fill > 0 {
+                    let next = writer.take()?;
+                    writer.store(std::mem::replace(run, next))?;
+                }
+                run.target = Some(t);
+                run.vaddr = at;
             }
-            let n = left.min(p.buf.len() - p.fill);
-            read_session(sock, &mut p.buf[p.fill..p.fill + n])?;
-            p.fill += n;
+            let n = left.min(run.buf.len() - run.fill);
+            read_session(sock, &mut run.buf[run.fill..run.fill + n])?;
+            run.fill += n;
             at += n as u64;
             left -= n;
             if let Some(c) = self.progress {
                 c.fetch_add(n as u64, Ordering::Relaxed);
             }
         }
-        Ok(())
-    }
-
-    fn flush(&self, p: &mut Pending) -> Result<(), Error> {
-        if let (Some(t), true) = (p.target, p.fill > 0) {
-            self.spaces.get_or_create(t)?.write_pages(p.vaddr, &p.buf[..p.fill])?;
-        }
-        p.fill = 0;
-        p.target = None;
         Ok(())
     }
 }

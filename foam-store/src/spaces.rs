@@ -16,6 +16,7 @@ pub struct Spaces {
     dir: PathBuf,
     mode: FileMode,
     writable: bool,
+    direct: bool,
     files: Mutex<BTreeMap<Target, Arc<FoamFile>>>,
 }
 
@@ -23,11 +24,11 @@ impl Spaces {
     /// Creates (or reopens for another pass) the directory, root-only.
     pub fn create(dir: &Path, mode: FileMode) -> Result<Spaces, Error> {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| Error::io(dir, e))?;
-        Ok(Spaces { dir: dir.into(), mode, writable: true, files: Mutex::new(BTreeMap::new()) })
+        Ok(Spaces { dir: dir.into(), mode, writable: true, direct: crate::foam::direct_writes_pay(dir), files: Mutex::new(BTreeMap::new()) })
     }
 
     pub fn open(dir: &Path, mode: FileMode) -> Spaces {
-        Spaces { dir: dir.into(), mode, writable: false, files: Mutex::new(BTreeMap::new()) }
+        Spaces { dir: dir.into(), mode, writable: false, direct: false, files: Mutex::new(BTreeMap::new()) }
     }
 
     pub fn dir(&self) -> &Path {
@@ -41,7 +42,7 @@ impl Spaces {
             return Ok(f.clone());
         }
         let f = Arc::new(if self.writable {
-            FoamFile::create(&self.dir, &t.stem(), self.mode)?
+            FoamFile::create(&self.dir, &t.stem(), self.mode)?.with_direct_writes(self.direct)
         } else {
             FoamFile::open(&self.dir, &t.stem(), self.mode)?
         });

@@ -203,6 +203,73 @@ fn an_incremental_pass_overwrites_in_place_and_keeps_parent_pages() {
     assert!(matches!(e, Error::ParentMissing { vaddr, .. } if vaddr == 0x90 * p), "{e}");
 }
 
+/// A page whose bytes name its address space and page number.
+fn marked_page(space: u8, page: u64) -> Vec<u8> {
+    (0..4096u64).map(|i| (page.wrapping_mul(31) ^ i ^ (space as u64 * 101)) as u8).collect()
+}
+
+#[test]
+fn many_runs_in_flight_land_in_order_at_their_addresses() {
+    // 48 MiB across two address spaces in interleaved, discontiguous pieces: more than the
+    // receiver keeps in flight, so the session waits on the writer many times.
+    let dir = tempfile::tempdir().unwrap();
+    let sp = spaces(dir.path());
+    let (a, b) = (Target::Pid(11), Target::Shmem(12));
+    let mut s = Vec::new();
+    let mut sent = Vec::new();
+    for round in 0..24u64 {
+        for (t, mark) in [(a, 1u8), (b, 2u8)] {
+            // 256 pages at a gap of 64 from the previous piece, so runs end at every piece.
+            let first = round * 320;
+            s.extend(msg(Cmd::Open2, 0, 0, 0, t, None));
+            s.extend(Header { cmd: Cmd::AddF, flags: PE_PRESENT, nr_pages: 256, vaddr: first * PAGE_SIZE, dst_id: t.encode() }.encode());
+            for pg in first..first + 256 {
+                s.extend(marked_page(mark, pg));
+            }
+            sent.push((t, mark, first));
+        }
+    }
+    s.extend(msg(Cmd::Close, 0, 0, 0, a, None));
+    let none = BTreeMap::new();
+    let mut sock = Duplex::new(s);
+    let r = Receiver::new(&sp, &none, false).serve(&mut sock).unwrap();
+    assert_eq!(r.pages_data, 24 * 2 * 256);
+    assert_eq!(*sock.output.last().unwrap(), 0);
+    let mut page = vec![0u8; 4096];
+    for (t, mark, first) in sent {
+        let f = sp.get_or_create(t).unwrap();
+        for pg in [first, first + 1, first + 128, first + 255] {
+            f.read_pages(pg * PAGE_SIZE, &mut page).unwrap();
+            assert!(page == marked_page(mark, pg), "{t:?} page {pg}");
+        }
+        assert!(r.targets[&t].ranges.covered((first + 256) * PAGE_SIZE, (first + 320) * PAGE_SIZE).is_empty());
+    }
+}
+
+#[test]
+fn a_failing_store_write_is_reported_with_its_file_and_gets_no_closing_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let sp = spaces(dir.path());
+    let t = Target::Pid(13);
+    // The data file's name is taken by a directory: the writer thread cannot open it.
+    std::fs::create_dir(dir.path().join("13.foam")).unwrap();
+    std::fs::create_dir(dir.path().join("13.foam.0")).unwrap();
+    let mut s = msg(Cmd::Open2, 0, 0, 0, t, None);
+    for i in 0..12u64 {
+        s.extend(msg(Cmd::AddF, PE_PRESENT, 256, i * 512 * PAGE_SIZE, t, Some(i as u8)));
+    }
+    s.extend(msg(Cmd::Close, 0, 0, 0, t, None));
+    let none = BTreeMap::new();
+    let mut sock = Duplex::new(s);
+    let e = Receiver::new(&sp, &none, false).serve(&mut sock).unwrap_err();
+    match &e {
+        Error::Io { path, .. } => assert!(path.file_name().unwrap().to_str().unwrap().starts_with("13.foam"), "{e}"),
+        other => panic!("expected the store's I/O error, got {other}"),
+    }
+    // Only the OPEN2 reply went out: CRIU never hears that the dump was stored.
+    assert_eq!(sock.output, vec![0]);
+}
+
 /// The recorded lazy-pages session: FOAM holds what CRIU's images served, and our answers to the
 /// recorded GETs must be byte-identical to the recorded replies.
 fn lazy_fixture(dir: &std::path::Path) -> (BTreeMap<u32, LazySpace>, Vec<u8>, Vec<u8>) {

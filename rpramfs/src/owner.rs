@@ -90,10 +90,12 @@ pub fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
-/// Reads the owner record through a plain read (used when the lock is held by someone else).
+/// Reads the owner record without the lock (used when someone else holds it): a plain read, or
+/// for a devdax device, which has no read(2), through a read-only mapping.
 pub fn read_owner(file: &File) -> Option<Owner> {
     let mut buf = vec![0u8; 4096];
-    file.read_exact_at(&mut buf, OWNER_BLOCK.offset().0).ok()?;
+    let off = OWNER_BLOCK.offset().0;
+    file.read_exact_at(&mut buf, off).ok().or_else(|| crate::region::read_mapped(file, off, &mut buf).ok())?;
     Owner::decode(&buf)
 }
 

@@ -274,6 +274,20 @@ impl Mode0600 for OpenOptions {
     }
 }
 
+/// Copies `buf.len()` bytes at `off` of a device through a read-only mapping of its first 2 MiB
+/// (a devdax device maps in units of its alignment, at most 2 MiB here, and has no read(2)).
+pub(crate) fn read_mapped(file: &File, off: u64, buf: &mut [u8]) -> io::Result<()> {
+    const HEAD: usize = 2 << 20;
+    if off as usize + buf.len() > HEAD {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "beyond the mapped head of the region"));
+    }
+    let map = MmapOptions::new().len(HEAD).map_raw_read_only(file)?;
+    // SAFETY: the range lies inside the HEAD-byte mapping, which lives until the end of this
+    // function; we copy out through raw pointers and never form a reference into it.
+    unsafe { std::ptr::copy_nonoverlapping(map.as_ptr().add(off as usize), buf.as_mut_ptr(), buf.len()) };
+    Ok(())
+}
+
 fn lock_exclusive(file: &File, name: &str) -> Result<nix::fcntl::Flock<File>> {
     // A holder that was just killed keeps the lock until its last thread has exited (its
     // mapping of the region holds the open file); give such a holder a few seconds.

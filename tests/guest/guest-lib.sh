@@ -141,10 +141,31 @@ need() {
     done
 }
 
-# --- rpramfs helpers (the region is /dev/pmem0, the mount point /kup) --------------------------------
+# --- rpramfs helpers (the region is /dev/pmem0 or, made a devdax namespace, /dev/dax0.0; the mount
+# point /kup) ------------------------------------------------------------------------------------------
 
 REGION=/dev/pmem0
 MNT=/kup
+
+# rp_devdax: makes the region a devdax namespace, as the operator guide recommends: stores go straight
+# to the memory, without the block device's page cache and msync. Destroys what the region held; the
+# namespace's info block survives kexec, so the next kernel finds /dev/dax0.0 again (init.sh).
+rp_devdax() {
+    need ndctl
+    [ -e /dev/dax0.0 ] || ndctl create-namespace -f -e namespace0.0 -m devdax >/tmp/ndctl.out 2>&1 ||
+        fail "ndctl create-namespace -f -e namespace0.0 -m devdax failed: $(tail -n 3 /tmp/ndctl.out)"
+    wait_for /dev/dax0.0 10 || fail "no /dev/dax0.0 after ndctl create-namespace"
+    REGION=/dev/dax0.0
+    info "region: $REGION, $(($(cat /sys/bus/dax/devices/dax0.0/size) >> 20)) MiB (devdax namespace on memmap=$(cmdline_arg memmap))"
+}
+
+# region_mib: the size of $REGION in MiB.
+region_mib() {
+    case $REGION in
+        /dev/dax*) echo $(($(cat /sys/bus/dax/devices/${REGION#/dev/}/size) >> 20)) ;;
+        *) echo $(($(blockdev --getsize64 "$REGION") >> 20)) ;;
+    esac
+}
 
 # rp_mount: mounts the existing file system (never formats); fails the scenario when mount fails.
 rp_mount() {

@@ -23,8 +23,15 @@ mount -t tmpfs tmpfs /dev/shm
 hostname kup-guest
 ip link set lo up 2>/dev/null
 
-modprobe -a libnvdimm nd_btt nd_pmem nd_e820 fuse || fail "modprobe of the pmem/fuse modules failed"
-wait_for /dev/pmem0 10 || fail "no /dev/pmem0 (memmap= missing from the command line?)"
+# dax_pmem and device_dax turn a region that was made a devdax namespace (rp_devdax) into /dev/dax0.0.
+modprobe -a libnvdimm nd_btt nd_pmem nd_e820 dax_pmem device_dax fuse || fail "modprobe of the pmem/fuse modules failed"
+i=0
+until [ -e /dev/pmem0 ] || [ -e /dev/dax0.0 ]; do
+    i=$((i + 1))
+    [ $i -gt 100 ] && fail "no /dev/pmem0 or /dev/dax0.0 (memmap= missing from the command line?)"
+    usleep 100000
+done
+[ -e /dev/dax0.0 ] && REGION=/dev/dax0.0
 echo "GUEST: KERNEL $SCENARIO stage=$STAGE $(uname -r)"
 
 [ -f "/bench/scenarios/$SCENARIO.sh" ] || fail "no scenario $SCENARIO in the initramfs"

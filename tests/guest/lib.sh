@@ -9,10 +9,10 @@ CACHE=${KUP_GUEST_CACHE:-/var/cache/kup-guest}
 
 # Modules each kernel's tree in the initramfs carries (their dependencies are added from modules.dep).
 # pmem from memmap=, FUSE for rpramfs, and what CRIU 3.17 needs for `criu check` (NOTES.md).
-GUEST_MODULES=(libnvdimm nd_btt nd_pmem nd_e820 fuse
+GUEST_MODULES=(libnvdimm nd_btt nd_pmem nd_e820 dax_pmem device_dax fuse
     nf_tables netlink_diag unix_diag inet_diag tcp_diag udp_diag af_packet_diag)
 # System binaries copied in with their libraries (all but kexec are optional: skipped with a note).
-GUEST_BINS=(kexec criu memcached memcslap memcaslap memcstat)
+GUEST_BINS=(kexec ndctl criu memcached memcslap memcaslap memcstat)
 
 note() { printf 'guest-bench: %s\n' "$*" >&2; }
 die() { printf 'guest-bench: error: %s\n' "$*" >&2; exit 2; }
@@ -21,7 +21,7 @@ since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; 
 # --- host packages -----------------------------------------------------------------------------------
 
 ensure_host_tools() {
-    local pkgs=(qemu-system-x86 busybox-static kexec-tools cpio kmod lz4 criu memcached libmemcached-tools)
+    local pkgs=(qemu-system-x86 busybox-static kexec-tools cpio kmod lz4 criu memcached libmemcached-tools ndctl)
     local missing=() p
     for p in "${pkgs[@]}"; do
         [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) == 'install ok installed' ]] || missing+=("$p")

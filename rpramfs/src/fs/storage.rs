@@ -270,14 +270,19 @@ pub(super) fn write_data(tx: &mut Tx<'_>, inode: &mut Inode, off: u64, data: &[u
         let pstart = page << BLOCK_SHIFT;
         let lo = off.max(pstart);
         let hi = end.min(pstart + BLOCK_SIZE as u64);
-        let mut buf: Block = [0; BLOCK_SIZE];
-        if hi - lo < BLOCK_SIZE as u64 && !old.is_null() {
-            read_verified(tx.region, old, &mut buf, &|| format!("data page {page}"))?;
-        }
-        buf[(lo - pstart) as usize..(hi - pstart) as usize].copy_from_slice(&data[(lo - off) as usize..(hi - off) as usize]);
         if old.is_null() {
             added += 1;
         }
+        let part = &data[(lo - off) as usize..(hi - off) as usize];
+        if let Ok(whole) = <&Block>::try_from(part) {
+            // A whole page goes straight from the request into its block.
+            return tx.rewrite(old, whole);
+        }
+        let mut buf: Block = [0; BLOCK_SIZE];
+        if !old.is_null() {
+            read_verified(tx.region, old, &mut buf, &|| format!("data page {page}"))?;
+        }
+        buf[(lo - pstart) as usize..(hi - pstart) as usize].copy_from_slice(part);
         tx.rewrite(old, &buf)
     })?;
     inode.blocks += added;

@@ -3,11 +3,13 @@
 # (kup.sizes=, MiB) and dirty fraction D (kup.dirty=, %) a fresh memsubject rewrites the first D % of
 # its W MiB continuously, for ~3 s before each checkpoint, and is checkpointed three ways:
 #   1. plain `criu dump` into tmpfs, `criu restore -d` from it (the baseline);
-#   2. `kup checkpoint --iterations 1` into rpramfs on /dev/pmem0, then `kup restore --eager` and
+#   2. `kup checkpoint --iterations 1` into rpramfs on the region made a devdax namespace
+#      (/dev/dax0.0, as docs/operator-guide.md recommends), then `kup restore --eager` and
 #      `kup restore --lazy` of that checkpoint;
 #   3. `kup checkpoint --iterations 2` (pre-dump while it runs, final dump frozen), `kup restore --lazy`;
 #   and, as a diagnostic, `kup checkpoint --iterations 1` into a store on tmpfs (kup's page-server path
-#   without rpramfs and FUSE). Before all that, `dd` of 256 MiB into tmpfs and into rpramfs.
+#   without rpramfs and FUSE). Before all that, `dd` of 256 MiB into tmpfs and into rpramfs on the
+#   region as a block device (/dev/pmem0) and as devdax.
 # After every restore the subject checks all its memory (SIGUSR1 -> OK/BAD in its status file); BAD
 # fails the scenario. Frozen times are CRIU's own (stats-dump: frozen_time_us) for all three dumps.
 # At the end: a table (`GUEST: TABLE` lines, which the host prints again) and the issue's targets,
@@ -254,8 +256,17 @@ bench_kup() {
     rm -rf "${MNT:?}/$CK_ID" "$KWORK/$CK_ID"
 }
 
+# dd_probe FILE LABEL: 256 MiB of 1 MiB writes into FILE (then fsync), reported as LABEL.
+dd_probe() {
+    t0=$(now_ms)
+    dd if=/dev/zero of="$1" bs=1M count=256 conv=fsync 2>/dev/null || fail "dd into $1 failed"
+    t1=$(now_ms)
+    rm -f "$1"
+    info "write throughput: 256 MiB into $2 in $((t1 - t0)) ms ($((256 * 1000 / (t1 - t0 + 1))) MiB/s)"
+}
+
 stage_a() {
-    need rpramfs kup criu memsubject
+    need rpramfs kup criu memsubject ndctl
     # CRIU 3.17 probes these (docs/guest-bench.md); harmless where absent.
     modprobe -a nf_tables netlink_diag unix_diag inet_diag tcp_diag udp_diag af_packet_diag 2>/dev/null || true
     SIZES=$(cmdline_arg kup.sizes) || SIZES=256,1024
@@ -271,28 +282,30 @@ stage_a() {
         if [ "$d" -lt 1 ] || [ "$d" -gt 100 ]; then fail "kup.dirty: $d is not in 1..100"; fi
     done
 
+    # How fast plain writes of 256 MiB go into each place (1 MiB writes; rpramfs through FUSE, with
+    # fsync): tmpfs, rpramfs on the region as a block device (/dev/pmem0), then on the region made a
+    # devdax namespace (/dev/dax0.0), where the benchmark runs.
+    rpramfs mkfs "$REGION" >/tmp/mkfs.out 2>&1 || fail "rpramfs mkfs $REGION failed: $(tail -n 2 /tmp/mkfs.out)"
+    rp_mount
+    dd_probe /tmp/foam-bench.dd "tmpfs"
+    dd_probe $MNT/foam-bench.dd "rpramfs on $REGION"
+    rp_umount
+    rp_devdax
+    rpramfs mkfs "$REGION" >/tmp/mkfs.out 2>&1 || fail "rpramfs mkfs $REGION failed: $(tail -n 2 /tmp/mkfs.out)"
+    rp_mount
+    dd_probe $MNT/foam-bench.dd "rpramfs on $REGION"
+
     # Room: the store holds a checkpoint (W) and, during an eager restore, CRIU's pages image (W);
     # RAM holds the subject (W) and its plain dump in tmpfs (W).
-    region_mib=$(($(blockdev --getsize64 $REGION) >> 20))
+    rmib=$(region_mib)
     avail_mib=$(awk '/^MemAvailable/ { print int($2 / 1024) }' /proc/meminfo)
-    info "$(uname -r); RAM: $(awk '/^MemTotal/ { print int($2 / 1024) }' /proc/meminfo) MiB, ${avail_mib} MiB available; $REGION: $region_mib MiB; $(cat /proc/cmdline)"
+    info "$(uname -r); RAM: $(awk '/^MemTotal/ { print int($2 / 1024) }' /proc/meminfo) MiB, ${avail_mib} MiB available; $REGION: $rmib MiB; $(cat /proc/cmdline)"
     dmesg | grep -E 'e820|user-defined|user: \[mem' | sed 's/^/GUEST: INFO e820: /'
-    [ "$region_mib" -ge $((2 * wmax + 200)) ] || fail "$REGION has $region_mib MiB; W=$wmax MiB needs $((2 * wmax + 200)) MiB (checkpoint + eager pages image): raise memmap= (foam-bench.host.sh)"
+    [ "$rmib" -ge $((2 * wmax + 200)) ] || fail "$REGION has $rmib MiB; W=$wmax MiB needs $((2 * wmax + 200)) MiB (checkpoint + eager pages image): raise memmap= (foam-bench.host.sh)"
     [ "$avail_mib" -ge $((2 * wmax + 300)) ] || fail "$avail_mib MiB RAM available; W=$wmax MiB needs $((2 * wmax + 300)) MiB (subject + plain dump in tmpfs): raise -m (foam-bench.host.sh)"
     criu check --feature mem_dirty_track >/dev/null 2>&1 || fail "no soft-dirty tracking (criu check --feature mem_dirty_track): a 2-pass checkpoint would be one frozen pass"
     info "criu $(criu --version | sed -n 's/^Version: //p'); sizes (MiB): $SIZES; dirty (%): $DIRTY"
-
-    rpramfs mkfs "$REGION" >/tmp/mkfs.out 2>&1 || fail "rpramfs mkfs $REGION failed: $(tail -n 2 /tmp/mkfs.out)"
-    rp_mount
     mkdir -p $KWORK
-    # How fast plain writes of 256 MiB go into each place (1 MiB writes; rpramfs through FUSE, with fsync).
-    for target in /tmp/foam-bench.dd $MNT/foam-bench.dd; do
-        t0=$(now_ms)
-        dd if=/dev/zero of=$target bs=1M count=256 conv=fsync 2>/dev/null || fail "dd into $target failed"
-        t1=$(now_ms)
-        rm -f $target
-        info "write throughput: 256 MiB into $target in $((t1 - t0)) ms ($((256 * 1000 / (t1 - t0 + 1))) MiB/s)"
-    done
     : >$RES
     t_all=$(now_ms)
     for W in $SIZES; do

@@ -1,5 +1,7 @@
 # update: `kup update --store ram` A -> B with memcached holding MC_ITEMS items of 64 KiB: kup checkpoints
-# it (2 passes) into rpramfs on /dev/pmem0, writes the update record, unmounts, kexecs into B; on B
+# it (2 passes) into rpramfs on the region made a devdax namespace (/dev/dax0.0, as the operator guide
+# recommends; the scenarios that define their own stage_a keep /dev/pmem0), writes the update record,
+# unmounts, kexecs into B; on B
 # `kup resume` (what a real host's boot runs) mounts the store, restores memcached lazily and checks it;
 # every item must read back with its value. A client probes memcached with a get every 10 ms; it is
 # updated along with memcached (a second app), and the longest gap between its answered gets is the
@@ -11,7 +13,10 @@ MC_ITEMS=2048
 MC_VALUE=65536
 MC_ADDR=127.0.0.1:11211
 
-stage_a() { update_from_a; }
+stage_a() {
+    rp_devdax
+    update_from_a
+}
 
 # update_from_a [KEY=VALUE...]: the update, with KEY=VALUE added to B's command line.
 update_from_a() {

@@ -143,10 +143,9 @@ impl<'a> Receiver<'a> {
             // On an error the writer still finishes what it has (and its own error, if any, is
             // the cause: the session saw only the closed channel).
             let w = writer.finish();
-            match (r, w) {
-                (Ok(report), Ok(())) => Ok(report),
-                (Ok(_), Err(e)) | (Err(_), Err(e)) => Err(e),
-                (Err(e), Ok(())) => Err(e),
+            match w {
+                Err(e) => Err(e),
+                Ok(()) => r,
             }
         })?;
         for tr in report.targets.values() {

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::{fallocate, FallocateFlags};
 use parking_lot::Mutex;
+use xattr::FileExt as _;
 
 use crate::protocol::PAGE_SIZE;
 use crate::ranges::RangeMap;
@@ -71,8 +72,7 @@ pub struct FoamFile {
     stem: String,
     mode: FileMode,
     writable: bool,
-    /// Data files are written with O_DIRECT (see [`direct_writes_pay`]).
-    direct: bool,
+    write: WriteMode,
     segments: Mutex<BTreeMap<u64, std::sync::Arc<File>>>,
     crc: File,
 }
@@ -82,12 +82,12 @@ impl FoamFile {
     pub fn create(dir: &Path, stem: &str, mode: FileMode) -> Result<FoamFile, Error> {
         let crc_path = dir.join(format!("{stem}.crc"));
         let crc = OpenOptions::new().create(true).truncate(false).read(true).write(true).mode(0o600).open(&crc_path).map_err(|e| Error::io(&crc_path, e))?;
-        Ok(FoamFile { dir: dir.into(), stem: stem.into(), mode, writable: true, direct: false, segments: Mutex::new(BTreeMap::new()), crc })
+        Ok(FoamFile { dir: dir.into(), stem: stem.into(), mode, writable: true, write: WriteMode::default(), segments: Mutex::new(BTreeMap::new()), crc })
     }
 
-    /// Writes data with O_DIRECT from now on.
-    pub fn with_direct_writes(mut self, direct: bool) -> FoamFile {
-        self.direct = direct;
+    /// Writes data as `write` says from now on (see [`WriteMode::probe`]).
+    pub fn with_write_mode(mut self, write: WriteMode) -> FoamFile {
+        self.write = write;
         self
     }
 
@@ -95,7 +95,7 @@ impl FoamFile {
     pub fn open(dir: &Path, stem: &str, mode: FileMode) -> Result<FoamFile, Error> {
         let crc_path = dir.join(format!("{stem}.crc"));
         let crc = File::open(&crc_path).map_err(|e| Error::io(&crc_path, e))?;
-        Ok(FoamFile { dir: dir.into(), stem: stem.into(), mode, writable: false, direct: false, segments: Mutex::new(BTreeMap::new()), crc })
+        Ok(FoamFile { dir: dir.into(), stem: stem.into(), mode, writable: false, write: WriteMode::default(), segments: Mutex::new(BTreeMap::new()), crc })
     }
 
     pub fn stem(&self) -> &str {
@@ -135,7 +135,7 @@ impl FoamFile {
         }
         let path = self.segment_path(seg);
         let f = if self.writable {
-            let flags = if self.direct { nix::fcntl::OFlag::O_DIRECT.bits() } else { 0 };
+            let flags = if self.write.direct { nix::fcntl::OFlag::O_DIRECT.bits() } else { 0 };
             OpenOptions::new().create(true).truncate(false).read(true).write(true).mode(0o600).custom_flags(flags).open(&path)
         } else {
             File::open(&path)
@@ -176,6 +176,11 @@ impl FoamFile {
         debug_assert_eq!(crcs.len(), data.len() / PAGE * 4);
         for (seg, off, at, n) in self.pieces(vaddr, data.len()) {
             let f = self.segment(seg)?;
+            if self.write.crc_hints {
+                let mut hint = off.to_le_bytes().to_vec();
+                hint.extend_from_slice(&crcs[at / PAGE * 4..(at + n) / PAGE * 4]);
+                f.set_xattr(CRC_HINT_XATTR, &hint).map_err(|e| Error::io(&self.segment_path(seg), e))?;
+            }
             f.write_all_at(&data[at..at + n], off).map_err(|e| Error::io(&self.segment_path(seg), e))?;
         }
         self.crc.write_all_at(crcs, crc_offset(vaddr)).map_err(|e| Error::io(&self.crc_path(), e))
@@ -249,12 +254,40 @@ impl FoamFile {
     }
 }
 
-/// Whether data files in `dir` are better written with O_DIRECT: on FUSE (rpramfs) a buffered
-/// write first copies every page into the page cache (pages the dump never reads again, allocated
-/// and zeroed while the app is frozen); O_DIRECT hands the buffer to the daemon. Elsewhere O_DIRECT
-/// would need aligned buffers (ext4, xfs) or is refused (tmpfs before 6.6), and buffered is right.
-pub fn direct_writes_pay(dir: &Path) -> bool {
-    nix::sys::statfs::statfs(dir).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::FUSE_SUPER_MAGIC)
+/// rpramfs's CRC hint (rpramfs/src/fs/crc_hint.rs): the file offset (u64 LE) of whole blocks
+/// about to be written, then their CRC32s (u32 LE each), which rpramfs then stores instead of
+/// computing them again. `getxattr` of the name answers "1" on rpramfs only.
+const CRC_HINT_XATTR: &str = "user.rpramfs.write-crc32";
+
+/// How data files are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteMode {
+    /// With O_DIRECT.
+    pub direct: bool,
+    /// Each write preceded by a CRC hint with the pages' CRCs.
+    pub crc_hints: bool,
+}
+
+impl WriteMode {
+    /// What pays in `dir`. On FUSE (rpramfs) a buffered write first copies every page into the
+    /// page cache (pages the dump never reads again, allocated and zeroed while the app is
+    /// frozen), so O_DIRECT, which hands the buffer to the daemon. On rpramfs also CRC hints: the
+    /// page CRCs the FOAM file keeps anyway, which spare the daemon computing them again.
+    /// Elsewhere buffered writes: O_DIRECT would need aligned buffers (ext4, xfs) or is refused
+    /// (tmpfs before 6.6).
+    pub fn probe(dir: &Path) -> WriteMode {
+        let fuse = nix::sys::statfs::statfs(dir).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::FUSE_SUPER_MAGIC);
+        let crc_hints = fuse && xattr::get(dir, CRC_HINT_XATTR).ok().flatten().is_some_and(|v| v == b"1");
+        WriteMode { direct: fuse, crc_hints }
+    }
+
+    pub fn describe(&self) -> &'static str {
+        match (self.direct, self.crc_hints) {
+            (true, true) => "data written with O_DIRECT, page CRCs handed to rpramfs (CRC hints)",
+            (true, false) => "data written with O_DIRECT",
+            _ => "data written through the page cache",
+        }
+    }
 }
 
 /// The CRCs of whole pages, as stored in the `.crc` file (4 bytes each, little-endian), into `out`.

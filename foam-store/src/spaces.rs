@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::foam::{FileMode, FoamFile};
+use crate::foam::{FileMode, FoamFile, WriteMode};
 use crate::protocol::Target;
 use crate::Error;
 
@@ -16,7 +16,7 @@ pub struct Spaces {
     dir: PathBuf,
     mode: FileMode,
     writable: bool,
-    direct: bool,
+    write: WriteMode,
     files: Mutex<BTreeMap<Target, Arc<FoamFile>>>,
 }
 
@@ -24,11 +24,11 @@ impl Spaces {
     /// Creates (or reopens for another pass) the directory, root-only.
     pub fn create(dir: &Path, mode: FileMode) -> Result<Spaces, Error> {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| Error::io(dir, e))?;
-        Ok(Spaces { dir: dir.into(), mode, writable: true, direct: crate::foam::direct_writes_pay(dir), files: Mutex::new(BTreeMap::new()) })
+        Ok(Spaces { dir: dir.into(), mode, writable: true, write: WriteMode::probe(dir), files: Mutex::new(BTreeMap::new()) })
     }
 
     pub fn open(dir: &Path, mode: FileMode) -> Spaces {
-        Spaces { dir: dir.into(), mode, writable: false, direct: false, files: Mutex::new(BTreeMap::new()) }
+        Spaces { dir: dir.into(), mode, writable: false, write: WriteMode::default(), files: Mutex::new(BTreeMap::new()) }
     }
 
     pub fn dir(&self) -> &Path {
@@ -42,7 +42,7 @@ impl Spaces {
             return Ok(f.clone());
         }
         let f = Arc::new(if self.writable {
-            FoamFile::create(&self.dir, &t.stem(), self.mode)?.with_direct_writes(self.direct)
+            FoamFile::create(&self.dir, &t.stem(), self.mode)?.with_write_mode(self.write)
         } else {
             FoamFile::open(&self.dir, &t.stem(), self.mode)?
         });

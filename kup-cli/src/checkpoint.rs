@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use foam_store::criu_images::read_dump_stats;
-use foam_store::foam::FileMode;
+use foam_store::foam::{FileMode, WriteMode};
 use foam_store::manifest::{App, Manifest, Pass, PassKind, Space, State, MANIFEST_VERSION};
 use foam_store::protocol::Target;
 use foam_store::ranges::RangeMap;
@@ -57,7 +57,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
     check_room(&a.store, memory)?;
     let incremental = a.iterations > 1 && criu.has_dirty_tracking();
     let passes = if incremental { a.iterations } else { 1 };
-    let mut notes = vec![format!("store layout: {}", mode.describe())];
+    let mut notes = vec![format!("store layout: {}; {}", mode.describe(), WriteMode::probe(store.root()).describe())];
     if a.iterations > 1 && !incremental {
         notes.push("this kernel has no soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY), so CRIU cannot pre-dump: one full pass while the app is frozen".into());
     }

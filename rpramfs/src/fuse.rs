@@ -258,7 +258,11 @@ impl Filesystem for RpramFuse {
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.getattr(ino.0) {
             // The kernel's page cache stays valid across opens: all writes come through it.
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(_) => {
+                // CRC hints belong to the writer that gave them, before this open.
+                self.fs.forget_crc_hints(ino.0);
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }

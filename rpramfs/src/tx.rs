@@ -59,17 +59,28 @@ impl<'a> Tx<'a> {
 
     /// Writes a whole block (which must be fresh) and returns the pointer that vouches for it.
     pub fn write_block(&mut self, b: BlockNo, data: &Block) -> Result<BlkPtr> {
+        self.write_block_vouched(b, data, crc32fast::hash(data))
+    }
+
+    /// Like [`Tx::write_block`], with the block's CRC32 as the writer computed it (a CRC hint).
+    fn write_block_vouched(&mut self, b: BlockNo, data: &Block, crc: u32) -> Result<BlkPtr> {
         if !self.fresh.contains(&b.0) {
             return Err(Error::corrupt(b.0, "internal: write to a committed block refused"));
         }
         self.region.write(b.offset(), data)?;
-        Ok(BlkPtr { blk: b.0, crc: crc32fast::hash(data) })
+        Ok(BlkPtr { blk: b.0, crc })
     }
 
     /// Writes `data` as the new version of `old`.
     pub fn rewrite(&mut self, old: BlkPtr, data: &Block) -> Result<BlkPtr> {
         let b = self.cow(old)?;
         self.write_block(b, data)
+    }
+
+    /// Writes `data`, whose CRC32 the writer says is `crc`, as the new version of `old`.
+    pub fn rewrite_vouched(&mut self, old: BlkPtr, data: &Block, crc: u32) -> Result<BlkPtr> {
+        let b = self.cow(old)?;
+        self.write_block_vouched(b, data, crc)
     }
 
     /// Gives back every block this transaction allocated (it is being abandoned).

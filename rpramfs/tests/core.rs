@@ -233,3 +233,41 @@ fn many_files_in_one_directory() {
     assert_eq!(report.inodes, 2001);
     assert!(fs2.lookup(ROOT, b"f01999").is_ok());
 }
+
+#[test]
+fn crc_hints_are_kept_checked_on_arrival_and_never_turn_into_wrong_bytes() {
+    use rpramfs::fs::crc_hint::{encode, HINT_XATTR};
+    let fs = fresh(16 << 20);
+    let f = file(&fs, "pages");
+    let pages: Vec<u8> = (0..4 * 4096u32).map(|i| (i * 13 % 251) as u8).collect();
+    let crcs: Vec<u32> = pages.chunks(4096).map(crc32fast::hash).collect();
+    // The capability probe; nothing is stored or listed.
+    assert_eq!(fs.getxattr(f, HINT_XATTR).unwrap(), b"1");
+    fs.setxattr(f, HINT_XATTR, &encode(8192, &crcs), 0).unwrap();
+    assert!(fs.listxattr(f).unwrap().is_empty());
+    fs.write_file(f, 8192, &pages).unwrap();
+    let (fs2, report) = reopen(&fs);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(fs2.read_file(f, 8192, pages.len() as u32).unwrap(), pages);
+
+    // A hint that belongs to other data: the write is refused and the old bytes stay.
+    let other: Vec<u8> = pages.iter().map(|b| b ^ 0xff).collect();
+    fs.setxattr(f, HINT_XATTR, &encode(8192, &crcs), 0).unwrap();
+    assert_eq!(fs.write_file(f, 8192, &other).unwrap_err().errno(), libc::EIO);
+    assert_eq!(fs.read_file(f, 8192, pages.len() as u32).unwrap(), pages);
+    // The refusal dropped the hint: the same write now goes through with computed CRCs.
+    fs.write_file(f, 8192, &other).unwrap();
+    assert_eq!(fs.read_file(f, 8192, other.len() as u32).unwrap(), other);
+
+    // A hint that is right for the first block only (checked) and wrong for the second (trusted):
+    // that block fails to read; its bytes are never returned.
+    let mut lying = crcs.clone();
+    lying[1] ^= 1;
+    fs.setxattr(f, HINT_XATTR, &encode(8192, &lying), 0).unwrap();
+    fs.write_file(f, 8192, &pages).unwrap();
+    assert_eq!(fs.read_file(f, 8192, 4096).unwrap(), pages[..4096]);
+    assert!(fs.read_file(f, 8192 + 4096, 4096).is_err());
+
+    // Malformed hints are refused with EINVAL.
+    assert_eq!(fs.setxattr(f, HINT_XATTR, &encode(100, &crcs), 0).unwrap_err().errno(), libc::EINVAL);
+}

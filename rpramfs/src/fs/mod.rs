@@ -92,6 +92,7 @@ pub struct Fs {
     sb: Superblock,
     read_only: bool,
     inner: Mutex<Inner>,
+    hints: Hints,
 }
 
 /// File attributes as the FUSE layer needs them.
@@ -184,11 +185,13 @@ fn page_of(off: u64) -> u64 {
     off >> BLOCK_SHIFT
 }
 
+pub mod crc_hint;
 mod mount;
 mod storage;
 
 pub use mount::{inspect, Info};
 pub(crate) use storage::{build_dir_index, read_inode};
+use crc_hint::{Hinted, Hints, HINT_FORMAT, HINT_XATTR};
 use mount::*;
 use storage::*;
 
@@ -280,6 +283,7 @@ impl Fs {
             sb,
             read_only,
             inner: Mutex::new(Inner { root, alloc, dirs: HashMap::new(), lookups: HashMap::new() }),
+            hints: Hints::default(),
         };
         if !read_only {
             owner::write(&fs.region, Some(&Owner::current(&opts.what)))?;
@@ -473,7 +477,7 @@ impl Fs {
                 w.dirs.insert(ino, DirIndex::default());
             }
             if let Some(target) = symlink {
-                write_data(&mut w.tx, &mut inode, 0, target)?;
+                write_data(&mut w.tx, &mut inode, 0, target, None)?;
                 inode.size = target.len() as u64;
             }
             w.put_inode(ino, &inode)?;
@@ -735,12 +739,21 @@ impl Fs {
         if end > MAX_FILE_SIZE {
             return posix(libc::EFBIG);
         }
+        let hinted = self.hints.take(ino, off, data.len());
+        if let Some(h) = &hinted {
+            let at = (h.first - off) as usize;
+            if crc32fast::hash(&data[at..at + BLOCK_SIZE]) != h.crcs[0] {
+                self.hints.forget(ino);
+                error!(ino, offset = h.first, "write refused: its data does not match the CRC32 its writer hinted (user.rpramfs.write-crc32)");
+                return posix(libc::EIO);
+            }
+        }
         self.mutate(false, |w| {
             let mut inode = w.inode(ino)?;
             if !inode.is_reg() {
                 return posix(libc::EINVAL);
             }
-            write_data(&mut w.tx, &mut inode, off, data)?;
+            write_data(&mut w.tx, &mut inode, off, data, hinted.as_ref())?;
             inode.size = inode.size.max(end);
             touch_mc(&mut inode, w.now);
             w.put_inode(ino, &inode)?;
@@ -880,6 +893,9 @@ impl Fs {
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
         self.read(|r, t, _| {
             let inode = read_inode(r, t, ino)?;
+            if name == HINT_XATTR {
+                return Ok(HINT_FORMAT.to_vec());
+            }
             load_xattrs(r, &inode)?
                 .into_iter()
                 .find(|(n, _)| n == name)
@@ -907,6 +923,10 @@ impl Fs {
         if value.len() > XATTR_SIZE_MAX {
             return posix(libc::E2BIG);
         }
+        if name == HINT_XATTR {
+            self.getattr(ino)?;
+            return self.hints.set(ino, value);
+        }
         self.mutate(false, |w| {
             let mut inode = w.inode(ino)?;
             let mut list = load_xattrs(w.region(), &inode)?;
@@ -927,7 +947,16 @@ impl Fs {
         })
     }
 
+    /// Drops the CRC hints given for `ino` (see [`crc_hint`]).
+    pub fn forget_crc_hints(&self, ino: u64) {
+        self.hints.forget(ino);
+    }
+
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
+        if name == HINT_XATTR {
+            self.hints.forget(ino);
+            return Ok(());
+        }
         self.mutate(true, |w| {
             let mut inode = w.inode(ino)?;
             let mut list = load_xattrs(w.region(), &inode)?;

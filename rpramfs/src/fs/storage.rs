@@ -129,7 +129,7 @@ impl Work<'_> {
 
     pub(super) fn write_slot(&mut self, dir_inode: &mut Inode, slot: u64, entry: &DirentSlot) -> Result<()> {
         let off = dirent_offset(slot);
-        write_data(&mut self.tx, dir_inode, off, entry.as_bytes())?;
+        write_data(&mut self.tx, dir_inode, off, entry.as_bytes(), None)?;
         dir_inode.size = dir_inode.size.max((page_of(off) + 1) << BLOCK_SHIFT);
         Ok(())
     }
@@ -258,8 +258,9 @@ pub(crate) fn build_dir_index(region: &Region, dir: &Inode) -> Result<DirIndex> 
     Ok(idx)
 }
 
-/// Writes `data` at `off` into an inode's data tree (copy-on-write of every page touched).
-pub(super) fn write_data(tx: &mut Tx<'_>, inode: &mut Inode, off: u64, data: &[u8]) -> Result<()> {
+/// Writes `data` at `off` into an inode's data tree (copy-on-write of every page touched); whole
+/// pages with a CRC in `hinted` keep that CRC instead of a computed one.
+pub(super) fn write_data(tx: &mut Tx<'_>, inode: &mut Inode, off: u64, data: &[u8], hinted: Option<&Hinted>) -> Result<()> {
     if data.is_empty() {
         return Ok(());
     }
@@ -276,7 +277,10 @@ pub(super) fn write_data(tx: &mut Tx<'_>, inode: &mut Inode, off: u64, data: &[u
         let part = &data[(lo - off) as usize..(hi - off) as usize];
         if let Ok(whole) = <&Block>::try_from(part) {
             // A whole page goes straight from the request into its block.
-            return tx.rewrite(old, whole);
+            return match hinted.and_then(|h| h.crc_at(pstart)) {
+                Some(crc) => tx.rewrite_vouched(old, whole, crc),
+                None => tx.rewrite(old, whole),
+            };
         }
         let mut buf: Block = [0; BLOCK_SIZE];
         if !old.is_null() {
@@ -407,7 +411,7 @@ pub(super) fn store_xattrs(tx: &mut Tx<'_>, inode: &mut Inode, list: &[(Vec<u8>,
     // Written as a fresh tree: the blob is small (bounded by XATTR_LIST_MAX).
     let mut scratch = Inode::zeroed();
     set_data_tree(&mut scratch, t);
-    write_data(tx, &mut scratch, 0, &blob)?;
+    write_data(tx, &mut scratch, 0, &blob, None)?;
     inode.xattr_root = scratch.root;
     inode.xattr_height = scratch.height;
     inode.xattr_len = blob.len() as u32;

@@ -13,6 +13,7 @@ use nix::fcntl::{fallocate, FallocateFlags};
 use parking_lot::Mutex;
 use xattr::FileExt as _;
 
+use crate::direct::{DirectRegion, Lease};
 use crate::protocol::PAGE_SIZE;
 use crate::ranges::RangeMap;
 use crate::Error;
@@ -75,6 +76,8 @@ pub struct FoamFile {
     write: WriteMode,
     segments: Mutex<BTreeMap<u64, std::sync::Arc<File>>>,
     crc: File,
+    /// rpramfs's region, for direct writes (single-file layout only).
+    direct: Option<std::sync::Arc<DirectRegion>>,
 }
 
 impl FoamFile {
@@ -82,7 +85,7 @@ impl FoamFile {
     pub fn create(dir: &Path, stem: &str, mode: FileMode) -> Result<FoamFile, Error> {
         let crc_path = dir.join(format!("{stem}.crc"));
         let crc = OpenOptions::new().create(true).truncate(false).read(true).write(true).mode(0o600).open(&crc_path).map_err(|e| Error::io(&crc_path, e))?;
-        Ok(FoamFile { dir: dir.into(), stem: stem.into(), mode, writable: true, write: WriteMode::default(), segments: Mutex::new(BTreeMap::new()), crc })
+        Ok(FoamFile { dir: dir.into(), stem: stem.into(), mode, writable: true, write: WriteMode::default(), segments: Mutex::new(BTreeMap::new()), crc, direct: None })
     }
 
     /// Writes data as `write` says from now on (see [`WriteMode::probe`]).
@@ -91,11 +94,41 @@ impl FoamFile {
         self
     }
 
+    /// Writes pages straight into rpramfs's region from now on (see [`crate::direct`]); ignored
+    /// in the split layout, which rpramfs never needs.
+    pub fn with_direct(mut self, direct: Option<std::sync::Arc<DirectRegion>>) -> FoamFile {
+        self.direct = direct.filter(|_| self.mode == FileMode::Single && self.writable);
+        self
+    }
+
+    /// The region that leased pages are received into, when direct writes are on.
+    pub fn direct(&self) -> Option<&DirectRegion> {
+        self.direct.as_deref()
+    }
+
+    /// Fresh blocks for `pages` pages at `vaddr`, to receive them into (direct writes only).
+    pub fn lease(&self, vaddr: u64, pages: usize) -> Result<Lease, Error> {
+        let d = self.direct.as_ref().ok_or_else(|| Error::Unsupported("direct writes are off for this store".into()))?;
+        let f = self.segment(0)?;
+        d.lease(&f, vaddr, pages).map_err(|e| Error::io(&self.segment_path(0), e))
+    }
+
+    /// Commits the leased pages filled so far (one CRC each, as computed by [`page_crcs`]) and
+    /// stores their CRCs in the `.crc` file.
+    pub fn commit_leased(&self, lease: Lease, crcs: &[u8]) -> Result<(), Error> {
+        let d = self.direct.as_ref().ok_or_else(|| Error::Unsupported("direct writes are off for this store".into()))?;
+        let f = self.segment(0)?;
+        let vaddr = lease.off;
+        let words: Vec<u32> = crcs.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+        d.commit(&f, lease, &words).map_err(|e| Error::io(&self.segment_path(0), e))?;
+        self.crc.write_all_at(crcs, crc_offset(vaddr)).map_err(|e| Error::io(&self.crc_path(), e))
+    }
+
     /// Opens an existing address space for reading.
     pub fn open(dir: &Path, stem: &str, mode: FileMode) -> Result<FoamFile, Error> {
         let crc_path = dir.join(format!("{stem}.crc"));
         let crc = File::open(&crc_path).map_err(|e| Error::io(&crc_path, e))?;
-        Ok(FoamFile { dir: dir.into(), stem: stem.into(), mode, writable: false, write: WriteMode::default(), segments: Mutex::new(BTreeMap::new()), crc })
+        Ok(FoamFile { dir: dir.into(), stem: stem.into(), mode, writable: false, write: WriteMode::default(), segments: Mutex::new(BTreeMap::new()), crc, direct: None })
     }
 
     pub fn stem(&self) -> &str {
@@ -196,7 +229,7 @@ impl FoamFile {
         read_full_at(&self.crc, &mut crcs, crc_offset(vaddr)).map_err(|e| Error::io(&self.crc_path(), e))?;
         for (i, page) in buf.chunks_exact(PAGE).enumerate() {
             let want = u32::from_le_bytes(crcs[i * 4..i * 4 + 4].try_into().unwrap());
-            let got = crc32fast::hash(page);
+            let got = pagecrc::crc32(page);
             if want != got {
                 return Err(Error::BadPage { space: self.stem.clone(), vaddr: vaddr + (i * PAGE) as u64, want, got });
             }
@@ -266,10 +299,13 @@ pub struct WriteMode {
     pub direct: bool,
     /// Each write preceded by a CRC hint with the pages' CRCs.
     pub crc_hints: bool,
+    /// Pages received straight into rpramfs's region and committed with their CRCs (direct
+    /// writes, [`crate::direct`]); O_DIRECT and hints then serve only what is not leased.
+    pub region: bool,
 }
 
 impl WriteMode {
-    /// What pays in `dir`. On FUSE (rpramfs) a buffered write first copies every page into the
+    /// What pays in `dir`. On rpramfs direct writes, unless `KUP_DIRECT_WRITES=0`. On FUSE (rpramfs) a buffered write first copies every page into the
     /// page cache (pages the dump never reads again, allocated and zeroed while the app is
     /// frozen), so O_DIRECT, which hands the buffer to the daemon. On rpramfs also CRC hints: the
     /// page CRCs the FOAM file keeps anyway, which spare the daemon computing them again.
@@ -278,13 +314,15 @@ impl WriteMode {
     pub fn probe(dir: &Path) -> WriteMode {
         let fuse = nix::sys::statfs::statfs(dir).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::FUSE_SUPER_MAGIC);
         let crc_hints = fuse && xattr::get(dir, CRC_HINT_XATTR).ok().flatten().is_some_and(|v| v == b"1");
-        WriteMode { direct: fuse, crc_hints }
+        let region = crc_hints && DirectRegion::probe(dir).is_some();
+        WriteMode { direct: fuse, crc_hints, region }
     }
 
     pub fn describe(&self) -> &'static str {
-        match (self.direct, self.crc_hints) {
-            (true, true) => "data written with O_DIRECT, page CRCs handed to rpramfs (CRC hints)",
-            (true, false) => "data written with O_DIRECT",
+        match (self.direct, self.crc_hints, self.region) {
+            (_, _, true) => "pages received straight into rpramfs's region and committed with their CRCs (direct writes)",
+            (true, true, _) => "data written with O_DIRECT, page CRCs handed to rpramfs (CRC hints)",
+            (true, false, _) => "data written with O_DIRECT",
             _ => "data written through the page cache",
         }
     }
@@ -293,7 +331,7 @@ impl WriteMode {
 /// The CRCs of whole pages, as stored in the `.crc` file (4 bytes each, little-endian), into `out`.
 pub fn page_crcs(data: &[u8], out: &mut Vec<u8>) {
     out.clear();
-    out.extend(data.chunks_exact(PAGE).flat_map(|p| crc32fast::hash(p).to_le_bytes()));
+    out.extend(data.chunks_exact(PAGE).flat_map(|p| pagecrc::crc32(p).to_le_bytes()));
 }
 
 fn crc_offset(vaddr: u64) -> u64 {

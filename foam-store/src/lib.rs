@@ -5,6 +5,7 @@
 //!
 //! - [`protocol`]: the page-server wire format of CRIU 3.17–4.1.
 //! - [`foam`], [`spaces`]: FOAM files with a CRC per page; the files of one app.
+//! - [`direct`]: direct writes into rpramfs's region (leased blocks, the only `unsafe`).
 //! - [`receiver`]: the page server for `criu pre-dump`/`dump`.
 //! - [`lazy_server`]: the GET server for `criu lazy-pages`.
 //! - [`criu_images`]: pagemap/pages synthesis for restore, dump statistics.
@@ -12,6 +13,7 @@
 //! - [`framed`]: the CRC-checked, atomically replaced record files.
 
 pub mod criu_images;
+pub mod direct;
 pub mod foam;
 pub mod framed;
 pub mod lazy_server;

@@ -13,9 +13,12 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver as ChannelRx, SyncSender};
+use std::sync::Arc;
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
+use crate::direct::{DirectRegion, Lease, MAX_LEASE_PAGES};
+use crate::foam::FoamFile;
 use crate::protocol::{Cmd, Header, ProtocolError, Target, HEADER_LEN, PAGE_SIZE, PE_PARENT, PE_PRESENT};
 use crate::ranges::RangeMap;
 use crate::spaces::Spaces;
@@ -59,10 +62,49 @@ struct Run {
     /// spans one page more than it holds, so FUSE would split every 1 MiB run into two requests,
     /// both ending mid-block.
     buf: memmap2::MmapMut,
+    /// With direct writes the pages go into blocks leased from rpramfs instead of `buf`.
+    lease: Option<(Arc<FoamFile>, Lease)>,
     fill: usize,
     target: Option<Target>,
     vaddr: u64,
     crcs: Vec<u8>,
+}
+
+impl Run {
+    fn capacity(&self) -> usize {
+        self.lease.as_ref().map_or(self.buf.len(), |(_, l)| l.pages() * PAGE_SIZE as usize)
+    }
+
+    /// Reads `n` bytes of page data from the session into the run.
+    fn receive<S: Read>(&mut self, sock: &mut S, n: usize) -> Result<(), Error> {
+        match &mut self.lease {
+            None => read_session(sock, &mut self.buf[self.fill..self.fill + n])?,
+            Some((file, lease)) => {
+                let region = file.direct().expect("a leased run's file has direct writes");
+                let page = PAGE_SIZE as usize;
+                let (mut at, end) = (self.fill / page, (self.fill + n) / page);
+                while at < end {
+                    let k = DirectRegion::consecutive(lease, at, end - at);
+                    read_session(sock, region.pages_mut(lease, at, k))?;
+                    at += k;
+                }
+            }
+        }
+        self.fill += n;
+        Ok(())
+    }
+
+    /// The CRC of every page received.
+    fn checksum(&mut self) {
+        match &self.lease {
+            None => crate::foam::page_crcs(&self.buf[..self.fill], &mut self.crcs),
+            Some((file, lease)) => {
+                let region = file.direct().expect("a leased run's file has direct writes");
+                self.crcs.clear();
+                self.crcs.extend((0..self.fill / PAGE_SIZE as usize).flat_map(|i| pagecrc::crc32(region.page(lease, i)).to_le_bytes()));
+            }
+        }
+    }
 }
 
 /// The writer thread and the channels to it: full runs go there, emptied ones come back.
@@ -78,15 +120,17 @@ impl<'scope> Writer<'scope> {
         let (empty_tx, empty) = sync_channel::<Run>(RUNS_IN_FLIGHT);
         for _ in 0..RUNS_IN_FLIGHT {
             let buf = memmap2::MmapMut::map_anon(RUN_BYTES).map_err(|e| Error::io(std::path::Path::new("(receive buffer)"), e))?;
-            let run = Run { buf, fill: 0, target: None, vaddr: 0, crcs: Vec::with_capacity(RUN_BYTES / 4096 * 4) };
+            let run = Run { buf, lease: None, fill: 0, target: None, vaddr: 0, crcs: Vec::with_capacity(RUN_BYTES / 4096 * 4) };
             empty_tx.send(run).expect("the channel has room for every run");
         }
         let thread = std::thread::Builder::new()
             .name("foam-writer".into())
             .spawn_scoped(scope, move || {
                 for mut run in full_rx {
-                    if let Some(t) = run.target {
-                        spaces.get_or_create(t)?.write_pages_with_crcs(run.vaddr, &run.buf[..run.fill], &run.crcs)?;
+                    match (run.lease.take(), run.target) {
+                        (Some((file, lease)), _) => file.commit_leased(lease, &run.crcs)?,
+                        (None, Some(t)) => spaces.get_or_create(t)?.write_pages_with_crcs(run.vaddr, &run.buf[..run.fill], &run.crcs)?,
+                        (None, None) => {}
                     }
                     run.fill = 0;
                     run.target = None;
@@ -111,7 +155,7 @@ impl<'scope> Writer<'scope> {
     /// waits for the store, measured faster under emulation than a CRC stage of its own or
     /// checksumming in the writer.)
     fn store(&mut self, mut run: Run) -> Result<(), Error> {
-        crate::foam::page_crcs(&run.buf[..run.fill], &mut run.crcs);
+        run.checksum();
         let sent = self.full.as_ref().map(|f| f.send(run).is_ok()).unwrap_or(false);
         if sent {
             Ok(())
@@ -244,17 +288,25 @@ impl<'a> Receiver<'a> {
         let mut left = len as usize;
         while left > 0 {
             let contiguous = run.target == Some(t) && run.vaddr + run.fill as u64 == at;
-            if !contiguous || run.fill == run.buf.len() {
+            if !contiguous || run.fill == run.capacity() {
                 if run.fill > 0 {
                     let next = writer.take()?;
                     writer.store(std::mem::replace(run, next))?;
                 }
                 run.target = Some(t);
                 run.vaddr = at;
+                // Direct writes: blocks for the rest of this header's pages (a run ends with its
+                // lease; CRIU's next header is rarely contiguous with this one).
+                run.lease = None;
+                let file = self.spaces.get_or_create(t)?;
+                if file.direct().is_some() {
+                    let pages = (left / PAGE_SIZE as usize).min(MAX_LEASE_PAGES);
+                    let lease = file.lease(at, pages)?;
+                    run.lease = Some((file, lease));
+                }
             }
-            let n = left.min(run.buf.len() - run.fill);
-            read_session(sock, &mut run.buf[run.fill..run.fill + n])?;
-            run.fill += n;
+            let n = left.min(run.capacity() - run.fill);
+            run.receive(sock, n)?;
             at += n as u64;
             left -= n;
             if let Some(c) = self.progress {

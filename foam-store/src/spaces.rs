@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use crate::direct::DirectRegion;
 use crate::foam::{FileMode, FoamFile, WriteMode};
 use crate::protocol::Target;
 use crate::Error;
@@ -17,6 +18,7 @@ pub struct Spaces {
     mode: FileMode,
     writable: bool,
     write: WriteMode,
+    direct: Option<Arc<DirectRegion>>,
     files: Mutex<BTreeMap<Target, Arc<FoamFile>>>,
 }
 
@@ -24,11 +26,14 @@ impl Spaces {
     /// Creates (or reopens for another pass) the directory, root-only.
     pub fn create(dir: &Path, mode: FileMode) -> Result<Spaces, Error> {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| Error::io(dir, e))?;
-        Ok(Spaces { dir: dir.into(), mode, writable: true, write: WriteMode::probe(dir), files: Mutex::new(BTreeMap::new()) })
+        let mut write = WriteMode::probe(dir);
+        let direct = if write.region { DirectRegion::probe(dir).map(Arc::new) } else { None };
+        write.region = direct.is_some();
+        Ok(Spaces { dir: dir.into(), mode, writable: true, write, direct, files: Mutex::new(BTreeMap::new()) })
     }
 
     pub fn open(dir: &Path, mode: FileMode) -> Spaces {
-        Spaces { dir: dir.into(), mode, writable: false, write: WriteMode::default(), files: Mutex::new(BTreeMap::new()) }
+        Spaces { dir: dir.into(), mode, writable: false, write: WriteMode::default(), direct: None, files: Mutex::new(BTreeMap::new()) }
     }
 
     pub fn dir(&self) -> &Path {
@@ -42,7 +47,7 @@ impl Spaces {
             return Ok(f.clone());
         }
         let f = Arc::new(if self.writable {
-            FoamFile::create(&self.dir, &t.stem(), self.mode)?.with_write_mode(self.write)
+            FoamFile::create(&self.dir, &t.stem(), self.mode)?.with_write_mode(self.write).with_direct(self.direct.clone())
         } else {
             FoamFile::open(&self.dir, &t.stem(), self.mode)?
         });

@@ -57,7 +57,13 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
     check_room(&a.store, memory)?;
     let incremental = a.iterations > 1 && criu.has_dirty_tracking();
     let passes = if incremental { a.iterations } else { 1 };
-    let mut notes = vec![format!("store layout: {}; {}", mode.describe(), WriteMode::probe(store.root()).describe())];
+    // Naming the CRC32 implementation also picks it (a timing), before any app is frozen.
+    let mut notes = vec![format!(
+        "store layout: {}; {}; page CRC32 by the {}, the faster here",
+        mode.describe(),
+        WriteMode::probe(store.root()).describe(),
+        pagecrc::implementation().name()
+    )];
     if a.iterations > 1 && !incremental {
         notes.push("this kernel has no soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY), so CRIU cannot pre-dump: one full pass while the app is frozen".into());
     }
@@ -189,6 +195,7 @@ fn checkpoint_app(
         cmd.stdout(std::process::Stdio::null()).stderr(stderr);
 
         let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+        widen_send_buffer(&theirs, PAGE_SERVER_SNDBUF);
         let theirs: OwnedFd = theirs.into();
         crate::os::pass_socket(&mut cmd, &theirs);
         let received = AtomicU64::new(0);
@@ -375,4 +382,45 @@ pub fn summary_json(m: &Manifest, notes: &[String]) -> serde_json::Value {
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
+}
+
+/// How much page data CRIU's end of the page-server socket may hold unread: enough for a final
+/// pass of a few hundred MiB of working set at 10 % dirty. CRIU then hands over a pass's pages
+/// as fast as it collects them and goes on to its other images while kup is still storing pages
+/// (with the default 208 KiB it waited on kup for every chunk, with the app frozen). Little memory
+/// is at stake: CRIU splices the frozen app's pages into the socket by reference, and it holds
+/// those pages in its page pipes anyway.
+const PAGE_SERVER_SNDBUF: usize = 32 << 20;
+
+/// Lets `sock` hold `bytes` of unread data before its writer blocks: `SO_SNDBUFFORCE` (root may go
+/// past net.core.wmem_max), else `SO_SNDBUF` up to that limit. With the default buffer dumps
+/// still work, only slower, so a refusal is a warning.
+fn widen_send_buffer(sock: &impl std::os::fd::AsFd, bytes: usize) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(sock, sockopt::SndBufForce, &bytes).is_err() {
+        if let Err(e) = setsockopt(sock, sockopt::SndBuf, &bytes) {
+            eprintln!("kup: warning: cannot widen the page-server socket's send buffer ({e}); CRIU waits longer on kup while the app is frozen");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{getsockopt, sockopt};
+
+    #[test]
+    fn the_page_server_socket_holds_a_whole_final_pass() {
+        let (_ours, theirs) = UnixStream::pair().unwrap();
+        let before = getsockopt(&theirs, sockopt::SndBuf).unwrap();
+        widen_send_buffer(&theirs, PAGE_SERVER_SNDBUF);
+        let after = getsockopt(&theirs, sockopt::SndBuf).unwrap();
+        // The kernel doubles what it is given (bookkeeping overhead); without root only
+        // net.core.wmem_max is allowed, and the socket must still have grown or kept its size.
+        if nix::unistd::geteuid().is_root() {
+            assert!(after >= PAGE_SERVER_SNDBUF, "SO_SNDBUF {before} -> {after}, wanted {PAGE_SERVER_SNDBUF}");
+        } else {
+            assert!(after >= before, "SO_SNDBUF shrank: {before} -> {after}");
+        }
+    }
 }

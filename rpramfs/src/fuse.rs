@@ -5,18 +5,20 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    IoctlFlags, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
     WriteFlags,
 };
 use tracing::{error, info, warn};
 
 use crate::error::Error;
+use crate::fs::lease::{CommitRequest, LeaseRequest, IOC_COMMIT, IOC_DIRECT_INFO, IOC_LEASE};
 use crate::fs::{Attr, Creator, Fs, SetAttr, Time};
 use crate::layout::{BLOCK_SIZE, INODES_PER_BLOCK, NAME_MAX};
 
@@ -26,11 +28,33 @@ const TTL: Duration = Duration::from_secs(1);
 
 pub struct RpramFuse {
     fs: Arc<Fs>,
+    /// File handles are numbered: direct-write leases belong to the open file that took them.
+    next_fh: AtomicU64,
+    /// Tells the kernel to drop cached pages and attributes that a direct write changed (set
+    /// once the session exists).
+    notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
 impl RpramFuse {
     pub fn new(fs: Arc<Fs>) -> RpramFuse {
-        RpramFuse { fs }
+        RpramFuse { fs, next_fh: AtomicU64::new(1), notifier: Arc::new(OnceLock::new()) }
+    }
+
+    fn new_handle(&self) -> FileHandle {
+        FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The kernel's copy of `ino` (attributes, and pages `off..off + len`) is stale: direct
+    /// writes change a file without a FUSE write passing through the kernel.
+    fn invalidate(&self, ino: u64, off: u64, len: u64) {
+        if let Some(n) = self.notifier.get() {
+            if let Err(e) = n.inval_inode(INodeNo(ino), off as i64, len as i64) {
+                // ENOENT: the kernel holds nothing of this inode.
+                if e.raw_os_error() != Some(libc::ENOENT) {
+                    warn!(ino, error = %e, "invalidating the kernel's cache after a direct write failed");
+                }
+            }
+        }
     }
 }
 
@@ -257,11 +281,12 @@ impl Filesystem for RpramFuse {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.getattr(ino.0) {
-            // The kernel's page cache stays valid across opens: all writes come through it.
+            // The kernel's page cache stays valid across opens: all writes come through it, and
+            // direct writes invalidate what they change.
             Ok(_) => {
                 // CRC hints belong to the writer that gave them, before this open.
                 self.fs.forget_crc_hints(ino.0);
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+                reply.opened(self.new_handle(), FopenFlags::FOPEN_KEEP_CACHE)
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -298,6 +323,48 @@ impl Filesystem for RpramFuse {
     ) {
         match self.fs.write_file(ino.0, offset, data) {
             Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release_handle(fh.0);
+        reply.ok();
+    }
+
+    /// Direct writes (rpramfs/src/fs/lease.rs): DIRECT_INFO, LEASE and COMMIT.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        let r = match cmd {
+            IOC_DIRECT_INFO => self.fs.direct_info().map(|i| i.to_vec()),
+            IOC_LEASE => LeaseRequest::decode(in_data).and_then(|q| self.fs.lease(fh.0, ino.0, &q)),
+            IOC_COMMIT => CommitRequest::decode(in_data).and_then(|q| {
+                self.fs.commit_lease(fh.0, ino.0, &q)?;
+                self.invalidate(ino.0, q.off, q.crcs.len() as u64 * BLOCK_SIZE as u64);
+                Ok(Vec::new())
+            }),
+            _ => Err(Error::Posix(libc::ENOTTY)),
+        };
+        match r {
+            Ok(out) => reply.ioctl(0, &out),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -388,7 +455,7 @@ impl Filesystem for RpramFuse {
         match self.fs.create(parent.0, name.as_bytes(), mode, 0, creator(req), None) {
             Ok(a) => {
                 self.fs.remember(a.ino);
-                reply.created(&TTL, &file_attr(&a), generation(&a), FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+                reply.created(&TTL, &file_attr(&a), generation(&a), self.new_handle(), FopenFlags::FOPEN_KEEP_CACHE);
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -490,7 +557,11 @@ pub fn mount(fs: Arc<Fs>, mountpoint: &Path, source: &str, cfg: &MountConfig) ->
     config.acl = if cfg.allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
     config.n_threads = Some(cfg.threads);
     config.clone_fd = true;
-    fuser::Session::new(RpramFuse::new(fs), mountpoint, &config)
+    let fuse = RpramFuse::new(fs);
+    let notifier = fuse.notifier.clone();
+    let session = fuser::Session::new(fuse, mountpoint, &config)?;
+    let _ = notifier.set(session.notifier());
+    Ok(session)
 }
 
 /// Runs the session until the file system is unmounted.

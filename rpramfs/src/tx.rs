@@ -32,6 +32,17 @@ impl<'a> Tx<'a> {
         Ok(b)
     }
 
+    /// Takes a block allocated outside any transaction (a direct writer's lease, filled already)
+    /// as one of this transaction's own: made durable before the commit record, given back to
+    /// the allocator if the transaction is abandoned.
+    pub fn adopt(&mut self, b: BlockNo) {
+        // A retried transaction adopts again what its abandoned first try gave back.
+        if !self.alloc.is_used(b.0) {
+            self.alloc.mark_used(b.0);
+        }
+        self.fresh.insert(b.0);
+    }
+
     /// Drops a block from the tree being built.
     pub fn free_block(&mut self, b: BlockNo) {
         if b.0 == 0 {
@@ -59,7 +70,7 @@ impl<'a> Tx<'a> {
 
     /// Writes a whole block (which must be fresh) and returns the pointer that vouches for it.
     pub fn write_block(&mut self, b: BlockNo, data: &Block) -> Result<BlkPtr> {
-        self.write_block_vouched(b, data, crc32fast::hash(data))
+        self.write_block_vouched(b, data, pagecrc::crc32(data))
     }
 
     /// Like [`Tx::write_block`], with the block's CRC32 as the writer computed it (a CRC hint).
@@ -99,7 +110,7 @@ impl<'a> Tx<'a> {
 /// Reads a block and checks it against the CRC its parent holds.
 pub fn read_verified(region: &Region, ptr: BlkPtr, buf: &mut Block, what: &dyn Fn() -> String) -> Result<()> {
     region.read_into(ptr.block().offset(), buf)?;
-    if crc32fast::hash(buf) != ptr.crc {
+    if pagecrc::crc32(buf) != ptr.crc {
         return Err(Error::corrupt(ptr.blk, what()));
     }
     Ok(())

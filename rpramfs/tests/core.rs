@@ -271,3 +271,96 @@ fn crc_hints_are_kept_checked_on_arrival_and_never_turn_into_wrong_bytes() {
     // Malformed hints are refused with EINVAL.
     assert_eq!(fs.setxattr(f, HINT_XATTR, &encode(100, &crcs), 0).unwrap_err().errno(), libc::EINVAL);
 }
+
+/// Fills leased blocks as a direct writer does (through the region, not through the daemon).
+fn fill_lease(fs: &Fs, answer: &[u8], data: &[u8]) {
+    let n = u32::from_le_bytes(answer[8..12].try_into().unwrap()) as usize;
+    for (i, page) in data.chunks(4096).enumerate().take(n) {
+        let b = u32::from_le_bytes(answer[16 + 4 * i..20 + 4 * i].try_into().unwrap());
+        fs.region().write(rpramfs::layout::BlockNo(b).offset(), page).unwrap();
+    }
+}
+
+#[test]
+fn direct_writes_commit_leased_blocks_and_never_leak_or_lie() {
+    use rpramfs::fs::lease::{CommitRequest, LeaseRequest, MAX_LEASE_BLOCKS, MAX_LEASES_PER_HANDLE};
+    let fs = fresh(16 << 20);
+    let f = file(&fs, "space.foam");
+    let free0 = fs.usage().free_blocks;
+    let pages: Vec<u8> = (0..8 * 4096u32).map(|i| (i * 29 % 253) as u8).collect();
+    let crcs: Vec<u32> = pages.chunks(4096).map(crc32fast::hash).collect();
+    assert!(fs.direct_info().is_ok());
+
+    // Lease 8 blocks, fill 6, commit 6: those read back (also after a crash), the other 2 are free again.
+    let off = 0x7f00_0000_0000u64;
+    let ans = fs.lease(7, f, &LeaseRequest { off, n: 8 }).unwrap();
+    assert_eq!(fs.usage().free_blocks, free0 - 8);
+    fill_lease(&fs, &ans, &pages);
+    fs.commit_lease(7, f, &CommitRequest { off, crcs: crcs[..6].to_vec() }).unwrap();
+    assert_eq!(fs.read_file(f, off, 6 * 4096).unwrap(), pages[..6 * 4096]);
+    assert_eq!(fs.getattr(f).unwrap().inode.size, off + 6 * 4096);
+    assert_eq!(fs.getattr(f).unwrap().inode.blocks, 6);
+    let (fs2, report) = reopen(&fs);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(fs2.read_file(f, off, 6 * 4096).unwrap(), pages[..6 * 4096]);
+    let free1 = fs.usage().free_blocks;
+
+    // Overwriting committed pages: the new bytes, and the old blocks are freed (two generations on).
+    let other: Vec<u8> = pages.iter().map(|b| b ^ 0x5a).collect();
+    let ans = fs.lease(7, f, &LeaseRequest { off, n: 2 }).unwrap();
+    fill_lease(&fs, &ans, &other);
+    let ocrcs: Vec<u32> = other.chunks(4096).map(crc32fast::hash).collect();
+    fs.commit_lease(7, f, &CommitRequest { off, crcs: ocrcs[..2].to_vec() }).unwrap();
+    assert_eq!(fs.read_file(f, off, 4096 * 3).unwrap(), [&other[..8192], &pages[8192..12288]].concat());
+
+    // A commit whose first CRC does not match its data: EIO, the file keeps its bytes, the lease is freed.
+    let ans = fs.lease(7, f, &LeaseRequest { off, n: 2 }).unwrap();
+    fill_lease(&fs, &ans, &pages);
+    assert_eq!(fs.commit_lease(7, f, &CommitRequest { off, crcs: ocrcs[..2].to_vec() }).unwrap_err().errno(), libc::EIO);
+    assert_eq!(fs.read_file(f, off, 8192).unwrap(), other[..8192]);
+    // A CRC right for the first block (checked) and wrong for the second (vouched): that block
+    // fails to read and its bytes are never returned.
+    let ans = fs.lease(7, f, &LeaseRequest { off, n: 2 }).unwrap();
+    fill_lease(&fs, &ans, &pages);
+    fs.commit_lease(7, f, &CommitRequest { off, crcs: vec![crcs[0], crcs[1] ^ 1] }).unwrap();
+    assert_eq!(fs.read_file(f, off, 4096).unwrap(), pages[..4096]);
+    assert!(fs.read_file(f, off + 4096, 4096).is_err());
+
+    // Bad requests.
+    let errno = |r: rpramfs::error::Result<Vec<u8>>| r.unwrap_err().errno();
+    assert_eq!(errno(fs.lease(7, f, &LeaseRequest { off: 100, n: 1 })), libc::EINVAL);
+    assert_eq!(errno(fs.lease(7, f, &LeaseRequest { off, n: 0 })), libc::EINVAL);
+    assert_eq!(errno(fs.lease(7, f, &LeaseRequest { off, n: MAX_LEASE_BLOCKS + 1 })), libc::EINVAL);
+    assert_eq!(errno(fs.lease(7, f, &LeaseRequest { off: 1 << 48, n: 1 })), libc::EFBIG);
+    assert_eq!(errno(fs.lease(7, ROOT, &LeaseRequest { off: 0, n: 1 })), libc::EINVAL);
+    assert_eq!(fs.commit_lease(7, f, &CommitRequest { off: 0, crcs: vec![1] }).unwrap_err().errno(), libc::ENOENT);
+    fs.lease(7, f, &LeaseRequest { off: 0, n: 1 }).unwrap();
+    assert_eq!(fs.commit_lease(7, f, &CommitRequest { off: 0, crcs: vec![1, 2] }).unwrap_err().errno(), libc::EINVAL);
+    // That commit consumed its lease.
+    assert_eq!(fs.commit_lease(7, f, &CommitRequest { off: 0, crcs: vec![1] }).unwrap_err().errno(), libc::ENOENT);
+    for i in 0..MAX_LEASES_PER_HANDLE as u64 {
+        fs.lease(9, f, &LeaseRequest { off: i * 4096, n: 1 }).unwrap();
+    }
+    assert_eq!(errno(fs.lease(9, f, &LeaseRequest { off: 1 << 30, n: 1 })), libc::EBUSY);
+
+    // Closing the handle frees what it never committed; so does a crash (the mount walk).
+    fs.release_handle(9);
+    let free2 = fs.usage().free_blocks + fs.usage().pending_blocks;
+    fs.lease(11, f, &LeaseRequest { off: 0, n: 200 }).unwrap();
+    let (fs3, report) = reopen(&fs);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(fs3.usage().free_blocks + fs3.usage().pending_blocks, free2);
+    fs.release_handle(11);
+    assert_eq!(fs.usage().free_blocks + fs.usage().pending_blocks, free2);
+    assert!(free1 < free0);
+}
+
+#[test]
+fn regions_that_log_their_stores_offer_no_direct_writes() {
+    let r = Region::memfd(8 << 20, true).unwrap();
+    Fs::mkfs(&r, &MkfsOptions::default()).unwrap();
+    let fs = Fs::open(r, &OpenOptions::default()).unwrap().0;
+    assert_eq!(fs.direct_info().unwrap_err().errno(), libc::ENOTTY);
+    let f = file(&fs, "x");
+    assert_eq!(fs.lease(1, f, &rpramfs::fs::lease::LeaseRequest { off: 0, n: 1 }).unwrap_err().errno(), libc::ENOTTY);
+}

@@ -85,6 +85,8 @@ struct Inner {
     dirs: HashMap<u64, DirIndex>,
     /// FUSE lookup counts: an unlinked inode lives until the kernel forgets it.
     lookups: HashMap<u64, u64>,
+    /// Blocks handed to direct writers and not yet committed (see [`lease`]).
+    leases: lease::Leases,
 }
 
 pub struct Fs {
@@ -186,6 +188,7 @@ fn page_of(off: u64) -> u64 {
 }
 
 pub mod crc_hint;
+pub mod lease;
 mod mount;
 mod storage;
 
@@ -282,7 +285,7 @@ impl Fs {
             region,
             sb,
             read_only,
-            inner: Mutex::new(Inner { root, alloc, dirs: HashMap::new(), lookups: HashMap::new() }),
+            inner: Mutex::new(Inner { root, alloc, dirs: HashMap::new(), lookups: HashMap::new(), leases: Default::default() }),
             hints: Hints::default(),
         };
         if !read_only {
@@ -309,7 +312,7 @@ impl Fs {
         }
         let mut inner = self.inner.lock();
         let root = inner.root;
-        let used = inner.alloc.used_blocks();
+        let used = inner.alloc.used_blocks() - inner.leases.blocks;
         write_commit(&self.region, &self.sb, &Root { gen: root.gen + 1, ..root }, used, COMMIT_CLEAN, &[])?;
         inner.root.gen += 1;
         let g = inner.root.gen;
@@ -355,7 +358,8 @@ impl Fs {
                 let Work { tx, root, .. } = w;
                 let (fresh, freed) = tx.finish();
                 let root = Root { gen: inner.root.gen + 1, ..root };
-                let used = inner.alloc.used_blocks() - freed.len() as u64;
+                // Leased blocks are allocated but belong to no commit yet.
+                let used = inner.alloc.used_blocks() - freed.len() as u64 - inner.leases.blocks;
                 if let Err(e) = write_commit(&self.region, &self.sb, &root, used, 0, &fresh) {
                     // The record may or may not have reached the region; keep this session from
                     // reusing any block either generation references.
@@ -380,7 +384,7 @@ impl Fs {
     fn release_deferred(&self, inner: &mut Inner) -> Result<()> {
         while inner.alloc.pending_blocks() > 0 {
             let root = Root { gen: inner.root.gen + 1, ..inner.root };
-            write_commit(&self.region, &self.sb, &root, inner.alloc.used_blocks(), 0, &[])?;
+            write_commit(&self.region, &self.sb, &root, inner.alloc.used_blocks() - inner.leases.blocks, 0, &[])?;
             inner.alloc.committed(root.gen);
             inner.root = root;
         }
@@ -742,7 +746,7 @@ impl Fs {
         let hinted = self.hints.take(ino, off, data.len());
         if let Some(h) = &hinted {
             let at = (h.first - off) as usize;
-            if crc32fast::hash(&data[at..at + BLOCK_SIZE]) != h.crcs[0] {
+            if pagecrc::crc32(&data[at..at + BLOCK_SIZE]) != h.crcs[0] {
                 self.hints.forget(ino);
                 error!(ino, offset = h.first, "write refused: its data does not match the CRC32 its writer hinted (user.rpramfs.write-crc32)");
                 return posix(libc::EIO);

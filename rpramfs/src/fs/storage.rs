@@ -294,6 +294,30 @@ pub(super) fn write_data(tx: &mut Tx<'_>, inode: &mut Inode, off: u64, data: &[u
     Ok(())
 }
 
+/// Makes the filled blocks `blocks` (with their CRCs) the file's pages from `off` on, freeing the
+/// pages they replace (a direct writer's commit, see [`super::lease`]).
+pub(super) fn adopt_blocks(tx: &mut Tx<'_>, inode: &mut Inode, off: u64, blocks: &[u32], crcs: &[u32]) -> Result<()> {
+    debug_assert_eq!(blocks.len(), crcs.len());
+    let first = page_of(off);
+    for &b in blocks {
+        tx.adopt(BlockNo(b));
+    }
+    let mut t = data_tree(inode);
+    let mut added = 0u64;
+    tree::update_pages(tx, &mut t, first, first + blocks.len() as u64 - 1, &mut |tx, page, old| {
+        let i = (page - first) as usize;
+        if old.is_null() {
+            added += 1;
+        } else {
+            tx.free_block(old.block());
+        }
+        Ok(BlkPtr { blk: blocks[i], crc: crcs[i] })
+    })?;
+    inode.blocks += added;
+    set_data_tree(inode, t);
+    Ok(())
+}
+
 /// Zeroes bytes `lo..hi` (inside one page) of a mapped page; holes stay holes.
 pub(super) fn zero_partial(tx: &mut Tx<'_>, inode: &mut Inode, lo: u64, hi: u64) -> Result<()> {
     if lo >= hi {

@@ -11,7 +11,9 @@
 #   without rpramfs and FUSE). Before all that, `dd` of 256 MiB into tmpfs and into rpramfs on the
 #   region as a block device (/dev/pmem0) and as devdax.
 # After every restore the subject checks all its memory (SIGUSR1 -> OK/BAD in its status file); BAD
-# fails the scenario. Frozen times are CRIU's own (stats-dump: frozen_time_us) for all three dumps.
+# fails the scenario. Frozen times are CRIU's own (stats-dump: frozen_time_us) for all three dumps;
+# plain `criu dump` and the 2-pass checkpoint are sampled kup.samples= times (fresh subject each,
+# dump only after the first) and the table shows the medians.
 # At the end: a table (`GUEST: TABLE` lines, which the host prints again) and the issue's targets,
 # reported but not enforced. Sizes and memory: foam-bench.host.sh. Host clock not needed: all times are
 # measured inside the guest (CRIU's stats, kup's JSON, the guest clock via adjtimex, 1 µs resolution).
@@ -147,6 +149,28 @@ bench_plain() {
     verify "W=$W D=$D criu-restore" "$W"
     subj_stop
     rm -rf $PLAIN
+    # More frozen-time samples (dump only): the table shows their median.
+    samples=$P_FROZEN
+    s=1
+    while [ $s -lt "$SAMPLES" ]; do
+        s=$((s + 1))
+        subj_start "$W" "$D"
+        mkdir -p $PLAIN
+        rc=0
+        criu dump -t "$PID" -D $PLAIN -o dump.log >/tmp/criu.out 2>&1 || rc=$?
+        [ $rc -eq 0 ] || { show_logs criu $PLAIN/dump.log; fail "criu dump -t $PID (sample $s) exited $rc: $(tail -n 2 /tmp/criu.out)"; }
+        reap
+        kup criu-stats $PLAIN >/tmp/plain-stats.json 2>&1 || fail "kup criu-stats $PLAIN: $(cat /tmp/plain-stats.json)"
+        samples="$samples $(jget /tmp/plain-stats.json frozen_time_us | awk '{ printf "%.1f", $1 / 1000 }')"
+        rm -rf $PLAIN
+    done
+    P_FROZEN=$(median $samples)
+    info "W=$W D=$D criu-dump: frozen ms per sample: $samples; median $P_FROZEN"
+}
+
+# median N...: the middle value (the lower middle for an even count).
+median() {
+    printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
 }
 
 # kup_checkpoint ITERATIONS [STORE]: checkpoints $PID into the store (default: rpramfs on /kup).
@@ -254,6 +278,19 @@ bench_kup() {
     verify "W=$W D=$D kup-2pass-lazy" "$W"
     subj_stop
     rm -rf "${MNT:?}/$CK_ID" "$KWORK/$CK_ID"
+    # More frozen-time samples (checkpoint only): the table shows their median.
+    samples=$K2_FROZEN
+    s=1
+    while [ $s -lt "$SAMPLES" ]; do
+        s=$((s + 1))
+        subj_start "$W" "$D"
+        kup_checkpoint 2
+        samples="$samples $CK_FROZEN"
+        info "W=$W D=$D kup-2pass sample $s: frozen ${CK_FROZEN} ms: $(passes_line); $CK_STATS"
+        rm -rf "${MNT:?}/$CK_ID"
+    done
+    K2_FROZEN=$(median $samples)
+    info "W=$W D=$D kup-2pass: frozen ms per sample: $samples; median $K2_FROZEN"
 }
 
 # dd_probe FILE LABEL: 256 MiB of 1 MiB writes into FILE (then fsync), reported as LABEL.
@@ -271,6 +308,8 @@ stage_a() {
     modprobe -a nf_tables netlink_diag unix_diag inet_diag tcp_diag udp_diag af_packet_diag 2>/dev/null || true
     SIZES=$(cmdline_arg kup.sizes) || SIZES=256,1024
     DIRTY=$(cmdline_arg kup.dirty) || DIRTY=10,50
+    SAMPLES=$(cmdline_arg kup.samples) || SAMPLES=3
+    case $SAMPLES in '' | *[!0-9]* | 0) fail "kup.samples: $SAMPLES is not a positive count" ;; esac
     SIZES=$(echo "$SIZES" | tr , ' ') DIRTY=$(echo "$DIRTY" | tr , ' ')
     wmax=0
     for w in $SIZES; do
@@ -304,7 +343,7 @@ stage_a() {
     [ "$rmib" -ge $((2 * wmax + 200)) ] || fail "$REGION has $rmib MiB; W=$wmax MiB needs $((2 * wmax + 200)) MiB (checkpoint + eager pages image): raise memmap= (foam-bench.host.sh)"
     [ "$avail_mib" -ge $((2 * wmax + 300)) ] || fail "$avail_mib MiB RAM available; W=$wmax MiB needs $((2 * wmax + 300)) MiB (subject + plain dump in tmpfs): raise -m (foam-bench.host.sh)"
     criu check --feature mem_dirty_track >/dev/null 2>&1 || fail "no soft-dirty tracking (criu check --feature mem_dirty_track): a 2-pass checkpoint would be one frozen pass"
-    info "criu $(criu --version | sed -n 's/^Version: //p'); sizes (MiB): $SIZES; dirty (%): $DIRTY"
+    info "criu $(criu --version | sed -n 's/^Version: //p'); sizes (MiB): $SIZES; dirty (%): $DIRTY; frozen-time samples: $SAMPLES"
     mkdir -p $KWORK
     : >$RES
     t_all=$(now_ms)

@@ -4,7 +4,9 @@
 //! Data is gathered into runs of up to 1 MiB (FUSE handles a 4 KiB write ~30× slower than a 1 MiB
 //! one, and 1 MiB is rpramfs's largest FUSE write), and every page gets a CRC. A writer thread
 //! stores each run while the session thread receives and checksums the next ones, so CRIU, which
-//! waits on a full socket while the app is frozen, is not held up by the store. The reply to
+//! waits on a full socket while the app is frozen, is not held up by the store. On rpramfs a run
+//! is received straight into blocks leased from the region ([`crate::direct`]) and the writer
+//! only commits it; elsewhere it goes through a page-aligned buffer and a write. The reply to
 //! OPEN2/PARENT says "a parent exists" only when the client was started for an incremental pass
 //! (`--prev-images-dir` with `--track-mem`): CRIU then checks its own parent inventory, and without
 //! one it aborts the dump.
@@ -127,10 +129,14 @@ impl<'scope> Writer<'scope> {
             .name("foam-writer".into())
             .spawn_scoped(scope, move || {
                 for mut run in full_rx {
-                    match (run.lease.take(), run.target) {
-                        (Some((file, lease)), _) => file.commit_leased(lease, &run.crcs)?,
-                        (None, Some(t)) => spaces.get_or_create(t)?.write_pages_with_crcs(run.vaddr, &run.buf[..run.fill], &run.crcs)?,
-                        (None, None) => {}
+                    if run.lease.is_some() {
+                        // With direct writes this thread has nothing else to do but the commit,
+                        // and the session thread's copy is the only other work per byte.
+                        run.checksum();
+                        let (file, lease) = run.lease.take().expect("checked above");
+                        file.commit_leased(lease, &run.crcs)?;
+                    } else if let Some(t) = run.target {
+                        spaces.get_or_create(t)?.write_pages_with_crcs(run.vaddr, &run.buf[..run.fill], &run.crcs)?;
                     }
                     run.fill = 0;
                     run.target = None;
@@ -151,11 +157,14 @@ impl<'scope> Writer<'scope> {
         }
     }
 
-    /// Checksums a filled run and hands it to the writer. (Checksumming here, while the writer
-    /// waits for the store, measured faster under emulation than a CRC stage of its own or
-    /// checksumming in the writer.)
+    /// Hands a filled run to the writer, checksumming it first unless it is leased. (Through FUSE,
+    /// checksumming here while the writer waits for the store measured faster under emulation
+    /// than a CRC stage of its own or checksumming in the writer; with direct writes, where the
+    /// daemon does no per-byte work, the writer checksums.)
     fn store(&mut self, mut run: Run) -> Result<(), Error> {
-        run.checksum();
+        if run.lease.is_none() {
+            run.checksum();
+        }
         let sent = self.full.as_ref().map(|f| f.send(run).is_ok()).unwrap_or(false);
         if sent {
             Ok(())

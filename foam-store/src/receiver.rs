@@ -5,8 +5,8 @@
 //! one, and 1 MiB is rpramfs's largest FUSE write), and every page gets a CRC. A writer thread
 //! stores each run while the session thread receives and checksums the next ones, so CRIU, which
 //! waits on a full socket while the app is frozen, is not held up by the store. On rpramfs a run
-//! is received straight into blocks leased from the region ([`crate::direct`]) and the writer
-//! only commits it; elsewhere it goes through a page-aligned buffer and a write. The reply to
+//! is received straight into blocks leased from the region ([`crate::direct`]), and the writer
+//! checksums and commits it; elsewhere it goes through a page-aligned buffer and a write. The reply to
 //! OPEN2/PARENT says "a parent exists" only when the client was started for an incremental pass
 //! (`--prev-images-dir` with `--track-mem`): CRIU then checks its own parent inventory, and without
 //! one it aborts the dump.

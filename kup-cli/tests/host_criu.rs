@@ -62,6 +62,10 @@ struct Rpramfs {
 
 impl Rpramfs {
     fn new(size: &str) -> Rpramfs {
+        Rpramfs::with_options(size, &[])
+    }
+
+    fn with_options(size: &str, mount_args: &[&str]) -> Rpramfs {
         let dir = tempfile::tempdir().unwrap();
         let region = dir.path().join("region");
         let mnt = dir.path().join("kup");
@@ -72,7 +76,7 @@ impl Rpramfs {
         let (c, _, e) = run(Command::new(&bin).arg("mkfs").arg(&region), Duration::from_secs(60));
         assert_eq!(c, 0, "{e}");
         let log = dir.path().join("rpramfs.log");
-        let (c, _, e) = run(Command::new(&bin).arg("mount").arg(&region).arg(&mnt).arg("--log").arg(&log), Duration::from_secs(60));
+        let (c, _, e) = run(Command::new(&bin).arg("mount").arg(&region).arg(&mnt).arg("--log").arg(&log).args(mount_args), Duration::from_secs(60));
         assert_eq!(c, 0, "{e}");
         Rpramfs { dir }
     }
@@ -442,4 +446,22 @@ fn direct_writes_replace_what_the_kernel_cached() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(back, "the closed file's lease was not given back: {} free, {} before", free(), before);
+}
+
+/// With `allow_other` other users reach the mount, but only root gets leases.
+#[test]
+fn direct_writes_are_root_only() {
+    let fs = Rpramfs::with_options("16M", &["-o", "allow_other"]);
+    std::fs::set_permissions(fs.dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // _IOR('R', 0x40, 32): RPRAMFS_IOC_DIRECT_INFO.
+    let script = "import fcntl, os, sys\n\
+        os.setgid(65534); os.setuid(65534)\n\
+        fd = os.open(sys.argv[1], os.O_RDONLY)\n\
+        try:\n    fcntl.ioctl(fd, 0x80205240, bytearray(32)); print('granted')\n\
+        except OSError as e:\n    print('errno', e.errno)\n";
+    let out = Command::new("python3").args(["-c", script]).arg(fs.store()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.trim(), format!("errno {}", libc::EPERM), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    // Root gets the answer on the same mount.
+    assert!(foam_store::direct::DirectRegion::probe(&fs.store()).is_some());
 }

@@ -344,7 +344,7 @@ impl Filesystem for RpramFuse {
     /// Direct writes (rpramfs/src/fs/lease.rs): DIRECT_INFO, LEASE and COMMIT.
     fn ioctl(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         _flags: IoctlFlags,
@@ -353,6 +353,12 @@ impl Filesystem for RpramFuse {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
+        let direct = [IOC_DIRECT_INFO, IOC_LEASE, IOC_COMMIT].contains(&cmd);
+        // Only root may lease: leased blocks hold whatever they held before, and the writer's
+        // CRCs are trusted (with `allow_other`, other users reach this mount too).
+        if direct && req.uid() != 0 {
+            return reply.error(Errno::EPERM);
+        }
         let r = match cmd {
             IOC_DIRECT_INFO => self.fs.direct_info().map(|i| i.to_vec()),
             IOC_LEASE => LeaseRequest::decode(in_data).and_then(|q| self.fs.lease(fh.0, ino.0, &q)),

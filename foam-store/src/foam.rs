@@ -106,18 +106,22 @@ impl FoamFile {
         self.direct.as_deref()
     }
 
+    /// The region and the data file, for a direct write.
+    fn direct_target(&self) -> Result<(&DirectRegion, std::sync::Arc<File>), Error> {
+        let d = self.direct.as_deref().ok_or_else(|| Error::Unsupported("direct writes are off for this store".into()))?;
+        Ok((d, self.segment(0)?))
+    }
+
     /// Fresh blocks for `pages` pages at `vaddr`, to receive them into (direct writes only).
     pub fn lease(&self, vaddr: u64, pages: usize) -> Result<Lease, Error> {
-        let d = self.direct.as_ref().ok_or_else(|| Error::Unsupported("direct writes are off for this store".into()))?;
-        let f = self.segment(0)?;
+        let (d, f) = self.direct_target()?;
         d.lease(&f, vaddr, pages).map_err(|e| Error::io(&self.segment_path(0), e))
     }
 
     /// Commits the leased pages filled so far (one CRC each, as computed by [`page_crcs`]) and
     /// stores their CRCs in the `.crc` file.
     pub fn commit_leased(&self, lease: Lease, crcs: &[u8]) -> Result<(), Error> {
-        let d = self.direct.as_ref().ok_or_else(|| Error::Unsupported("direct writes are off for this store".into()))?;
-        let f = self.segment(0)?;
+        let (d, f) = self.direct_target()?;
         let vaddr = lease.off;
         let words: Vec<u32> = crcs.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
         d.commit(&f, lease, &words).map_err(|e| Error::io(&self.segment_path(0), e))?;
@@ -305,17 +309,22 @@ pub struct WriteMode {
 }
 
 impl WriteMode {
-    /// What pays in `dir`. On rpramfs direct writes, unless `KUP_DIRECT_WRITES=0`. On FUSE (rpramfs) a buffered write first copies every page into the
-    /// page cache (pages the dump never reads again, allocated and zeroed while the app is
+    /// What pays in `dir`. On rpramfs direct writes, unless `KUP_DIRECT_WRITES=0`. On FUSE
+    /// (rpramfs) a buffered write first copies every page into the page cache (pages the dump never reads again, allocated and zeroed while the app is
     /// frozen), so O_DIRECT, which hands the buffer to the daemon. On rpramfs also CRC hints: the
     /// page CRCs the FOAM file keeps anyway, which spare the daemon computing them again.
     /// Elsewhere buffered writes: O_DIRECT would need aligned buffers (ext4, xfs) or is refused
     /// (tmpfs before 6.6).
     pub fn probe(dir: &Path) -> WriteMode {
+        Self::probe_with_region(dir).0
+    }
+
+    /// [`WriteMode::probe`], with the region mapped when direct writes are on.
+    pub fn probe_with_region(dir: &Path) -> (WriteMode, Option<DirectRegion>) {
         let fuse = nix::sys::statfs::statfs(dir).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::FUSE_SUPER_MAGIC);
         let crc_hints = fuse && xattr::get(dir, CRC_HINT_XATTR).ok().flatten().is_some_and(|v| v == b"1");
-        let region = crc_hints && DirectRegion::probe(dir).is_some();
-        WriteMode { direct: fuse, crc_hints, region }
+        let region = if crc_hints { DirectRegion::probe(dir) } else { None };
+        (WriteMode { direct: fuse, crc_hints, region: region.is_some() }, region)
     }
 
     pub fn describe(&self) -> &'static str {

@@ -26,9 +26,8 @@ impl Spaces {
     /// Creates (or reopens for another pass) the directory, root-only.
     pub fn create(dir: &Path, mode: FileMode) -> Result<Spaces, Error> {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| Error::io(dir, e))?;
-        let mut write = WriteMode::probe(dir);
-        let direct = if write.region { DirectRegion::probe(dir).map(Arc::new) } else { None };
-        write.region = direct.is_some();
+        let (write, region) = WriteMode::probe_with_region(dir);
+        let direct = region.map(Arc::new);
         Ok(Spaces { dir: dir.into(), mode, writable: true, write, direct, files: Mutex::new(BTreeMap::new()) })
     }
 

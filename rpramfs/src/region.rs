@@ -252,12 +252,12 @@ impl Region {
         Ok(())
     }
 
-    /// Takes the store log (crash-state tests).
     /// Whether every store is logged (crash-state tests): then only the daemon may store.
     pub fn logs_stores(&self) -> bool {
         self.store_log.is_some()
     }
 
+    /// Takes the store log (crash-state tests).
     pub fn take_store_log(&self) -> Vec<Store> {
         self.store_log.as_ref().map(|l| std::mem::take(&mut *l.lock())).unwrap_or_default()
     }

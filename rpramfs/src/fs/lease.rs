@@ -129,8 +129,8 @@ fn encode_lease(off: u64, blocks: &[u32]) -> Vec<u8> {
 }
 
 impl Fs {
-    /// What a direct writer needs to map the region (the DIRECT_INFO answer).
-    pub fn direct_info(&self) -> Result<[u8; INFO_SIZE]> {
+    /// Whether this mount offers direct writes at all.
+    fn direct_writes_allowed(&self) -> Result<()> {
         if self.read_only {
             return posix(libc::EROFS);
         }
@@ -138,13 +138,19 @@ impl Fs {
             // Stores the daemon does not make would be missing from the crash tests' log.
             return posix(libc::ENOTTY);
         }
+        Ok(())
+    }
+
+    /// What a direct writer needs to map the region (the DIRECT_INFO answer).
+    pub fn direct_info(&self) -> Result<[u8; INFO_SIZE]> {
+        self.direct_writes_allowed()?;
         Ok(encode_info(self.region.len(), std::process::id(), self.region.file().as_raw_fd() as u32))
     }
 
     /// Leases `n` fresh blocks for the regular file `ino` at `off` on behalf of handle `fh`;
     /// returns the LEASE answer.
     pub fn lease(&self, fh: u64, ino: u64, req: &LeaseRequest) -> Result<Vec<u8>> {
-        self.direct_info()?;
+        self.direct_writes_allowed()?;
         let end = req.off.checked_add(req.n as u64 * BLOCK).ok_or(Error::Posix(libc::EFBIG))?;
         if req.n == 0 || req.n > MAX_LEASE_BLOCKS || !req.off.is_multiple_of(BLOCK) {
             return posix(libc::EINVAL);
@@ -205,7 +211,8 @@ impl Fs {
             return posix(libc::EIO);
         }
         let end = req.off + k as u64 * BLOCK;
-        let r = self.mutate(false, |w| {
+        // A failed transaction gives the adopted blocks back to the allocator itself.
+        self.mutate(false, |w| {
             let mut inode = w.inode(ino)?;
             if !inode.is_reg() {
                 return posix(libc::EINVAL);
@@ -214,28 +221,27 @@ impl Fs {
             inode.size = inode.size.max(end);
             touch_mc(&mut inode, w.now);
             w.put_inode(ino, &inode)
-        });
-        // A failed transaction has given the adopted blocks back to the allocator already.
-        r
+        })
     }
 
     /// Frees every lease handle `fh` still holds (the file was closed).
     pub fn release_handle(&self, fh: u64) {
         let mut inner = self.inner.lock();
-        if let Some(list) = inner.leases.by_handle.remove(&fh) {
-            for lease in list {
-                inner.leases.blocks -= lease.blocks.len() as u64;
-                for b in lease.blocks {
-                    inner.alloc.release(crate::layout::BlockNo(b));
-                }
-            }
+        for lease in inner.leases.by_handle.remove(&fh).unwrap_or_default() {
+            inner.leases.blocks -= lease.blocks.len() as u64;
+            release_blocks(&mut inner.alloc, &lease.blocks);
         }
     }
 
+    /// Gives back blocks of a lease that was taken off the table (`leases.blocks` already counts
+    /// them out).
     fn free_leased(&self, blocks: &[u32]) {
-        let mut inner = self.inner.lock();
-        for &b in blocks {
-            inner.alloc.release(crate::layout::BlockNo(b));
-        }
+        release_blocks(&mut self.inner.lock().alloc, blocks);
+    }
+}
+
+fn release_blocks(alloc: &mut crate::alloc::Allocator, blocks: &[u32]) {
+    for &b in blocks {
+        alloc.release(crate::layout::BlockNo(b));
     }
 }

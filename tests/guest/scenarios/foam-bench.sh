@@ -122,9 +122,9 @@ subj_stop() {
     pid_gone "$PID" || fail "pid $PID still exists after SIGKILL"
 }
 
-# 1. Plain CRIU into tmpfs. Sets P_FROZEN P_WALL P_RESTORE.
-bench_plain() {
-    W=$1 D=$2
+# plain_dump: a fresh subject (W, D) dumped by plain CRIU into $PLAIN (tmpfs) and reaped; its
+# statistics in /tmp/plain-stats.json. Sets P_FROZEN (CRIU's frozen time, ms) and P_WALL.
+plain_dump() {
     subj_start "$W" "$D"
     rm -rf $PLAIN
     mkdir -p $PLAIN
@@ -135,9 +135,14 @@ bench_plain() {
     [ $rc -eq 0 ] || { show_logs criu $PLAIN/dump.log; fail "criu dump -t $PID exited $rc: $(tail -n 2 /tmp/criu.out)"; }
     reap
     kup criu-stats $PLAIN >/tmp/plain-stats.json 2>&1 || fail "kup criu-stats $PLAIN: $(cat /tmp/plain-stats.json)"
-    us=$(jget /tmp/plain-stats.json frozen_time_us)
-    P_FROZEN=$(awk -v u="$us" 'BEGIN { printf "%.1f\n", u / 1000 }')
+    P_FROZEN=$(jget /tmp/plain-stats.json frozen_time_us | awk '{ printf "%.1f\n", $1 / 1000 }')
     P_WALL=$((t1 - t0))
+}
+
+# 1. Plain CRIU into tmpfs. Sets P_FROZEN (median of $SAMPLES dumps) P_WALL P_RESTORE.
+bench_plain() {
+    W=$1 D=$2
+    plain_dump
     info "W=$W D=$D criu-dump: frozen ${P_FROZEN} ms, wall ${P_WALL} ms, image $(du -sm $PLAIN | cut -f1) MiB in tmpfs; memdump $(jget /tmp/plain-stats.json memdump_time_us | awk '{ printf "%.0f", $1 / 1000 }') ms, memwrite $(jget /tmp/plain-stats.json memwrite_time_us | awk '{ printf "%.0f", $1 / 1000 }') ms, $(jget /tmp/plain-stats.json pages_written) pages written (CRIU stats)"
     rc=0
     t0=$(now_ms)
@@ -154,14 +159,8 @@ bench_plain() {
     s=1
     while [ $s -lt "$SAMPLES" ]; do
         s=$((s + 1))
-        subj_start "$W" "$D"
-        mkdir -p $PLAIN
-        rc=0
-        criu dump -t "$PID" -D $PLAIN -o dump.log >/tmp/criu.out 2>&1 || rc=$?
-        [ $rc -eq 0 ] || { show_logs criu $PLAIN/dump.log; fail "criu dump -t $PID (sample $s) exited $rc: $(tail -n 2 /tmp/criu.out)"; }
-        reap
-        kup criu-stats $PLAIN >/tmp/plain-stats.json 2>&1 || fail "kup criu-stats $PLAIN: $(cat /tmp/plain-stats.json)"
-        samples="$samples $(jget /tmp/plain-stats.json frozen_time_us | awk '{ printf "%.1f", $1 / 1000 }')"
+        plain_dump
+        samples="$samples $P_FROZEN"
         rm -rf $PLAIN
     done
     P_FROZEN=$(median $samples)

@@ -294,12 +294,31 @@ stop_qemu() {
 
 # Reads the serial console, prefixes each line with seconds since QEMU started (host clock), writes the
 # log, echoes the bench's own lines (GUEST:, KUP:) live, and stops QEMU when more than $2 boots of the
-# bench's init are seen (a reboot loop).
+# bench's init are seen (a reboot loop), or when the first kernel has not reached the bench's init
+# within $3 seconds: an early-boot hang of the emulator, before any project code ran (a normal boot
+# takes 3-10 s). That case leaves the file $4, so the caller can boot once more.
 console_reader() {
-    local log=$1 max_boots=$2 t0 now line us boots=0
+    local log=$1 max_boots=$2 boot_deadline=$3 hung_mark=$4 t0 now line us boots=0 partial= got
     t0=${EPOCHREALTIME/./}
-    while IFS= read -r line || [[ -n $line ]]; do
+    while :; do
+        line= got=1
+        if IFS= read -r -t 2 line; then
+            line=$partial$line partial=
+        elif (($? > 128)); then # read timed out; bash keeps what it had of an unfinished line
+            partial+=$line got=0
+        else # end of the console: QEMU exited
+            line=$partial$line partial=
+            [[ -n $line ]] || break
+        fi
         now=${EPOCHREALTIME/./}
+        if ((boots == 0 && (now - t0) / 1000000 >= boot_deadline)) && [[ $line != *'KUP: init '* ]]; then
+            printf '%s\n' "[host] the kernel did not reach the bench's init within $boot_deadline s" \
+                "(an early-boot hang under TCG, before any project code): stopping QEMU" | tee -a "$log"
+            : >"$hung_mark"
+            kill -TERM -- "-$QEMU_GROUP" 2>/dev/null
+            boots=-1 # report once
+        fi
+        ((got)) || continue
         us=$((now - t0))
         line=${line//$'\r'/}
         line=${line//$'\e'[[(]*([0-9;?])[a-zA-Z]/} # terminal escapes (firmware, console resets)
@@ -309,7 +328,7 @@ console_reader() {
         case $line in
             *'GUEST: '* | *'KUP: '*) printf '%s\n' "$line" ;;
         esac
-        if [[ $line == *'KUP: init '* ]] && ((++boots > max_boots)); then
+        if [[ $line == *'KUP: init '* ]] && ((boots >= 0 && ++boots > max_boots)); then
             printf '%s\n' "[host] more than $max_boots boots: stopping QEMU" | tee -a "$log"
             kill -TERM -- "-$QEMU_GROUP" 2>/dev/null
         fi
@@ -322,7 +341,7 @@ run_qemu() {
     local args=(-accel tcg,thread=multi -cpu max -m "$MEM" -smp 2 -nographic -serial stdio -monitor none
         -nic none -kernel "$kernel" -initrd "$initrd" -append "$append")
     ((NO_REBOOT)) && args+=(-no-reboot)
-    mkfifo "$WORK/console.fifo"
+    rm -f "$WORK/console.fifo" && mkfifo "$WORK/console.fifo"
     printf '[host] qemu-system-x86_64' >"$log"
     printf " '%s'" "${args[@]}" >>"$log"
     printf '\n' >>"$log"
@@ -332,7 +351,8 @@ run_qemu() {
     setsid timeout -k 10 "$TIMEOUT" qemu-system-x86_64 "${args[@]}" \
         </dev/null >"$WORK/console.fifo" 2>"$WORK/qemu.stderr" &
     QEMU_GROUP=$!
-    console_reader "$log" "$MAX_BOOTS" <"$WORK/console.fifo" &
+    rm -f "$WORK/boot-hung"
+    console_reader "$log" "$MAX_BOOTS" "$BOOT_DEADLINE" "$WORK/boot-hung" <"$WORK/console.fifo" &
     READER_PID=$!
     wait "$QEMU_GROUP" || rc=$?
     QEMU_GROUP=

@@ -17,12 +17,12 @@ const PAGE: usize = PAGE_SIZE as usize;
 const IOC_MAGIC: u8 = b'R';
 const INFO_SIZE: usize = 32;
 /// rpramfs's largest lease, and so the size of the LEASE and COMMIT arguments.
-pub const MAX_LEASE_PAGES: usize = 256;
+pub const MAX_LEASE_PAGES: usize = 1024;
 const ARG_SIZE: usize = 16 + 4 * MAX_LEASE_PAGES;
 const IOC_DIRECT_INFO: libc::c_ulong = nix::request_code_read!(IOC_MAGIC, 0x40, INFO_SIZE) as libc::c_ulong;
 const IOC_LEASE: libc::c_ulong = nix::request_code_readwrite!(IOC_MAGIC, 0x41, ARG_SIZE) as libc::c_ulong;
 const IOC_COMMIT: libc::c_ulong = nix::request_code_write!(IOC_MAGIC, 0x42, ARG_SIZE) as libc::c_ulong;
-const DIRECT_VERSION: u32 = 1;
+const DIRECT_VERSION: u32 = 2;
 
 /// The region of an rpramfs mount, mapped into this process.
 pub struct DirectRegion {

@@ -121,10 +121,22 @@ impl FoamFile {
     /// Commits the leased pages filled so far (one CRC each, as computed by [`page_crcs`]) and
     /// stores their CRCs in the `.crc` file.
     pub fn commit_leased(&self, lease: Lease, crcs: &[u8]) -> Result<(), Error> {
-        let (d, f) = self.direct_target()?;
         let vaddr = lease.off;
+        self.commit_leased_pages(lease, crcs)?;
+        self.write_crcs(vaddr, crcs)
+    }
+
+    /// Commits the leased pages filled so far, vouched for by their CRCs, without storing those
+    /// in the `.crc` file: the caller does that with [`FoamFile::write_crcs`] (the receiver
+    /// gathers a contiguous range's CRCs into one write).
+    pub fn commit_leased_pages(&self, lease: Lease, crcs: &[u8]) -> Result<(), Error> {
+        let (d, f) = self.direct_target()?;
         let words: Vec<u32> = crcs.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
-        d.commit(&f, lease, &words).map_err(|e| Error::io(&self.segment_path(0), e))?;
+        d.commit(&f, lease, &words).map_err(|e| Error::io(&self.segment_path(0), e))
+    }
+
+    /// Stores the CRCs of the pages from `vaddr` on (4 bytes each, as [`page_crcs`] gives them).
+    pub fn write_crcs(&self, vaddr: u64, crcs: &[u8]) -> Result<(), Error> {
         self.crc.write_all_at(crcs, crc_offset(vaddr)).map_err(|e| Error::io(&self.crc_path(), e))
     }
 
@@ -220,7 +232,7 @@ impl FoamFile {
             }
             f.write_all_at(&data[at..at + n], off).map_err(|e| Error::io(&self.segment_path(seg), e))?;
         }
-        self.crc.write_all_at(crcs, crc_offset(vaddr)).map_err(|e| Error::io(&self.crc_path(), e))
+        self.write_crcs(vaddr, crcs)
     }
 
     /// Reads whole pages at `vaddr` into `buf`, checking every page against its CRC.

@@ -128,13 +128,16 @@ impl<'scope> Writer<'scope> {
         let thread = std::thread::Builder::new()
             .name("foam-writer".into())
             .spawn_scoped(scope, move || {
+                let mut crcs = CrcBatch::default();
                 for mut run in full_rx {
                     if run.lease.is_some() {
                         // With direct writes this thread has nothing else to do but the commit,
                         // and the session thread's copy is the only other work per byte.
                         run.checksum();
                         let (file, lease) = run.lease.take().expect("checked above");
-                        file.commit_leased(lease, &run.crcs)?;
+                        let vaddr = lease.off;
+                        file.commit_leased_pages(lease, &run.crcs)?;
+                        crcs.add(&file, vaddr, &run.crcs)?;
                     } else if let Some(t) = run.target {
                         spaces.get_or_create(t)?.write_pages_with_crcs(run.vaddr, &run.buf[..run.fill], &run.crcs)?;
                     }
@@ -143,7 +146,7 @@ impl<'scope> Writer<'scope> {
                     // The session may have ended (an error): nobody takes the run back then.
                     let _ = empty_tx.send(run);
                 }
-                Ok(())
+                crcs.flush()
             })
             .expect("spawning the FOAM writer thread");
         Ok(Writer { full: Some(full), empty, thread: Some(thread) })
@@ -178,6 +181,40 @@ impl<'scope> Writer<'scope> {
         self.full = None;
         match self.thread.take() {
             Some(t) => t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The CRCs of committed direct-write runs, gathered while the runs are contiguous and written to
+/// the `.crc` file in one go: one FUSE write per contiguous range of a pass instead of one per
+/// run, each a round trip through rpramfs's daemon while the app is frozen. The writer flushes
+/// before it ends, so the session's closing reply still comes after every CRC is stored.
+#[derive(Default)]
+struct CrcBatch {
+    pending: Option<(Arc<FoamFile>, u64, Vec<u8>)>,
+}
+
+impl CrcBatch {
+    /// Past this many CRC bytes (64 Ki pages, 256 MiB of data) a batch is written anyway.
+    const MAX_BYTES: usize = 256 << 10;
+
+    fn add(&mut self, file: &Arc<FoamFile>, vaddr: u64, crcs: &[u8]) -> Result<(), Error> {
+        if let Some((f, start, bytes)) = &mut self.pending {
+            let end = *start + (bytes.len() / 4) as u64 * PAGE_SIZE;
+            if Arc::ptr_eq(f, file) && end == vaddr && bytes.len() + crcs.len() <= Self::MAX_BYTES {
+                bytes.extend_from_slice(crcs);
+                return Ok(());
+            }
+            self.flush()?;
+        }
+        self.pending = Some((file.clone(), vaddr, crcs.to_vec()));
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), Error> {
+        match self.pending.take() {
+            Some((f, vaddr, bytes)) => f.write_crcs(vaddr, &bytes),
             None => Ok(()),
         }
     }
@@ -304,13 +341,22 @@ impl<'a> Receiver<'a> {
                 }
                 run.target = Some(t);
                 run.vaddr = at;
-                // Direct writes: blocks for the rest of this header's pages (a run ends with its
-                // lease; CRIU's next header is rarely contiguous with this one).
+                // Direct writes: blocks for the rest of this header's pages, or, when the pages
+                // are coming in address order (this header goes on where the last run ended), as
+                // many as a lease holds, so the next contiguous headers fill the same run: each
+                // lease and commit is a round trip through rpramfs's daemon. A commit gives back
+                // what a run left unused.
                 run.lease = None;
                 let file = self.spaces.get_or_create(t)?;
                 if file.direct().is_some() {
-                    let pages = (left / PAGE_SIZE as usize).min(MAX_LEASE_PAGES);
-                    let lease = file.lease(at, pages)?;
+                    let needed = left / PAGE_SIZE as usize;
+                    let pages = if contiguous { MAX_LEASE_PAGES } else { needed.min(MAX_LEASE_PAGES) };
+                    // A store about to fill up may have room for this header but not for a
+                    // whole lease ahead.
+                    let lease = match file.lease(at, pages) {
+                        Err(_) if pages > needed => file.lease(at, needed.min(MAX_LEASE_PAGES))?,
+                        r => r?,
+                    };
                     run.lease = Some((file, lease));
                 }
             }

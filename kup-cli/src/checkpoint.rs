@@ -27,6 +27,7 @@ use crate::criu::{self, Criu};
 use crate::error::{fail, Result};
 use crate::procs::{self, Process};
 use crate::report;
+use crate::staging;
 
 pub struct Args {
     pub pids: Vec<u32>,
@@ -71,6 +72,8 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
     let name = a.name.clone().unwrap_or_else(|| procs[0].comm.chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).collect());
     let name = if name.is_empty() { "app".to_string() } else { name };
     let (id, dir) = store.create_checkpoint(&name)?;
+    let staging = staging::Plan::choose(&id);
+    notes.push(staging.describe());
     let mut manifest = Manifest {
         version: MANIFEST_VERSION,
         id: id.clone(),
@@ -100,8 +103,8 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
         let handles: Vec<_> = procs
             .iter()
             .map(|p| {
-                let (dir, bars, out, gate) = (&dir, &bars, &out, &gate);
-                s.spawn(move || checkpoint_app(criu, a, p, dir, mode, passes, incremental, bars, out, gate.ticket()))
+                let (dir, staging, bars, out, gate) = (&dir, &staging, &bars, &out, &gate);
+                s.spawn(move || checkpoint_app(criu, a, p, dir, mode, passes, incremental, staging, bars, out, gate.ticket()))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| fail("a checkpoint thread panicked"))).collect()
@@ -152,6 +155,7 @@ fn checkpoint_app(
     mode: FileMode,
     passes: u32,
     incremental: bool,
+    staging: &staging::Plan,
     bars: &indicatif::MultiProgress,
     out: &Mutex<()>,
     mut ticket: Ticket<'_>,
@@ -159,6 +163,7 @@ fn checkpoint_app(
     let name = format!("{}-{}", p.comm.replace(['/', ' '], "_"), p.pid);
     let app_dir = ckpt_dir.join(&name);
     let spaces = Spaces::create(&app_dir.join("mem"), mode)?;
+    let staging = staging.for_app(&name)?;
     let mut options = p.criu_options();
     if options.iter().any(|o| o == "--tcp-established") && !a.criu_options.iter().any(|o| o.starts_with("--network-lock")) {
         options.extend(criu.network_lock_options());
@@ -174,8 +179,11 @@ fn checkpoint_app(
             return fail("not frozen: the checkpoint of another app failed before the final dump, so this app was left running");
         }
         let criu_rel = format!("criu/{pass}");
-        let criu_dir = app_dir.join(&criu_rel);
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&criu_dir).map_err(|e| format!("{}: {e}", criu_dir.display()))?;
+        let store_dir = app_dir.join(&criu_rel);
+        let criu_dir = staging.as_ref().map_or_else(|| store_dir.clone(), |s| s.dir(&criu_rel));
+        for d in [&store_dir, &criu_dir] {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
         let mut cmd = criu.command();
         cmd.arg(if kind == PassKind::Dump { "dump" } else { "pre-dump" })
             .args(["-t", &p.pid.to_string(), "-D"])
@@ -230,7 +238,10 @@ fn checkpoint_app(
         });
         bar.finish_and_clear();
         let elapsed = start.elapsed();
-        let log = criu_dir.join("criu.log");
+        // Staged images go into the store before anything else looks at them, after a failure too
+        // (its log is what the error names).
+        let persisted = staging.as_ref().map_or(Ok(()), |s| s.persist(&criu_rel, &store_dir));
+        let log = if persisted.is_ok() { store_dir.join("criu.log") } else { criu_dir.join("criu.log") };
         let status = status.map_err(|e| format!("waiting for CRIU: {e}"))?;
         let session = session.map_err(|_| "the page-server thread panicked".to_string())?;
         if !status.success() {
@@ -241,7 +252,8 @@ fn checkpoint_app(
             return fail(format!("criu {} (pass {pass}) failed ({status}){why}; see {}{}", if kind == PassKind::Dump { "dump" } else { "pre-dump" }, log.display(), criu::log_errors(&log)));
         }
         let session = session.map_err(|e| format!("pass {pass}: kup's page server: {e}"))?;
-        let stats = read_dump_stats(&criu_dir).ok();
+        persisted?;
+        let stats = read_dump_stats(&store_dir).ok();
         let rec = Pass {
             kind,
             criu_dir: criu_rel,

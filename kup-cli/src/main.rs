@@ -13,6 +13,7 @@ mod record;
 mod report;
 mod restore;
 mod resume;
+mod staging;
 mod os;
 mod update;
 

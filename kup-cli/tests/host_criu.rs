@@ -50,7 +50,16 @@ fn run(cmd: &mut Command, limit: Duration) -> (i32, String, String) {
 }
 
 fn kup(args: &[&str]) -> (i32, String, String) {
-    let (code, out, err) = run(Command::new(KUP).args(args).env("KUP_CRIU", criu()), Duration::from_secs(300));
+    kup_with(args, &[])
+}
+
+fn kup_with(args: &[&str], env: &[(&str, &Path)]) -> (i32, String, String) {
+    let mut cmd = Command::new(KUP);
+    cmd.args(args).env("KUP_CRIU", criu());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let (code, out, err) = run(&mut cmd, Duration::from_secs(300));
     eprintln!("$ kup {}\n{out}{err}(exit {code})", args.join(" "));
     (code, out, err)
 }
@@ -190,11 +199,16 @@ fn a_512_mib_process_survives_checkpoint_and_eager_and_lazy_restore() {
     // On rpramfs the page CRCs go along with the data (CRC hints); the restores below read every
     // page back through rpramfs's checks and the FOAM CRCs.
     assert!(out.contains("direct writes"), "{out}");
+    assert!(out.contains("CRIU's images are written to /run/kup/stage/") && out.contains("copied into the store after each pass"), "{out}");
     assert!(out.contains("page CRC32 by the folding (crc32fast)") || out.contains("page CRC32 by the slice-by-16 table"), "{out}");
     assert!(!s.alive() || { s.kill_and_wait(); true });
     let ckpt = only_checkpoint(&store);
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&ckpt).unwrap().permissions().mode() & 0o777, 0o700, "checkpoints hold memory: root-only");
+    // CRIU's images were staged in tmpfs and copied in; the staging directory is gone.
+    let app_dir = std::fs::read_dir(&ckpt).unwrap().map(|e| e.unwrap().path()).find(|p| p.is_dir()).unwrap();
+    assert!(app_dir.join("criu/1/inventory.img").is_file() && app_dir.join("criu/1/criu.log").is_file(), "{}", app_dir.display());
+    assert!(!Path::new("/run/kup/stage").join(ckpt.file_name().unwrap()).exists(), "staging left behind");
 
     let (c, out, _) = kup(&["restore", "--store", store_s, "--eager"]);
     assert_eq!(c, 0);
@@ -374,12 +388,18 @@ fn a_dump_that_fails_midway_leaves_the_app_running_and_the_checkpoint_failed() {
     std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
     assert_eq!(line.trim(), "up");
     let pid = child.id();
-    let (c, _, err) = kup(&["checkpoint", "--pid", &pid.to_string(), "--store", store_s]);
+    let stage = tempfile::tempdir().unwrap();
+    let (c, _, err) = kup_with(&["checkpoint", "--pid", &pid.to_string(), "--store", store_s], &[("KUP_STAGE_DIR", stage.path())]);
     child.kill().ok();
     child.wait().ok();
     assert_eq!(c, 1);
     assert!(err.contains("marked failed") && err.contains(&format!("{pid} running")), "{err}");
     let ckpt = only_checkpoint(&store);
+    // The failed pass's log was copied from the staging directory into the store, which is where
+    // the error points; nothing is left staged.
+    let log = std::fs::read_dir(&ckpt).unwrap().map(|e| e.unwrap().path()).find(|p| p.is_dir()).unwrap().join("criu/1/criu.log");
+    assert!(log.is_file() && err.contains(log.to_str().unwrap()), "{err}");
+    assert_eq!(std::fs::read_dir(stage.path()).unwrap().count(), 0, "staging left behind");
     let m = foam_store::manifest::Manifest::load(&ckpt).unwrap();
     assert!(matches!(m.state, foam_store::manifest::State::Failed(_)), "{:?}", m.state);
     let id = ckpt.file_name().unwrap().to_str().unwrap();

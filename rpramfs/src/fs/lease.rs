@@ -35,12 +35,13 @@ use super::{posix, touch_mc, Fs, Result, MAX_FILE_SIZE};
 use crate::error::Error;
 use crate::layout::BLOCK_SIZE;
 
-/// Largest lease: 1 MiB, the size of kup's receive runs (and of rpramfs's largest FUSE write).
-pub const MAX_LEASE_BLOCKS: usize = 256;
+/// Largest lease: 4 MiB. Each lease and each commit is a round trip through this daemon with the
+/// writer's app frozen; kup leases this much ahead while CRIU's pages come in address order.
+pub const MAX_LEASE_BLOCKS: usize = 1024;
 /// Leases one open file may hold at once (kup holds at most 8: its runs in flight).
 pub const MAX_LEASES_PER_HANDLE: usize = 64;
 /// Version of the ioctl layouts, the first word of the DIRECT_INFO answer.
-pub const DIRECT_VERSION: u32 = 1;
+pub const DIRECT_VERSION: u32 = 2;
 
 const IOC_MAGIC: u8 = b'R';
 /// Argument sizes: the kernel copies exactly `_IOC_SIZE` bytes each way for a FUSE ioctl.

@@ -241,6 +241,7 @@ fn checkpoint_app(
         // Staged images go into the store before anything else looks at them, after a failure too
         // (its log is what the error names).
         let persisted = staging.as_ref().map_or(Ok(()), |s| s.persist(&criu_rel, &store_dir));
+        // A failed copy leaves the staged pass in place (the error below names it).
         let log = if persisted.is_ok() { store_dir.join("criu.log") } else { criu_dir.join("criu.log") };
         let status = status.map_err(|e| format!("waiting for CRIU: {e}"))?;
         let session = session.map_err(|_| "the page-server thread panicked".to_string())?;
@@ -252,7 +253,7 @@ fn checkpoint_app(
             return fail(format!("criu {} (pass {pass}) failed ({status}){why}; see {}{}", if kind == PassKind::Dump { "dump" } else { "pre-dump" }, log.display(), criu::log_errors(&log)));
         }
         let session = session.map_err(|e| format!("pass {pass}: kup's page server: {e}"))?;
-        persisted?;
+        persisted.map_err(|e| format!("{e}; CRIU's images of pass {pass} stay in {}", criu_dir.display()))?;
         let stats = read_dump_stats(&store_dir).ok();
         let rec = Pass {
             kind,

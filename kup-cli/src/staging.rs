@@ -21,9 +21,11 @@ const DEFAULT_ROOT: &str = "/run/kup/stage";
 /// same slack for them).
 const NEEDED_BYTES: u64 = 64 << 20;
 
-/// The staging directory of one app in one checkpoint; removed when dropped.
+/// The staging directory of one app in one checkpoint; removed when dropped, unless a copy into
+/// the store failed (then it is all there is of CRIU's images, and an error names it).
 pub struct Staging {
     dir: PathBuf,
+    keep: std::cell::Cell<bool>,
 }
 
 /// Where CRIU's images of this checkpoint go first: a staging root, or (with a reason) nowhere,
@@ -68,7 +70,7 @@ impl Plan {
         let Plan::Staged(root) = self else { return Ok(None) };
         let dir = root.join(name);
         DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        Ok(Some(Staging { dir }))
+        Ok(Some(Staging { dir, keep: std::cell::Cell::new(false) }))
     }
 }
 
@@ -82,12 +84,19 @@ impl Staging {
     /// symlinks as links (CRIU's `parent`), subdirectories recursively; every file and directory
     /// synced.
     pub fn persist(&self, rel: &str, dest: &Path) -> Result<()> {
-        copy_tree(&self.dir(rel), dest)
+        let r = copy_tree(&self.dir(rel), dest);
+        if r.is_err() {
+            self.keep.set(true);
+        }
+        r
     }
 }
 
 impl Drop for Staging {
     fn drop(&mut self) {
+        if self.keep.get() {
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
         // The checkpoint's directory goes too once its last app is done with it.
         if let Some(parent) = self.dir.parent() {
@@ -151,6 +160,16 @@ mod tests {
         assert_eq!(std::fs::read(dest.join("core-7.img")).unwrap(), b"newer");
         drop(staging);
         assert!(!tmp.path().join("stage/ck-1").exists(), "the staging directory is removed with its last app");
+
+        // A copy that fails keeps the staged images: they are all there is of them.
+        let staging = plan.for_app("app-8").unwrap().unwrap();
+        std::fs::create_dir_all(staging.dir("criu/1")).unwrap();
+        std::fs::write(staging.dir("criu/1/core-8.img"), b"x").unwrap();
+        std::fs::write(tmp.path().join("not-a-dir"), b"").unwrap();
+        let err = staging.persist("criu/1", &tmp.path().join("not-a-dir/criu/1")).unwrap_err().to_string();
+        assert!(err.contains("copying CRIU's images into the store"), "{err}");
+        drop(staging);
+        assert!(tmp.path().join("stage/ck-1/app-8/criu/1/core-8.img").exists(), "a failed copy keeps the staged images");
     }
 
     #[test]

@@ -69,6 +69,11 @@ impl Plan {
     pub fn for_app(&self, name: &str) -> Result<Option<Staging>> {
         let Plan::Staged(root) = self else { return Ok(None) };
         let dir = root.join(name);
+        // What a killed kup left under the same checkpoint id and app must not be copied along.
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(format!("{}: {e}", dir.display()).into()),
+            _ => {}
+        }
         DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         Ok(Some(Staging { dir, keep: std::cell::Cell::new(false) }))
     }
@@ -170,6 +175,20 @@ mod tests {
         assert!(err.contains("copying CRIU's images into the store"), "{err}");
         drop(staging);
         assert!(tmp.path().join("stage/ck-1/app-8/criu/1/core-8.img").exists(), "a failed copy keeps the staged images");
+    }
+
+    #[test]
+    fn leftovers_of_a_killed_run_are_not_copied() {
+        let tmp = tempfile::tempdir().unwrap();
+        let plan = Plan::Staged(tmp.path().join("ck-1"));
+        std::fs::create_dir_all(tmp.path().join("ck-1/app-7/criu/1")).unwrap();
+        std::fs::write(tmp.path().join("ck-1/app-7/criu/1/stale.img"), b"old").unwrap();
+        let staging = plan.for_app("app-7").unwrap().unwrap();
+        std::fs::create_dir_all(staging.dir("criu/1")).unwrap();
+        std::fs::write(staging.dir("criu/1/core-7.img"), b"new").unwrap();
+        let dest = tmp.path().join("store/criu/1");
+        staging.persist("criu/1", &dest).unwrap();
+        assert!(dest.join("core-7.img").is_file() && !dest.join("stale.img").exists());
     }
 
     #[test]

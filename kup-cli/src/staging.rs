@@ -4,9 +4,10 @@
 //! Why: while the app is frozen, CRIU writes these images at the same time as kup stores the
 //! pass's pages. On rpramfs both went to the one FUSE daemon thread, so CRIU's many small writes
 //! queued in front of kup's page commits (a final dump at 256 MiB, 10 % dirty, froze the app
-//! 430–500 ms staged against 630–860 ms unstaged in one guest boot). The copy comes after CRIU has
-//! finished, outside the frozen window; a checkpoint is marked complete only once every pass is
-//! in the store and synced, so nothing it needs lives only in tmpfs.
+//! 510–643 ms staged against 586–788 ms unstaged, alternating in one guest boot; docs/benchmarks.md).
+//! The copy comes after CRIU has finished, outside the frozen window; a checkpoint is marked
+//! complete only once every pass is in the store and synced, so nothing it needs lives only in
+//! tmpfs.
 
 use std::fs::DirBuilder;
 use std::io::Write;
@@ -60,7 +61,7 @@ impl Plan {
 
     pub fn describe(&self) -> String {
         match self {
-            Plan::Staged(dir) => format!("CRIU's images are written to {} (tmpfs) and copied into the store after each pass", dir.display()),
+            Plan::Staged(dir) => format!("CRIU's images are written to {} and copied into the store after each pass", dir.display()),
             Plan::Direct(why) => format!("CRIU's images are written into the store directly ({why})"),
         }
     }

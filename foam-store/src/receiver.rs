@@ -354,7 +354,7 @@ impl<'a> Receiver<'a> {
                     // A store about to fill up may have room for this header but not for a
                     // whole lease ahead.
                     let lease = match file.lease(at, pages) {
-                        Err(_) if pages > needed => file.lease(at, needed.min(MAX_LEASE_PAGES))?,
+                        Err(_) if pages > needed => file.lease(at, needed)?,
                         r => r?,
                     };
                     run.lease = Some((file, lease));

@@ -178,8 +178,9 @@ fn wait_status(path: &Path, limit: Duration) -> String {
     }
 }
 
-fn only_checkpoint(store: &Path) -> PathBuf {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(store).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
+/// The one directory in `dir`: a store's only checkpoint, or a checkpoint's only app.
+fn only_subdir(dir: &Path) -> PathBuf {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
     assert_eq!(v.len(), 1, "{v:?}");
     v.pop().unwrap()
 }
@@ -202,11 +203,11 @@ fn a_512_mib_process_survives_checkpoint_and_eager_and_lazy_restore() {
     assert!(out.contains("CRIU's images are written to /run/kup/stage/") && out.contains("copied into the store after each pass"), "{out}");
     assert!(out.contains("page CRC32 by the folding (crc32fast)") || out.contains("page CRC32 by the slice-by-16 table"), "{out}");
     assert!(!s.alive() || { s.kill_and_wait(); true });
-    let ckpt = only_checkpoint(&store);
+    let ckpt = only_subdir(&store);
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&ckpt).unwrap().permissions().mode() & 0o777, 0o700, "checkpoints hold memory: root-only");
     // CRIU's images were staged in tmpfs and copied in; the staging directory is gone.
-    let app_dir = std::fs::read_dir(&ckpt).unwrap().map(|e| e.unwrap().path()).find(|p| p.is_dir()).unwrap();
+    let app_dir = only_subdir(&ckpt);
     assert!(app_dir.join("criu/1/inventory.img").is_file() && app_dir.join("criu/1/criu.log").is_file(), "{}", app_dir.display());
     assert!(!Path::new("/run/kup/stage").join(ckpt.file_name().unwrap()).exists(), "staging left behind");
 
@@ -394,10 +395,10 @@ fn a_dump_that_fails_midway_leaves_the_app_running_and_the_checkpoint_failed() {
     child.wait().ok();
     assert_eq!(c, 1);
     assert!(err.contains("marked failed") && err.contains(&format!("{pid} running")), "{err}");
-    let ckpt = only_checkpoint(&store);
+    let ckpt = only_subdir(&store);
     // The failed pass's log was copied from the staging directory into the store, which is where
     // the error points; nothing is left staged.
-    let log = std::fs::read_dir(&ckpt).unwrap().map(|e| e.unwrap().path()).find(|p| p.is_dir()).unwrap().join("criu/1/criu.log");
+    let log = only_subdir(&ckpt).join("criu/1/criu.log");
     assert!(log.is_file() && err.contains(log.to_str().unwrap()), "{err}");
     assert_eq!(std::fs::read_dir(stage.path()).unwrap().count(), 0, "staging left behind");
     let m = foam_store::manifest::Manifest::load(&ckpt).unwrap();

@@ -23,6 +23,7 @@ use foam_store::spaces::Spaces;
 use foam_store::store::Store;
 use parking_lot::Mutex;
 
+use crate::commit::{CommitGate, FinalGate, Held, Hooks, Ticket, Verdict};
 use crate::criu::{self, Criu};
 use crate::error::{fail, Result};
 use crate::procs::{self, Process};
@@ -95,38 +96,68 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
         }
     }
 
-    // ---- the passes, all apps in parallel ----------------------------------------------------
+    // ---- the passes, all apps in parallel; the final dumps as one transaction -----------------
     let bars = report::multi_progress(a.json);
-    let gate = FinalGate::new(procs.len());
+    let hooks = Hooks::new(&Path::new(HOOKS_ROOT).join(std::process::id().to_string()))?;
+    let final_gate = FinalGate::new(procs.len());
+    let base = manifest.clone();
+    let commit_gate = CommitGate::new(procs.len(), |ready: &[(usize, App)]| {
+        // The commit point: every app's final dump is held and in the store; once this manifest
+        // is durable the apps may be stopped.
+        let mut m = base.clone();
+        let mut apps = ready.to_vec();
+        apps.sort_by_key(|(i, _)| *i);
+        m.apps = apps.into_iter().map(|(_, app)| app).collect();
+        m.state = State::Complete;
+        m.finished_unix_ms = Some(report::unix_ms());
+        m.save(&dir).map_err(Into::into)
+    });
     let out = Mutex::new(());
-    let results: Vec<Result<App>> = std::thread::scope(|s| {
+    let shared = Shared { criu, a, dir: &dir, mode, passes, incremental, staging: &staging, bars: &bars, out: &out, hooks: &hooks, commit: &commit_gate };
+    let results: Vec<std::result::Result<App, AppFailure>> = std::thread::scope(|s| {
         let handles: Vec<_> = procs
             .iter()
-            .map(|p| {
-                let (dir, staging, bars, out, gate) = (&dir, &staging, &bars, &out, &gate);
-                s.spawn(move || checkpoint_app(criu, a, p, dir, mode, passes, incremental, staging, bars, out, gate.ticket()))
+            .enumerate()
+            .map(|(i, p)| {
+                let (shared, ticket) = (&shared, final_gate.ticket());
+                s.spawn(move || checkpoint_app(shared, i, p, ticket))
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| fail("a checkpoint thread panicked"))).collect()
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(AppFailure::before_final("a checkpoint thread panicked".into())))).collect()
     });
 
-    let mut errors = Vec::new();
+    let mut failures = Vec::new();
     for (p, r) in procs.iter().zip(results) {
         match r {
             Ok(app) => manifest.apps.push(app),
-            Err(e) => errors.push(format!("{}-{}: {e}", p.comm, p.pid)),
+            Err(f) => failures.push((p, f)),
         }
     }
     manifest.finished_unix_ms = Some(report::unix_ms());
-    if !errors.is_empty() {
-        let reason = errors.join("; ");
-        manifest.state = State::Failed(reason.clone());
-        manifest.save(&dir)?;
-        let alive: Vec<String> = procs.iter().map(|p| format!("{} {}", p.pid, if procs::exists(p.pid) { "running" } else { "GONE" })).collect();
-        return fail(format!("checkpoint {id} failed and is marked failed (not restorable): {reason}\n  apps: {}", alive.join(", ")));
+    if !failures.is_empty() {
+        let reason = failures.iter().map(|(p, f)| format!("{}-{}: {}", p.comm, p.pid, f.why)).collect::<Vec<_>>().join("; ");
+        manifest.state = State::Failed(reason);
+        manifest.apps.clear();
+        let saved = manifest.save(&dir).err().map(|e| format!(" (marking it failed did not work either: {e})")).unwrap_or_default();
+        let mut lines = Vec::new();
+        for p in &procs {
+            let name = format!("{}-{}", p.comm, p.pid);
+            let what = match failures.iter().find(|(q, _)| q.pid == p.pid) {
+                Some((_, f)) => f.why.clone(),
+                None => "its dump succeeded".into(),
+            };
+            let now = if procs::exists(p.pid) { "running" } else { "GONE" };
+            lines.push(format!("  {name} ({now}): {what}"));
+        }
+        let gone = procs.iter().filter(|p| !procs::exists(p.pid)).count();
+        let fate = if gone == 0 { "every app runs on with its memory as it was".to_string() } else { format!("{gone} app(s) GONE (not stopped by kup: see each line)") };
+        return fail(format!("checkpoint {id} failed and is marked failed (not restorable){saved}; {fate}:\n{}", lines.join("\n")));
     }
+    // Already durable and complete since the commit; this adds CRIU's figures of the final pass.
     manifest.state = State::Complete;
-    manifest.save(&dir)?;
+    if let Err(e) = manifest.save(&dir) {
+        eprintln!("kup: warning: checkpoint {id} is complete, but its final-pass figures were not saved: {e}");
+    }
     if a.json {
         report::print_json(&summary_json(&manifest, &notes));
     } else {
@@ -146,210 +177,367 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
     Ok(manifest)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn checkpoint_app(
-    criu: &Criu,
-    a: &Args,
-    p: &Process,
-    ckpt_dir: &Path,
+/// Where the post-dump rendezvous sockets live (one root-only directory per kup process).
+const HOOKS_ROOT: &str = "/run/kup/hooks";
+
+/// What every app's thread shares.
+struct Shared<'a> {
+    criu: &'a Criu,
+    a: &'a Args,
+    dir: &'a Path,
     mode: FileMode,
     passes: u32,
     incremental: bool,
-    staging: &staging::Plan,
-    bars: &indicatif::MultiProgress,
-    out: &Mutex<()>,
-    mut ticket: Ticket<'_>,
-) -> Result<App> {
-    let name = format!("{}-{}", p.comm.replace(['/', ' '], "_"), p.pid);
-    let app_dir = ckpt_dir.join(&name);
-    let spaces = Spaces::create(&app_dir.join("mem"), mode)?;
-    let staging = staging.for_app(&name)?;
-    let mut options = p.criu_options();
-    if options.iter().any(|o| o == "--tcp-established") && !a.criu_options.iter().any(|o| o.starts_with("--network-lock")) {
-        options.extend(criu.network_lock_options());
+    staging: &'a staging::Plan,
+    bars: &'a indicatif::MultiProgress,
+    out: &'a Mutex<()>,
+    hooks: &'a Hooks,
+    commit: &'a CommitGate<'a, (usize, App)>,
+}
+
+/// Why an app's checkpoint failed, in words that say what became of the app.
+struct AppFailure {
+    why: String,
+}
+
+impl AppFailure {
+    fn before_final(why: String) -> AppFailure {
+        AppFailure { why: format!("{why} (before its final dump: never frozen for it)") }
     }
-    options.extend(a.criu_options.iter().cloned());
-    let mut app = App { name: name.clone(), pid: p.pid, comm: p.comm.clone(), criu_options: options.clone(), passes: vec![], spaces: vec![] };
-    let estimate = p.memory_bytes();
-    let mut previous: BTreeMap<Target, RangeMap> = BTreeMap::new();
-    let mut last: Option<SessionReport> = None;
-    for pass in 1..=passes {
-        let kind = if pass < passes { PassKind::PreDump } else { PassKind::Dump };
-        if kind == PassKind::Dump && !ticket.arrive() {
-            return fail("not frozen: the checkpoint of another app failed before the final dump, so this app was left running");
+}
+
+/// How CRIU's run of one pass ended from kup's point of view.
+enum Waited {
+    Exited(std::process::ExitStatus),
+    /// The final dump reached the post-dump action: the tasks are frozen until the verdict.
+    Held(Held),
+}
+
+fn checkpoint_app(sh: &Shared<'_>, index: usize, p: &Process, mut ticket: Ticket<'_>) -> std::result::Result<App, AppFailure> {
+    let name = format!("{}-{}", p.comm.replace(['/', ' '], "_"), p.pid);
+    // Every app reports to the commit gate exactly once; an early return reports it failed.
+    let mut report = ReportOnce { gate: sh.commit, name: name.clone(), done: false };
+    let (ps, mut app) = match pre_dumps(sh, p, &name, &mut ticket) {
+        Ok(v) => v,
+        Err(e) => {
+            report.failed(&e.0);
+            return Err(AppFailure::before_final(e.0));
         }
-        let criu_rel = format!("criu/{pass}");
-        let store_dir = app_dir.join(&criu_rel);
-        let criu_dir = staging.as_ref().map_or_else(|| store_dir.clone(), |s| s.dir(&criu_rel));
-        for d in [&store_dir, &criu_dir] {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    };
+    final_dump(sh, index, p, &name, &ps, &mut app, &mut report).map_err(|why| AppFailure { why })?;
+    Ok(app)
+}
+
+/// What the passes before the final dump leave for it.
+struct Passes {
+    spaces: Spaces,
+    staging: Option<staging::Staging>,
+    options: Vec<String>,
+    previous: BTreeMap<Target, RangeMap>,
+}
+
+/// The app's pre-dumps (it keeps running), then the wait at the final gate.
+fn pre_dumps(sh: &Shared<'_>, p: &Process, name: &str, ticket: &mut Ticket<'_>) -> Result<(Passes, App)> {
+    let app_dir = sh.dir.join(name);
+    let spaces = Spaces::create(&app_dir.join("mem"), sh.mode)?;
+    let staging = sh.staging.for_app(name)?;
+    let mut options = p.criu_options();
+    if options.iter().any(|o| o == "--tcp-established") && !sh.a.criu_options.iter().any(|o| o.starts_with("--network-lock")) {
+        options.extend(sh.criu.network_lock_options());
+    }
+    options.extend(sh.a.criu_options.iter().cloned());
+    let mut app = App { name: name.to_string(), pid: p.pid, comm: p.comm.clone(), criu_options: options.clone(), passes: vec![], spaces: vec![] };
+    let mut ps = Passes { spaces, staging, options, previous: BTreeMap::new() };
+    for pass in 1..sh.passes {
+        let mut run = start_pass(sh, p, name, &ps, pass)?;
+        let (session, waited) = run.serve(sh, &ps, None);
+        let Waited::Exited(status) = waited? else { unreachable!("only final dumps are held") };
+        let session = run.finish(&ps, status, session)?;
+        let stats = read_dump_stats(&run.store_dir).ok();
+        app.passes.push(run.record(sh, name, &session, stats));
+        ps.previous = session.targets.iter().map(|(t, r)| (*t, r.ranges.clone())).collect();
+    }
+    if !ticket.arrive() {
+        return fail("not frozen: the checkpoint of another app failed before the final dump, so this app was left running");
+    }
+    Ok((ps, app))
+}
+
+/// The final dump, held at CRIU's post-dump action until every app's is in the store. The error
+/// says what became of the app.
+fn final_dump(sh: &Shared<'_>, index: usize, p: &Process, name: &str, ps: &Passes, app: &mut App, report: &mut ReportOnce<'_>) -> std::result::Result<(), String> {
+    let mut run = match start_pass(sh, p, name, ps, sh.passes) {
+        Ok(r) => r,
+        Err(e) => {
+            report.failed(&e.0);
+            return Err(AppFailure::before_final(e.0).why);
         }
-        let mut cmd = criu.command();
-        cmd.arg(if kind == PassKind::Dump { "dump" } else { "pre-dump" })
-            .args(["-t", &p.pid.to_string(), "-D"])
-            .arg(&criu_dir)
-            .args(["-o", "criu.log", "--page-server", "--ps-socket", &crate::os::CHILD_FD.to_string()])
-            .args(&options);
-        if incremental {
-            cmd.arg("--track-mem");
-            if pass > 1 {
-                cmd.args(["--prev-images-dir", &format!("../{}", pass - 1)]);
-            }
+    };
+    let (session, waited) = run.serve(sh, ps, Some(name));
+    let held = match waited {
+        Ok(Waited::Held(held)) => held,
+        Ok(Waited::Exited(status)) => {
+            // CRIU ended without asking: a failed dump (CRIU let the app run on), or a CRIU that
+            // did not run the action (then it stopped the app on its own: say so).
+            let why = match run.finish(ps, status, session) {
+                Err(e) => format!("{}; CRIU let the app run on", e.0),
+                Ok(_) => "CRIU finished the final dump without running kup's post-dump action, so it stopped the app on its own".into(),
+            };
+            report.failed(&why);
+            return Err(why);
         }
-        if kind == PassKind::Dump && a.leave_running {
+        Err(e) => {
+            report.failed(&e.0);
+            return Err(e.0);
+        }
+    };
+    // Frozen from here until the verdict: this app's part of the checkpoint goes into the store.
+    let prepared = (|| -> Result<SessionReport> {
+        let session = session.map_err(|_| "the page-server thread panicked".to_string())?.map_err(|e| format!("kup's page server: {e}"))?;
+        if let Some(s) = &ps.staging {
+            s.persist(&run.rel, &run.store_dir).map_err(|e| format!("{e}; CRIU's images of the final dump stay in {}", run.criu_dir.display()))?;
+        }
+        app.spaces = keep_final_image(&ps.spaces, &session)?;
+        Ok(session)
+    })();
+    let verdict = match &prepared {
+        Ok(session) => {
+            let mut entry = app.clone();
+            entry.passes.push(run.pass_record(session, None));
+            report.ready(index, entry)
+        }
+        Err(e) => {
+            report.failed(&e.0);
+            Verdict::Abort(format!("{name}: {}", e.0))
+        }
+    };
+    let told = held.release(&verdict);
+    let status = run.child.wait().map_err(|e| format!("waiting for CRIU: {e}"))?;
+    match (verdict, prepared) {
+        (Verdict::Commit, Ok(session)) if status.success() => {
+            // CRIU writes its figures (stats-dump) after the verdict.
+            let stats = match &ps.staging {
+                Some(s) => s.persist_file(&run.rel, "stats-dump", &run.store_dir).ok().and_then(|()| read_dump_stats(&run.store_dir).ok()),
+                None => read_dump_stats(&run.store_dir).ok(),
+            };
+            app.passes.push(run.record(sh, name, &session, stats));
+            Ok(())
+        }
+        (Verdict::Commit, _) => {
+            let told = told.err().map(|e| format!("; {e}")).unwrap_or_default();
+            Err(format!("the checkpoint was committed, but CRIU let the app run on instead of stopping it ({status}{told}); see {}", run.log().display()))
+        }
+        (Verdict::Abort(why), Ok(_)) => Err(format!("its final dump succeeded and was undone (the app runs on): {why}")),
+        (Verdict::Abort(_), Err(e)) => Err(format!("{}; its final dump was undone (the app runs on)", e.0)),
+    }
+}
+
+/// Reports an app to the commit gate exactly once.
+struct ReportOnce<'g> {
+    gate: &'g CommitGate<'g, (usize, App)>,
+    name: String,
+    done: bool,
+}
+
+impl ReportOnce<'_> {
+    fn ready(&mut self, index: usize, app: App) -> Verdict {
+        self.done = true;
+        self.gate.report(&self.name, Ok((index, app)))
+    }
+
+    fn failed(&mut self, why: &str) {
+        if !std::mem::replace(&mut self.done, true) {
+            self.gate.absent(&self.name, why);
+        }
+    }
+}
+
+impl Drop for ReportOnce<'_> {
+    fn drop(&mut self) {
+        self.failed("its checkpoint stopped early");
+    }
+}
+
+/// One CRIU run of one pass.
+struct PassRun {
+    pass: u32,
+    kind: PassKind,
+    /// CRIU's images directory relative to the app's directory ("criu/2").
+    rel: String,
+    store_dir: PathBuf,
+    criu_dir: PathBuf,
+    child: std::process::Child,
+    ours: Option<UnixStream>,
+    received: AtomicU64,
+    bar: indicatif::ProgressBar,
+    start: Instant,
+    elapsed: Duration,
+}
+
+fn start_pass(sh: &Shared<'_>, p: &Process, name: &str, ps: &Passes, pass: u32) -> Result<PassRun> {
+    let kind = if pass < sh.passes { PassKind::PreDump } else { PassKind::Dump };
+    let rel = format!("criu/{pass}");
+    let store_dir = sh.dir.join(name).join(&rel);
+    let criu_dir = ps.staging.as_ref().map_or_else(|| store_dir.clone(), |s| s.dir(&rel));
+    for d in [&store_dir, &criu_dir] {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let mut cmd = sh.criu.command();
+    cmd.arg(if kind == PassKind::Dump { "dump" } else { "pre-dump" })
+        .args(["-t", &p.pid.to_string(), "-D"])
+        .arg(&criu_dir)
+        .args(["-o", "criu.log", "--page-server", "--ps-socket", &crate::os::CHILD_FD.to_string()])
+        .args(&ps.options);
+    if sh.incremental {
+        cmd.arg("--track-mem");
+        if pass > 1 {
+            cmd.args(["--prev-images-dir", &format!("../{}", pass - 1)]);
+        }
+    }
+    if kind == PassKind::Dump {
+        cmd.arg("--action-script").arg(sh.hooks.action_script(name)?);
+        if sh.a.leave_running {
             cmd.arg("--leave-running");
         }
-        let stderr = std::fs::File::create(criu_dir.join("criu.stderr")).map_err(|e| format!("{}: {e}", criu_dir.display()))?;
-        cmd.stdout(std::process::Stdio::null()).stderr(stderr);
+    }
+    let stderr = std::fs::File::create(criu_dir.join("criu.stderr")).map_err(|e| format!("{}: {e}", criu_dir.display()))?;
+    cmd.stdout(std::process::Stdio::null()).stderr(stderr);
 
-        let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
-        widen_send_buffer(&theirs, PAGE_SERVER_SNDBUF);
-        let theirs: OwnedFd = theirs.into();
-        crate::os::pass_socket(&mut cmd, &theirs);
-        let received = AtomicU64::new(0);
-        let bar = bars.add(report::progress_bar(estimate, a.json, format!("{name} pass {pass}/{passes}")));
-        let start = Instant::now();
-        let child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", criu.path.display()))?;
-        drop(theirs);
+    let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    widen_send_buffer(&theirs, PAGE_SERVER_SNDBUF);
+    let theirs: OwnedFd = theirs.into();
+    crate::os::pass_socket(&mut cmd, &theirs);
+    let bar = sh.bars.add(report::progress_bar(p.memory_bytes(), sh.a.json, format!("{name} pass {pass}/{}", sh.passes)));
+    let start = Instant::now();
+    let child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", sh.criu.path.display()))?;
+    drop(theirs);
+    Ok(PassRun { pass, kind, rel, store_dir, criu_dir, child, ours: Some(ours), received: AtomicU64::new(0), bar, start, elapsed: Duration::ZERO })
+}
+
+type Session = std::thread::Result<std::result::Result<SessionReport, foam_store::Error>>;
+
+impl PassRun {
+    fn verb(&self) -> &'static str {
+        if self.kind == PassKind::Dump {
+            "dump"
+        } else {
+            "pre-dump"
+        }
+    }
+
+    /// Serves CRIU's pages until CRIU exits or, for the final dump of app `hold`, reaches the
+    /// post-dump action.
+    fn serve(&mut self, sh: &Shared<'_>, ps: &Passes, hold: Option<&str>) -> (Session, Result<Waited>) {
         // Pre-dumps say "has parent" from the second pass on, when CRIU has --prev-images-dir.
-        let has_parent = incremental && pass > 1;
-        let (session, status) = std::thread::scope(|s| {
-            let rx = s.spawn(|| {
-                let mut sock = ours;
-                let mut r = Receiver::new(&spaces, &previous, has_parent);
-                r.progress = Some(&received);
+        let has_parent = sh.incremental && self.pass > 1;
+        let sock = self.ours.take().expect("served once");
+        let (child, received, bar) = (&mut self.child, &self.received, &self.bar);
+        let (spaces, previous) = (&ps.spaces, &ps.previous);
+        let (session, waited) = std::thread::scope(|s| {
+            let rx = s.spawn(move || {
+                let mut sock = sock;
+                let mut r = Receiver::new(spaces, previous, has_parent);
+                r.progress = Some(received);
                 let res = r.serve(&mut sock);
                 // On error, closing our end makes CRIU's next write fail, so it aborts and thaws the app.
                 drop(sock);
                 res
             });
-            let mut child = child;
-            let status = loop {
+            let waited = loop {
                 match child.try_wait() {
-                    Ok(Some(st)) => break Ok(st),
-                    Ok(None) => {
-                        bar.set_position(received.load(Ordering::Relaxed));
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    Err(e) => break Err(e),
+                    Ok(Some(st)) => break Ok(Waited::Exited(st)),
+                    Ok(None) => {}
+                    Err(e) => break fail(format!("waiting for CRIU: {e}")),
                 }
+                if let Some(held) = hold.and_then(|name| sh.hooks.poll(name)) {
+                    break Ok(Waited::Held(held));
+                }
+                bar.set_position(received.load(Ordering::Relaxed));
+                // The final dump is polled often: the app is frozen while kup has not noticed.
+                std::thread::sleep(Duration::from_millis(if hold.is_some() { 2 } else { 50 }));
             };
-            (rx.join(), status)
+            (rx.join(), waited)
         });
-        bar.finish_and_clear();
-        let elapsed = start.elapsed();
-        // Staged images go into the store before anything else looks at them, after a failure too
-        // (its log is what the error names).
-        let persisted = staging.as_ref().map_or(Ok(()), |s| s.persist(&criu_rel, &store_dir));
-        // A failed copy leaves the staged pass in place (the error below names it).
-        let log = if persisted.is_ok() { store_dir.join("criu.log") } else { criu_dir.join("criu.log") };
-        let status = status.map_err(|e| format!("waiting for CRIU: {e}"))?;
+        self.bar.finish_and_clear();
+        self.elapsed = self.start.elapsed();
+        (session, waited)
+    }
+
+    /// CRIU's log of this pass: in the store once copied there, else where it was written.
+    fn log(&self) -> PathBuf {
+        let in_store = self.store_dir.join("criu.log");
+        if in_store.is_file() {
+            in_store
+        } else {
+            self.criu_dir.join("criu.log")
+        }
+    }
+
+    /// After CRIU exited on its own: its images go into the store (after a failure too: its log is
+    /// what the error names), then its status and the page server's result decide.
+    fn finish(&self, ps: &Passes, status: std::process::ExitStatus, session: Session) -> Result<SessionReport> {
+        let persisted = ps.staging.as_ref().map_or(Ok(()), |s| s.persist(&self.rel, &self.store_dir));
         let session = session.map_err(|_| "the page-server thread panicked".to_string())?;
+        let pass = self.pass;
         if !status.success() {
             let why = match &session {
                 Err(e) if !matches!(e, foam_store::Error::SessionCut) => format!(" (kup's page server: {e})"),
                 _ => String::new(),
             };
-            return fail(format!("criu {} (pass {pass}) failed ({status}){why}; see {}{}", if kind == PassKind::Dump { "dump" } else { "pre-dump" }, log.display(), criu::log_errors(&log)));
+            let log = self.log();
+            return fail(format!("criu {} (pass {pass}) failed ({status}){why}; see {}{}", self.verb(), log.display(), criu::log_errors(&log)));
         }
         let session = session.map_err(|e| format!("pass {pass}: kup's page server: {e}"))?;
-        persisted.map_err(|e| format!("{e}; CRIU's images of pass {pass} stay in {}", criu_dir.display()))?;
-        let stats = read_dump_stats(&store_dir).ok();
-        let rec = Pass {
-            kind,
-            criu_dir: criu_rel,
+        persisted.map_err(|e| format!("{e}; CRIU's images of pass {pass} stay in {}", self.criu_dir.display()))?;
+        Ok(session)
+    }
+
+    fn pass_record(&self, session: &SessionReport, stats: Option<foam_store::criu_images::DumpStats>) -> Pass {
+        Pass {
+            kind: self.kind,
+            criu_dir: self.rel.clone(),
             pages_data: session.pages_data,
             pages_parent: session.pages_parent,
             bytes: session.bytes,
-            seconds: elapsed.as_secs_f64(),
+            seconds: self.elapsed.as_secs_f64(),
             criu: stats,
-        };
-        if !a.json {
-            let _g = out.lock();
+        }
+    }
+
+    /// The pass's record, printed as a line of the pass table.
+    fn record(&self, sh: &Shared<'_>, name: &str, session: &SessionReport, stats: Option<foam_store::criu_images::DumpStats>) -> Pass {
+        if !sh.a.json {
+            let _g = sh.out.lock();
             let frozen = stats.map(|s| format!("  frozen {:.1} ms", s.frozen_time_us as f64 / 1e3)).unwrap_or_default();
             println!(
-                "  {name} pass {pass}/{passes} {:<8} {:>9} pages sent {:>10}  {:>8} unchanged  {}{frozen}",
-                if kind == PassKind::Dump { "dump" } else { "pre-dump" },
+                "  {name} pass {}/{} {:<8} {:>9} pages sent {:>10}  {:>8} unchanged  {}{frozen}",
+                self.pass,
+                sh.passes,
+                self.verb(),
                 session.pages_data,
                 report::bytes(session.bytes),
                 session.pages_parent,
-                report::secs(elapsed)
+                report::secs(self.elapsed)
             );
         }
-        app.passes.push(rec);
-        previous = session.targets.iter().map(|(t, r)| (*t, r.ranges.clone())).collect();
-        last = Some(session);
+        self.pass_record(session, stats)
     }
+}
 
-    // ---- the image is what the final dump named ------------------------------------------------
-    let last = last.expect("at least one pass");
+/// The image is what the final dump named: everything else is punched out, every file synced.
+fn keep_final_image(spaces: &Spaces, last: &SessionReport) -> Result<Vec<Space>> {
     for t in spaces.existing()? {
         match last.targets.get(&t) {
             Some(r) => spaces.get_or_create(t)?.keep_only(&r.ranges)?,
             None => spaces.remove(t)?,
         }
     }
+    let mut out = Vec::new();
     for (t, r) in &last.targets {
         spaces.get_or_create(*t)?.sync()?;
-        app.spaces.push(Space { name: t.stem(), pages: r.ranges.pages(), ranges: r.ranges.to_vec() });
+        out.push(Space { name: t.stem(), pages: r.ranges.pages(), ranges: r.ranges.to_vec() });
     }
-    Ok(app)
-}
-
-/// All apps enter their final (frozen) dump together, after every app's pre-dumps: the apps are
-/// down for the same short window (an app done early would otherwise be stopped while the others
-/// still pre-dump), and when one app fails before that point none of them is stopped.
-struct FinalGate {
-    state: Mutex<(usize, bool)>,
-    all_in: parking_lot::Condvar,
-    apps: usize,
-}
-
-impl FinalGate {
-    fn new(apps: usize) -> FinalGate {
-        FinalGate { state: Mutex::new((0, false)), all_in: parking_lot::Condvar::new(), apps }
-    }
-
-    fn ticket(&self) -> Ticket<'_> {
-        Ticket { gate: self, used: false }
-    }
-
-    fn arrive(&self, ok: bool) -> bool {
-        let mut st = self.state.lock();
-        st.0 += 1;
-        st.1 |= !ok;
-        self.all_in.notify_all();
-        while st.0 < self.apps {
-            self.all_in.wait(&mut st);
-        }
-        !st.1
-    }
-}
-
-/// One app's place at the gate; an app that fails before the gate still arrives (as failed).
-struct Ticket<'a> {
-    gate: &'a FinalGate,
-    used: bool,
-}
-
-impl Ticket<'_> {
-    /// Waits for every app; true when all of them got here without failing.
-    fn arrive(&mut self) -> bool {
-        self.used = true;
-        self.gate.arrive(true)
-    }
-}
-
-impl Drop for Ticket<'_> {
-    fn drop(&mut self) {
-        if !self.used {
-            // Failed before the gate: count it without waiting.
-            let mut st = self.gate.state.lock();
-            st.0 += 1;
-            st.1 = true;
-            self.gate.all_in.notify_all();
-        }
-    }
+    Ok(out)
 }
 
 /// Fails unless the store has room for `memory` bytes of app memory plus CRIU's images; returns

@@ -4,6 +4,7 @@
 //! FOAM files (foam-store) over CRIU's page-server protocol and come back on demand.
 
 mod checkpoint;
+mod commit;
 mod criu;
 mod error;
 mod inspect;
@@ -135,6 +136,10 @@ enum Cmd {
     /// plain `criu dump` to compare with kup's
     #[command(hide = true)]
     CriuStats { dir: PathBuf },
+    /// CRIU's action script during kup's final dumps: at post-dump, waits for kup's verdict
+    /// (exit 0: CRIU stops the app; 1: CRIU undoes the dump and the app runs on)
+    #[command(hide = true)]
+    CriuHook { socket: PathBuf, app: String },
     /// List the checkpoints in a store; --verify checks every page's CRC
     Inspect {
         /// The store directory
@@ -173,6 +178,9 @@ impl RamStore {
 fn main() {
     os::default_sigpipe();
     let cli = Cli::parse();
+    if let Cmd::CriuHook { socket, app } = &cli.cmd {
+        std::process::exit(commit::hook_main(socket, app));
+    }
     let result = match &cli.cmd {
         Cmd::Checkpoint { pids, store, iterations, leave_running, name, criu_opts } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
             let a = checkpoint::Args { pids: pids.clone(), store: store.clone(), iterations: *iterations, leave_running: *leave_running, name: name.clone(), json: cli.json, criu_options: criu_opts.clone() };
@@ -209,6 +217,7 @@ fn main() {
             resume::run(&c, &resume::Args { store, region, mode, timeout: std::time::Duration::from_secs(*timeout) })
         }),
         Cmd::Status { store, ram } => resume::status(&ram.resolve(store).0, cli.json),
+        Cmd::CriuHook { .. } => unreachable!("handled above"),
         Cmd::CriuStats { dir } => foam_store::criu_images::read_dump_stats(dir).map_err(Into::into).map(|s| report::print_json(&serde_json::json!(s))),
     };
     if let Err(e) = result {

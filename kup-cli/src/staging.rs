@@ -96,6 +96,18 @@ impl Staging {
         }
         r
     }
+
+    /// Copies one file that CRIU wrote into the staged pass `rel` after it was persisted (its
+    /// figures, `stats-dump`, come after the post-dump verdict).
+    pub fn persist_file(&self, rel: &str, file: &str, dest: &Path) -> Result<()> {
+        let from = self.dir(rel).join(file);
+        let to = dest.join(file);
+        let io = |p: &Path, e: std::io::Error| format!("copying {file} into the store: {}: {e}", p.display());
+        let data = std::fs::read(&from).map_err(|e| io(&from, e))?;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&to).map_err(|e| io(&to, e))?;
+        f.write_all(&data).and_then(|()| f.sync_all()).map_err(|e| io(&to, e))?;
+        Ok(())
+    }
 }
 
 impl Drop for Staging {

@@ -149,6 +149,18 @@ impl Subject {
         Path::new(&format!("/proc/{}", self.pid)).exists()
     }
 
+    /// Whether the process is gone (and reaped) within `limit`.
+    fn gone_within(&self, limit: Duration) -> bool {
+        let start = Instant::now();
+        while self.alive() {
+            if start.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
     fn kill_and_wait(&self) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGKILL).ok();
         let start = Instant::now();
@@ -378,23 +390,13 @@ fn a_dump_that_fails_midway_leaves_the_app_running_and_the_checkpoint_failed() {
     let store_s = store.to_str().unwrap();
     // CRIU on this host cannot dump inet sockets (the kernel refuses two getsockopt calls): the
     // failure comes after the process was frozen, the case CRIU must undo.
-    let mut child = Command::new("setsid")
-        .args(["python3", "-c", "import socket,time\ns=socket.socket()\ns.bind(('127.0.0.1',0))\ns.listen()\nprint('up',flush=True)\ntime.sleep(600)"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-    assert_eq!(line.trim(), "up");
-    let pid = child.id();
+    let listener = Listener::start();
+    let pid = listener.pid();
     let stage = tempfile::tempdir().unwrap();
     let (c, _, err) = kup_with(&["checkpoint", "--pid", &pid.to_string(), "--store", store_s], &[("KUP_STAGE_DIR", stage.path())]);
-    child.kill().ok();
-    child.wait().ok();
+    drop(listener);
     assert_eq!(c, 1);
-    assert!(err.contains("marked failed") && err.contains(&format!("{pid} running")), "{err}");
+    assert!(err.contains("marked failed") && err.contains(&format!("-{pid} (running): criu dump (pass 1) failed")), "{err}");
     let ckpt = only_subdir(&store);
     // The failed pass's log was copied from the staging directory into the store, which is where
     // the error points; nothing is left staged.
@@ -407,6 +409,83 @@ fn a_dump_that_fails_midway_leaves_the_app_running_and_the_checkpoint_failed() {
     let (c, _, err) = kup(&["restore", "--store", store_s, "--checkpoint", id]);
     assert_eq!(c, 1);
     assert!(err.contains("not restorable"), "{err}");
+}
+
+/// A process holding a TCP listener: CRIU on this host cannot dump it (the kernel refuses two
+/// getsockopt calls), so its dump fails after it was frozen. Killed on drop.
+struct Listener {
+    child: std::process::Child,
+}
+
+impl Listener {
+    fn start() -> Listener {
+        let mut child = Command::new("setsid")
+            .args(["python3", "-c", "import socket,time\ns=socket.socket()\ns.bind(('127.0.0.1',0))\ns.listen()\nprint('up',flush=True)\ntime.sleep(600)"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+        assert_eq!(line.trim(), "up");
+        Listener { child }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+/// All or nothing: when the second app's final dump fails, the first one, whose dump succeeded,
+/// is not stopped either; both run on with their memory, and nothing restorable is left.
+#[test]
+fn one_failed_final_dump_leaves_every_app_running() {
+    let fs = Rpramfs::new("512M");
+    let store = fs.store();
+    let store_s = store.to_str().unwrap();
+    let a = Subject::start(&["--private-mib", "96", "--shared-mib", "8", "--seed", "21"]);
+    let b = Listener::start();
+    for leave_running in [false, true] {
+        let (pa, pb) = (a.pid.to_string(), b.pid().to_string());
+        // Its own name: staging directories are named by checkpoint id, and tests run in parallel.
+        let mut args = vec!["checkpoint", "--pid", &pa, "--pid", &pb, "--store", store_s, "--name", "all-or-nothing"];
+        if leave_running {
+            args.push("--leave-running");
+        }
+        let (c, _, err) = kup(&args);
+        assert_eq!(c, 1, "{err}");
+        assert!(err.contains("marked failed (not restorable); every app runs on with its memory as it was"), "{err}");
+        assert!(err.contains(&format!("memsubject-{} (running): its final dump succeeded and was undone (the app runs on): the checkpoint of python3-{} failed", a.pid, b.pid())), "{err}");
+        assert!(err.contains(&format!("python3-{} (running): criu dump (pass 1) failed", b.pid())), "{err}");
+        assert!(a.alive() && Path::new(&format!("/proc/{}", b.pid())).exists());
+        let ok = a.verify();
+        assert!(ok.starts_with("OK") && ok.contains("private=96 shared=8"), "{ok}");
+    }
+    // Nothing restorable is left, and no post-dump socket either.
+    let (c, _, err) = kup(&["restore", "--store", store_s]);
+    assert_eq!(c, 1);
+    assert!(err.contains("no complete checkpoint"), "{err}");
+    for ckpt in std::fs::read_dir(&store).unwrap() {
+        let m = foam_store::manifest::Manifest::load(&ckpt.unwrap().path()).unwrap();
+        assert!(matches!(m.state, foam_store::manifest::State::Failed(_)) && m.apps.is_empty(), "{m:?}");
+    }
+    assert!(std::fs::read_dir("/run/kup/hooks").map_or(true, |d| d.count() == 0), "post-dump sockets left behind");
+    // The same app alone checkpoints fine afterwards (it was let run, not left half-dumped).
+    let (c, out, _) = kup(&["checkpoint", "--pid", &a.pid.to_string(), "--store", store_s, "--name", "all-or-nothing"]);
+    assert_eq!(c, 0);
+    assert!(out.contains("complete"), "{out}");
+    assert!(a.gone_within(Duration::from_secs(10)), "committed: CRIU stops the app");
+    let (c, _, _) = kup(&["restore", "--store", store_s]);
+    assert_eq!(c, 0);
+    assert!(a.verify().starts_with("OK"));
 }
 
 /// Direct writes through a real mount (no CRIU needed): leased pages replace pages the kernel has

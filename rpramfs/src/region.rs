@@ -252,7 +252,8 @@ impl Region {
         Ok(())
     }
 
-    /// Whether every store is logged (crash-state tests): then only the daemon may store.
+    /// Whether every store is logged (crash-state tests): then every store must go through
+    /// [`Region::write`], so no other mapping of the region is handed out (no DIRECT_INFO).
     pub fn logs_stores(&self) -> bool {
         self.store_log.is_some()
     }

@@ -356,11 +356,22 @@ fn direct_writes_commit_leased_blocks_and_never_leak_or_lie() {
 }
 
 #[test]
-fn regions_that_log_their_stores_offer_no_direct_writes() {
+fn regions_that_log_their_stores_hand_out_no_mapping_but_lease() {
+    use rpramfs::fs::lease::{CommitRequest, LeaseRequest};
+    use rpramfs::region::Store;
     let r = Region::memfd(8 << 20, true).unwrap();
     Fs::mkfs(&r, &MkfsOptions::default()).unwrap();
     let fs = Fs::open(r, &OpenOptions::default()).unwrap().0;
+    // No writer gets a mapping whose stores would bypass the log ...
     assert_eq!(fs.direct_info().unwrap_err().errno(), libc::ENOTTY);
+    // ... but leases and commits work, and fills through the region are logged.
     let f = file(&fs, "x");
-    assert_eq!(fs.lease(1, f, &rpramfs::fs::lease::LeaseRequest { off: 0, n: 1 }).unwrap_err().errno(), libc::ENOTTY);
+    let ans = fs.lease(1, f, &LeaseRequest { off: 0, n: 1 }).unwrap();
+    fs.region().take_store_log();
+    let page = vec![0x5au8; 4096];
+    fill_lease(&fs, &ans, &page);
+    let log = fs.region().take_store_log();
+    assert!(matches!(&log[..], [Store::Write { bytes, .. }] if *bytes == page), "{} stores logged", log.len());
+    fs.commit_lease(1, f, &CommitRequest { off: 0, crcs: vec![crc32fast::hash(&page)] }).unwrap();
+    assert_eq!(fs.read_file(f, 0, 4096).unwrap(), page);
 }

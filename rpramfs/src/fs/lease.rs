@@ -19,8 +19,11 @@
 //!   vouch for them, so they cannot reach a file.
 //! - `RPRAMFS_IOC_DIRECT_INFO` says how to map the region: the daemon's pid and the descriptor it
 //!   holds the region on (open `/proc/PID/fd/FD`: exactly the object the daemon maps, device, file
-//!   or memfd), its length and the block size. Regions that log their stores (crash tests) and
-//!   read-only mounts offer no direct writes (ENOTTY / EROFS).
+//!   or memfd), its length and the block size. Read-only mounts offer no direct writes (EROFS).
+//!   Regions that log their stores (crash tests) hand out no mapping (DIRECT_INFO: ENOTTY) but
+//!   lease and commit as usual: the test fills leased blocks through [`crate::region::Region::write`],
+//!   so the fills are logged in order with the daemon's stores and every crash state between
+//!   lease and commit is replayed (rpramfs/tests/crash_states.rs).
 //!
 //! The ioctl arguments are little-endian byte layouts (see [`encode_info`], [`LeaseRequest`],
 //! [`CommitRequest`]); kup's side is foam-store/src/direct.rs.
@@ -135,16 +138,17 @@ impl Fs {
         if self.read_only {
             return posix(libc::EROFS);
         }
-        if self.region.logs_stores() {
-            // Stores the daemon does not make would be missing from the crash tests' log.
-            return posix(libc::ENOTTY);
-        }
         Ok(())
     }
 
     /// What a direct writer needs to map the region (the DIRECT_INFO answer).
     pub fn direct_info(&self) -> Result<[u8; INFO_SIZE]> {
         self.direct_writes_allowed()?;
+        if self.region.logs_stores() {
+            // A writer's own mapping would store past the crash tests' log: on a logged region
+            // leased blocks are filled through `Region::write`, which logs them like the daemon's.
+            return posix(libc::ENOTTY);
+        }
         Ok(encode_info(self.region.len(), std::process::id(), self.region.file().as_raw_fd() as u32))
     }
 

@@ -9,7 +9,11 @@ setup:
 	@scripts/setup-host.sh
 
 # memsubject (tests/subjects) lands next to the Rust binaries, so guest initramfs builds pick it up.
+# kup-faults: kup with test-only fault injection (kup-cli feature fault-injection) for the guest bench
+# and the host tests; built first so that the release kup is the last one cargo puts in place.
 build: setup
+	$(CARGO) build --release -p kup-cli --features fault-injection
+	cp target/release/kup target/release/kup-faults
 	$(CARGO) build --release --workspace
 	gcc -O2 -Wall -Wextra -o target/release/memsubject tests/subjects/memsubject.c
 

@@ -97,8 +97,10 @@ pub struct CommitGate<'d, T> {
     apps: usize,
     /// Runs once, when all apps reported ready, with what they handed over in report order: makes
     /// the checkpoint durable.
-    decide: Box<dyn Fn(&[T]) -> Result<()> + Send + Sync + 'd>,
+    decide: Box<Decision<'d, T>>,
 }
+
+type Decision<'d, T> = dyn Fn(&[T]) -> Result<()> + Send + Sync + 'd;
 
 struct GateState<T> {
     reported: usize,

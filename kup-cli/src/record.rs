@@ -1,5 +1,5 @@
 //! The update record (`<store>/update`): what `kup update` did and what `kup resume` must do after
-//! the kernel switch — old and new kernel, the checkpoint, the phase and the timeline. A
+//! the kernel switch — old and new kernel, the checkpoint, the state and the timeline. A
 //! [`framed`](foam_store::framed) file: CRC-checked, replaced atomically.
 
 use std::path::{Path, PathBuf};
@@ -7,11 +7,13 @@ use std::path::{Path, PathBuf};
 use foam_store::framed;
 
 use crate::error::Result;
+use crate::machine::{self, Milestone, Refusal, State};
 use crate::report;
 
 pub const RECORD_FILE: &str = "update";
 const KIND: &str = "kup-update";
-const VERSION: u32 = 1;
+/// 2: the state machine's states (machine.rs) replaced version 1's phases and resume counter.
+const VERSION: u32 = 2;
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Kernel {
@@ -22,22 +24,9 @@ pub struct Kernel {
     pub cmdline: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case", tag = "phase", content = "reason")]
-pub enum Phase {
-    /// Checkpointed; `kexec -e` into the new kernel comes next.
-    Switching,
-    /// The restore or health check failed on the new kernel; going back to the old one.
-    FallingBack,
-    /// The apps run again and passed the health check.
-    Resumed,
-    /// Resuming failed where no further fallback exists; the reason says what to do.
-    Failed(String),
-}
-
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Event {
-    pub what: String,
+    pub what: Milestone,
     pub kernel: String,
     pub unix_ms: u64,
 }
@@ -45,16 +34,15 @@ pub struct Event {
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct UpdateRecord {
     pub version: u32,
+    /// Where the update is; it moves only through [`UpdateRecord::advance`].
     #[serde(flatten)]
-    pub phase: Phase,
+    pub state: State,
     pub old: Kernel,
     pub new: Kernel,
     /// The checkpoint id in the store.
     pub checkpoint: String,
     pub apps: Vec<String>,
     pub health_check: Option<String>,
-    /// `kup resume` attempts so far; a second failure stops instead of looping.
-    pub resumes: u32,
     /// Why the last resume attempt failed (the cause of a fallback).
     #[serde(default)]
     pub last_error: Option<String>,
@@ -63,7 +51,7 @@ pub struct UpdateRecord {
 
 impl UpdateRecord {
     pub fn new(old: Kernel, new: Kernel, checkpoint: String, apps: Vec<String>, health_check: Option<String>) -> UpdateRecord {
-        UpdateRecord { version: VERSION, phase: Phase::Switching, old, new, checkpoint, apps, health_check, resumes: 0, last_error: None, timeline: vec![] }
+        UpdateRecord { version: VERSION, state: State::Switching, old, new, checkpoint, apps, health_check, last_error: None, timeline: vec![] }
     }
 
     pub fn path(store: &Path) -> PathBuf {
@@ -83,11 +71,32 @@ impl UpdateRecord {
         Ok(framed::save(&Self::path(store), &framed::encode(KIND, self.version, self))?)
     }
 
-    pub fn event(&mut self, what: &str, unix_ms: u64) {
-        self.timeline.push(Event { what: what.into(), kernel: crate::procs::kernel_release(), unix_ms });
+    /// Moves the update through the state machine.
+    pub fn advance(&mut self, event: machine::Event) -> std::result::Result<&State, Refusal> {
+        if let machine::Event::ResumeFailed(why) = &event {
+            self.last_error = Some(format!("on {}: {why}", crate::procs::kernel_release()));
+        }
+        self.state = machine::next(&self.state, event)?;
+        Ok(&self.state)
     }
 
-    pub fn event_now(&mut self, what: &str) {
+    /// Which side of the update the running kernel is.
+    pub fn side(&self, running: &str) -> machine::Kernel {
+        match (running == self.new.release, running == self.old.release) {
+            // An update to the same release: the state tells which boot this is.
+            (true, true) if self.state == State::Switching => machine::Kernel::New,
+            (true, true) => machine::Kernel::Old,
+            (true, false) => machine::Kernel::New,
+            (false, true) => machine::Kernel::Old,
+            (false, false) => machine::Kernel::Other(running.to_string()),
+        }
+    }
+
+    pub fn event(&mut self, what: Milestone, unix_ms: u64) {
+        self.timeline.push(Event { what, kernel: crate::procs::kernel_release(), unix_ms });
+    }
+
+    pub fn event_now(&mut self, what: Milestone) {
         self.event(what, report::unix_ms());
     }
 
@@ -98,7 +107,7 @@ impl UpdateRecord {
         self.timeline
             .iter()
             .map(|e| {
-                let line = format!("  {:>9.3} s  (+{:>7.3} s)  {:<16} {}", (e.unix_ms - t0.min(e.unix_ms)) as f64 / 1e3, (e.unix_ms.saturating_sub(prev)) as f64 / 1e3, e.what, e.kernel);
+                let line = format!("  {:>9.3} s  (+{:>7.3} s)  {:<16} {}", (e.unix_ms - t0.min(e.unix_ms)) as f64 / 1e3, (e.unix_ms.saturating_sub(prev)) as f64 / 1e3, e.what.name(), e.kernel);
                 prev = e.unix_ms;
                 line
             })
@@ -120,4 +129,55 @@ pub fn image_release(image: &Path) -> Option<String> {
     let s = b.get(0x200 + off..)?;
     let end = s.iter().position(|&c| c == 0 || c == b' ')?;
     std::str::from_utf8(&s[..end]).ok().map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> UpdateRecord {
+        let k = |r: &str| Kernel { release: r.into(), image: format!("/boot/vmlinuz-{r}").into(), initrd: None, cmdline: "memmap=1G!4G".into() };
+        UpdateRecord::new(k("6.1.0-56-cloud-amd64"), k("6.1.0-57-cloud-amd64"), "0001-update".into(), vec!["memcached-7".into()], None)
+    }
+
+    #[test]
+    fn a_record_survives_the_store_and_a_bad_one_is_refused_by_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut rec = record();
+        rec.advance(machine::Event::Booted(machine::Kernel::New)).unwrap();
+        rec.event(Milestone::KernelUp, 5);
+        rec.save(tmp.path()).unwrap();
+        let back = UpdateRecord::load(tmp.path()).unwrap().unwrap();
+        assert_eq!(back.state, State::ResumingOnNew);
+        assert_eq!(back.timeline[0].what, Milestone::KernelUp);
+
+        // Torn: cut in the middle.
+        let bytes = std::fs::read(UpdateRecord::path(tmp.path())).unwrap();
+        std::fs::write(UpdateRecord::path(tmp.path()), &bytes[..bytes.len() / 2]).unwrap();
+        let e = UpdateRecord::load(tmp.path()).unwrap_err().to_string();
+        assert!(e.contains("truncated"), "{e}");
+
+        // Written by a newer kup.
+        let newer = framed::encode(KIND, VERSION + 1, &rec);
+        std::fs::write(UpdateRecord::path(tmp.path()), newer).unwrap();
+        let e = UpdateRecord::load(tmp.path()).unwrap_err().to_string();
+        assert!(e.contains(&format!("format version {} is newer than this kup understands ({VERSION}); use a newer kup", VERSION + 1)), "{e}");
+
+        // Version 1's phases are not states of this machine: named, not guessed.
+        let v1 = framed::encode(KIND, 1, &serde_json::json!({"version": 1, "phase": "resumed", "resumes": 1}));
+        std::fs::write(UpdateRecord::path(tmp.path()), v1).unwrap();
+        assert!(UpdateRecord::load(tmp.path()).unwrap_err().to_string().contains("unreadable content"));
+    }
+
+    #[test]
+    fn the_running_kernel_is_placed_on_a_side() {
+        let mut rec = record();
+        assert_eq!(rec.side("6.1.0-57-cloud-amd64"), machine::Kernel::New);
+        assert_eq!(rec.side("6.1.0-56-cloud-amd64"), machine::Kernel::Old);
+        assert_eq!(rec.side("6.12.0-1"), machine::Kernel::Other("6.12.0-1".into()));
+        rec.new.release = rec.old.release.clone();
+        assert_eq!(rec.side("6.1.0-56-cloud-amd64"), machine::Kernel::New, "same release: the first boot is the new side");
+        rec.state = State::FallingBack;
+        assert_eq!(rec.side("6.1.0-56-cloud-amd64"), machine::Kernel::Old);
+    }
 }

@@ -1,9 +1,10 @@
 //! `kup resume` (early at boot) and `kup status`.
 //!
 //! resume: mounts the store, reads the update record, restores the checkpoint, runs the health
-//! check and records the timeline. A failure on the new kernel falls back (`kexec` into the old
-//! kernel, which resumes the same checkpoint); a failure on the old kernel, or a second failure,
-//! stops with the record marked failed — never a loop.
+//! check and records the timeline. Where the update goes next is the state machine's call
+//! (machine.rs): a failure on the new kernel falls back (`kexec` into the old kernel, which
+//! resumes the same checkpoint); a failure on the old kernel, or a third boot, ends failed with
+//! the command that restores the apps by hand — never a loop.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -16,7 +17,8 @@ use crate::criu::Criu;
 use crate::error::{fail, Result};
 use crate::kexec;
 use crate::procs;
-use crate::record::{Phase, UpdateRecord};
+use crate::machine::{Event, Milestone, Refusal, State};
+use crate::record::UpdateRecord;
 use crate::report;
 use crate::restore;
 
@@ -26,9 +28,6 @@ pub struct Args {
     pub mode: restore::Mode,
     pub timeout: Duration,
 }
-
-/// At most this many resume attempts per update (the new kernel, then the old one).
-const MAX_RESUMES: u32 = 2;
 
 pub fn run(criu: &Criu, a: &Args) -> Result<()> {
     if let Some(region) = &a.region {
@@ -40,74 +39,89 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
         println!("kup resume: no update in {}; nothing to do", a.store.display());
         return Ok(());
     };
-    match &rec.phase {
-        Phase::Switching | Phase::FallingBack => {}
-        Phase::Resumed | Phase::Failed(_) => {
-            println!("kup resume: the last update is finished ({}); nothing to do", serde_json::to_string(&rec.phase).unwrap_or_default());
+    let running = procs::kernel_release();
+    match rec.advance(Event::Booted(rec.side(&running))) {
+        Err(Refusal::Finished(s)) => {
+            println!("kup resume: the last update is finished ({}); nothing to do", s.describe());
             return Ok(());
         }
+        Err(r) => return fail(format!("kup resume: {r}")),
+        Ok(_) => {}
     }
-    let running = procs::kernel_release();
-    rec.event("kernel-up", boot_unix_ms());
-    rec.resumes += 1;
-    let on_new = running == rec.new.release && rec.phase == Phase::Switching;
-    if rec.resumes > MAX_RESUMES {
-        rec.phase = Phase::Failed(format!("resume failed {MAX_RESUMES} times; the checkpoint {} is kept, restore it by hand with kup restore", rec.checkpoint));
-        rec.save(&a.store)?;
-        return fail("resume already failed before; stopping here instead of switching kernels again (see kup status)");
-    }
+    rec.event(Milestone::KernelUp, boot_unix_ms());
     rec.save(&a.store)?;
-    println!("kup resume: {} on {running} (update {} -> {}, attempt {})", rec.checkpoint, rec.old.release, rec.new.release, rec.resumes);
+    if let State::Failed(why) = &rec.state {
+        return fail(format!("{why}; {}", restore_by_hand(&rec, a)));
+    }
+    println!("kup resume: {} on {running} (update {} -> {}: {})", rec.checkpoint, rec.old.release, rec.new.release, rec.state.describe());
 
-    let restore_start = report::unix_ms();
-    rec.event("restore-start", restore_start);
-    let outcome = restore::run(criu, &restore::Args {
-        store: a.store.clone(),
-        checkpoint: Some(rec.checkpoint.clone()),
-        mode: a.mode,
-        json: false,
-        work_root: PathBuf::from("/run/kup"),
-        timeout: a.timeout,
-    })
-    .and_then(|apps| {
-        // restore::run returns once lazy fetching is done; the apps ran again earlier.
-        let at = |ms: f64| restore_start + ms as u64;
-        rec.event("running", at(apps.iter().map(|a| a.running_ms).fold(0.0, f64::max)));
-        if let Some(f) = apps.iter().filter_map(|a| a.fetched_ms).reduce(f64::max) {
-            rec.event("memory-fetched", at(f));
-        }
-        health_check(&rec, &apps)
-    });
-    match outcome {
-        Ok(()) => {
-            rec.event_now("serving");
-            rec.phase = Phase::Resumed;
+    let outcome = restore_and_check(criu, a, &mut rec);
+    let done = match outcome {
+        Ok(()) => Event::Healthy,
+        Err(e) => Event::ResumeFailed(e.to_string()),
+    };
+    let state = rec.advance(done).map_err(|r| r.to_string())?.clone();
+    match state {
+        State::ResumedOnNew | State::ResumedOnOld => {
+            rec.event_now(Milestone::Serving);
             rec.save(&a.store)?;
             // Only a healthy resume lets the checkpoint go.
             let dir = Store::open(&a.store)?.dir_of(&rec.checkpoint);
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 eprintln!("kup: warning: could not delete {}: {e}", dir.display());
             }
-            println!("kup resume: the apps run again on {running}; timeline:");
+            println!("kup resume: the apps run again on {running} ({}); timeline:", rec.state.describe());
             for l in rec.timeline_lines() {
                 println!("{l}");
             }
             Ok(())
         }
-        Err(e) if on_new => {
-            rec.phase = Phase::FallingBack;
-            rec.last_error = Some(format!("on {running}: {e}"));
-            rec.event_now("fallback");
+        State::FallingBack => {
+            rec.event_now(Milestone::Fallback);
             rec.save(&a.store)?;
-            eprintln!("kup resume: {e}\nkup resume: falling back to {}", rec.old.release);
-            fallback(&rec, a)
+            eprintln!("kup resume: {}\nkup resume: falling back to {}", rec.last_error.as_deref().unwrap_or(""), rec.old.release);
+            let e = fallback(&rec, a).unwrap_err();
+            // Still here: the way back failed. The store may be unmounted by now.
+            if let Some(region) = a.region.as_ref().filter(|_| !kexec::is_mounted(&a.store)) {
+                let _ = mount_store(region, &a.store);
+            }
+            rec.advance(Event::FallbackFailed(e.to_string())).map_err(|r| r.to_string())?;
+            let saved = rec.save(&a.store).err().map(|e| format!(" (the record could not be updated: {e})")).unwrap_or_default();
+            fail(format!("falling back to {} failed: {e}{saved}; {}", rec.old.release, restore_by_hand(&rec, a)))
         }
-        Err(e) => {
-            rec.phase = Phase::Failed(e.to_string());
+        State::Failed(why) => {
             rec.save(&a.store)?;
-            fail(format!("{e}\nresume failed on {running} too; the checkpoint {} is kept (kup status; kup restore --checkpoint {})", rec.checkpoint, rec.checkpoint))
+            fail(format!("{why}; {}", restore_by_hand(&rec, a)))
         }
+        s => fail(format!("kup resume: unexpected state {} after the resume", s.describe())),
     }
+}
+
+/// Restores the update's checkpoint and runs the health check, recording the timeline.
+fn restore_and_check(criu: &Criu, a: &Args, rec: &mut UpdateRecord) -> Result<()> {
+    let restore_start = report::unix_ms();
+    rec.event(Milestone::RestoreStart, restore_start);
+    let apps = restore::run(criu, &restore::Args {
+        store: a.store.clone(),
+        checkpoint: Some(rec.checkpoint.clone()),
+        mode: a.mode,
+        json: false,
+        work_root: PathBuf::from("/run/kup"),
+        timeout: a.timeout,
+    })?;
+    // restore::run returns once lazy fetching is done; the apps ran again earlier.
+    let at = |ms: f64| restore_start + ms as u64;
+    rec.event(Milestone::Running, at(apps.iter().map(|a| a.running_ms).fold(0.0, f64::max)));
+    if let Some(f) = apps.iter().filter_map(|a| a.fetched_ms).reduce(f64::max) {
+        rec.event(Milestone::MemoryFetched, at(f));
+    }
+    health_check(rec, &apps)
+}
+
+/// The command that brings the apps back when kup gives up.
+fn restore_by_hand(rec: &UpdateRecord, a: &Args) -> String {
+    let mount = a.region.as_ref().map(|r| format!("rpramfs mount {} {} && ", r.display(), a.store.display())).unwrap_or_default();
+    format!("the checkpoint {} is kept; restore the apps by hand with: {mount}kup restore --store {} --checkpoint {}", rec.checkpoint, a.store.display(), rec.checkpoint)
 }
 
 /// Back to the old kernel, which resumes the same checkpoint.
@@ -121,11 +135,8 @@ pub fn fallback(rec: &UpdateRecord, a: &Args) -> Result<()> {
 
 /// The health check: the operator's command (exit 0 = healthy), or each app's tasks alive and
 /// its listening TCP ports accepting connections.
-fn health_check(rec: &UpdateRecord, apps: &[restore::AppRestore]) -> Result<()> {
-    // Test-only fault injection (the guest's fallback scenarios): a health check that fails.
-    if std::env::var("KUP_TEST_FAULT").is_ok_and(|f| f == "health-check") {
-        return fail("health check: failed on purpose (KUP_TEST_FAULT=health-check)");
-    }
+pub fn health_check(rec: &UpdateRecord, apps: &[restore::AppRestore]) -> Result<()> {
+    crate::faults::at("health-check")?;
     if let Some(cmd) = &rec.health_check {
         let st = Command::new("sh").arg("-c").arg(cmd).status().map_err(|e| format!("health check {cmd:?}: {e}"))?;
         return if st.success() { Ok(()) } else { fail(format!("health check {cmd:?} failed ({st})")) };
@@ -169,7 +180,7 @@ fn listening_ports(pid: u32) -> Vec<u16> {
     ports
 }
 
-fn mount_store(region: &Path, mountpoint: &Path) -> Result<()> {
+pub fn mount_store(region: &Path, mountpoint: &Path) -> Result<()> {
     std::fs::create_dir_all(mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
     let rpramfs = std::env::current_exe().ok().map(|p| p.with_file_name("rpramfs")).filter(|p| p.is_file()).unwrap_or_else(|| PathBuf::from("rpramfs"));
     let out = Command::new(&rpramfs).arg("mount").arg(region).arg(mountpoint).output().map_err(|e| format!("cannot run {}: {e}", rpramfs.display()))?;
@@ -195,8 +206,9 @@ pub fn status(store: &Path, json: bool) -> Result<()> {
         report::print_json(&serde_json::to_value(&rec).map_err(|e| e.to_string())?);
         return Ok(());
     }
-    println!("update {} -> {}: {}", rec.old.release, rec.new.release, serde_json::to_string(&rec.phase).unwrap_or_default());
-    println!("  checkpoint {} ({}), resume attempts {}", rec.checkpoint, rec.apps.join(", "), rec.resumes);
+    println!("update {} -> {}: {}", rec.old.release, rec.new.release, rec.state.describe());
+    println!("  state: {}", serde_json::to_value(&rec.state).ok().and_then(|v| v["phase"].as_str().map(str::to_string)).unwrap_or_default());
+    println!("  checkpoint {} ({})", rec.checkpoint, rec.apps.join(", "));
     if let Some(e) = &rec.last_error {
         println!("  failed resume: {}", e.replace('\n', "\n    "));
     }

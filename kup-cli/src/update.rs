@@ -6,12 +6,16 @@
 
 use std::path::PathBuf;
 
+use foam_store::manifest::Manifest;
+
 use crate::checkpoint;
 use crate::criu::Criu;
 use crate::error::{fail, Result};
 use crate::kexec;
 use crate::procs::{self, Process};
+use crate::machine::{self, Milestone};
 use crate::record::{self, Kernel, UpdateRecord};
+use crate::{restore, resume};
 use crate::report;
 
 pub struct Args {
@@ -121,24 +125,88 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
         Ok(m) => m,
         Err(e) => {
             kexec::unload();
-            return fail(format!("{e}\nkup update stopped before switching kernels; the apps were left running"));
+            // The checkpoint's error lists every app's state (all or nothing: none was stopped).
+            return fail(format!("{e}\nkup update stopped before switching kernels; nothing was switched"));
         }
     };
     let done = m.finished_unix_ms.unwrap_or_else(report::unix_ms);
     let frozen_ms = m.apps.iter().filter_map(|a| a.passes.last()?.criu.map(|c| c.frozen_time_us / 1000)).max().unwrap_or(0);
     let mut rec = UpdateRecord::new(old, new, m.id.clone(), m.apps.iter().map(|a| a.name.clone()).collect(), a.health_check.clone());
-    rec.event("checkpoint-start", started);
-    rec.event("frozen", done.saturating_sub(frozen_ms));
-    rec.event("checkpoint-done", done);
-    rec.event_now("kexec");
-    rec.save(&a.store)?;
+    rec.event(Milestone::CheckpointStart, started);
+    rec.event(Milestone::Frozen, done.saturating_sub(frozen_ms));
+    rec.event(Milestone::CheckpointDone, done);
+    rec.event_now(Milestone::Kexec);
 
-    // ---- switch -------------------------------------------------------------------------------
-    if let Some(region) = &a.region {
-        kexec::unmount_store(&a.store, region)?;
-    } else {
-        nix::unistd::sync();
+    // ---- switch: the apps are stopped from here on, so any failure brings them back -----------
+    let switched = (|| -> Result<()> {
+        crate::faults::at("update-record")?;
+        rec.save(&a.store)?;
+        if let Some(region) = &a.region {
+            kexec::unmount_store(&a.store, region)?;
+        } else {
+            nix::unistd::sync();
+        }
+        println!("kup update: checkpoint {} stored; switching to {} now", m.id, rec.new.release);
+        crate::faults::at("kexec-exec")?;
+        kexec::execute()
+    })();
+    let cause = switched.expect_err("kexec -e returns only on failure");
+    kexec::unload();
+    bring_back(criu, a, &m, &mut rec, cause)
+}
+
+/// After the apps were stopped, the switch failed on the old kernel: the apps are restored from
+/// the checkpoint right here, or, where that fails too, the error says where each one is and the
+/// command that brings it back.
+fn bring_back(criu: &Criu, a: &Args, m: &Manifest, rec: &mut UpdateRecord, cause: crate::error::Error) -> Result<()> {
+    eprintln!("kup update: could not switch kernels ({cause}); restoring the apps from checkpoint {} on {}", m.id, procs::kernel_release());
+    let stranded = |why: String| {
+        let apps: Vec<String> = m.apps.iter().map(|p| format!("    {} (pid {}): {}", p.name, p.pid, if procs::exists(p.pid) { "running" } else { "stopped, its state is in the checkpoint" })).collect();
+        let mount = a.region.as_ref().map(|r| format!("rpramfs mount {} {} && ", r.display(), a.store.display())).unwrap_or_default();
+        format!(
+            "kup update could not switch kernels: {cause}\n  and bringing the apps back failed: {why}\n  apps:\n{}\n  checkpoint {} in {} is intact; restore them with:\n    {mount}kup restore --store {} --checkpoint {}",
+            apps.join("\n"),
+            m.id,
+            a.store.display(),
+            a.store.display(),
+            m.id
+        )
+    };
+    // The failure may have come after the unmount.
+    if let Some(region) = a.region.as_ref().filter(|_| !kexec::is_mounted(&a.store)) {
+        resume::mount_store(region, &a.store).map_err(|e| stranded(format!("mounting the store again: {e}")))?;
     }
-    println!("kup update: checkpoint {} stored; switching to {} now", m.id, rec.new.release);
-    kexec::execute()
+    rec.advance(machine::Event::SwitchFailed(cause.to_string())).map_err(|r| r.to_string())?;
+    rec.event_now(Milestone::SwitchFailed);
+    // The record may be what failed; the restore goes on without it.
+    let _ = rec.save(&a.store);
+    let restored = restore::run(criu, &restore::Args {
+        store: a.store.clone(),
+        checkpoint: Some(m.id.clone()),
+        mode: restore::Mode::Lazy,
+        json: a.json,
+        work_root: PathBuf::from("/run/kup"),
+        timeout: std::time::Duration::from_secs(600),
+    })
+    .and_then(|apps| resume::health_check(rec, &apps).map(|()| apps));
+    match restored {
+        Ok(apps) => {
+            rec.advance(machine::Event::Healthy).map_err(|r| r.to_string())?;
+            rec.event_now(Milestone::Serving);
+            let _ = rec.save(&a.store);
+            let pids: Vec<String> = apps.iter().map(|p| format!("{} (pid {})", p.name, p.pid)).collect();
+            fail(format!(
+                "kup update could not switch kernels: {cause}\n  the apps were restored from checkpoint {} and run again on {}: {}\n  (the checkpoint is kept in {}; kup status shows the update)",
+                m.id,
+                procs::kernel_release(),
+                pids.join(", "),
+                a.store.display()
+            ))
+        }
+        Err(e) => {
+            let _ = rec.advance(machine::Event::ResumeFailed(e.to_string()));
+            let _ = rec.save(&a.store);
+            fail(stranded(e.to_string()))
+        }
+    }
 }

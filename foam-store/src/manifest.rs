@@ -48,6 +48,10 @@ pub struct Pass {
     pub seconds: f64,
     /// CRIU's own figures; `frozen_time_us` is the app's downtime within this pass.
     pub criu: Option<DumpStats>,
+    /// Final dump: milliseconds the app stayed frozen at CRIU's post-dump action while kup made
+    /// the checkpoint durable and all apps agreed (part of `frozen_time_us`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_ms: Option<f64>,
 }
 
 /// One address space of the final image.

@@ -292,12 +292,13 @@ fn final_dump(sh: &Shared<'_>, index: usize, p: &Process, name: &str, ps: &Passe
         }
     };
     // Frozen from here until the verdict: this app's part of the checkpoint goes into the store.
+    let held_at = Instant::now();
     let prepared = (|| -> Result<SessionReport> {
         let session = session.map_err(|_| "the page-server thread panicked".to_string())?.map_err(|e| format!("kup's page server: {e}"))?;
         if let Some(s) = &ps.staging {
             s.persist(&run.rel, &run.store_dir).map_err(|e| format!("{e}; CRIU's images of the final dump stay in {}", run.criu_dir.display()))?;
         }
-        app.spaces = keep_final_image(&ps.spaces, &session)?;
+        app.spaces = final_image(&ps.spaces, &session)?;
         Ok(session)
     })();
     let verdict = match &prepared {
@@ -312,6 +313,7 @@ fn final_dump(sh: &Shared<'_>, index: usize, p: &Process, name: &str, ps: &Passe
         }
     };
     let told = held.release(&verdict);
+    run.held = Some(held_at.elapsed());
     let status = run.child.wait().map_err(|e| format!("waiting for CRIU: {e}"))?;
     match (verdict, prepared) {
         (Verdict::Commit, Ok(session)) if status.success() => {
@@ -321,6 +323,9 @@ fn final_dump(sh: &Shared<'_>, index: usize, p: &Process, name: &str, ps: &Passe
                 None => read_dump_stats(&run.store_dir).ok(),
             };
             app.passes.push(run.record(sh, name, &session, stats));
+            if let Err(e) = trim_to_final_image(&ps.spaces, &session) {
+                eprintln!("kup: warning: {name}: pages the final dump no longer names stay in the store (they are never restored): {e}");
+            }
             Ok(())
         }
         (Verdict::Commit, _) => {
@@ -372,6 +377,8 @@ struct PassRun {
     bar: indicatif::ProgressBar,
     start: Instant,
     elapsed: Duration,
+    /// Final dump: from CRIU's post-dump action until kup gave the verdict.
+    held: Option<Duration>,
 }
 
 fn start_pass(sh: &Shared<'_>, p: &Process, name: &str, ps: &Passes, pass: u32) -> Result<PassRun> {
@@ -411,7 +418,7 @@ fn start_pass(sh: &Shared<'_>, p: &Process, name: &str, ps: &Passes, pass: u32) 
     let start = Instant::now();
     let child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", sh.criu.path.display()))?;
     drop(theirs);
-    Ok(PassRun { pass, kind, rel, store_dir, criu_dir, child, ours: Some(ours), received: AtomicU64::new(0), bar, start, elapsed: Duration::ZERO })
+    Ok(PassRun { pass, kind, rel, store_dir, criu_dir, child, ours: Some(ours), received: AtomicU64::new(0), bar, start, elapsed: Duration::ZERO, held: None })
 }
 
 type Session = std::thread::Result<std::result::Result<SessionReport, foam_store::Error>>;
@@ -501,6 +508,7 @@ impl PassRun {
             bytes: session.bytes,
             seconds: self.elapsed.as_secs_f64(),
             criu: stats,
+            held_ms: self.held.map(|d| d.as_secs_f64() * 1e3),
         }
     }
 
@@ -508,7 +516,10 @@ impl PassRun {
     fn record(&self, sh: &Shared<'_>, name: &str, session: &SessionReport, stats: Option<foam_store::criu_images::DumpStats>) -> Pass {
         if !sh.a.json {
             let _g = sh.out.lock();
-            let frozen = stats.map(|s| format!("  frozen {:.1} ms", s.frozen_time_us as f64 / 1e3)).unwrap_or_default();
+            let mut frozen = stats.map(|s| format!("  frozen {:.1} ms", s.frozen_time_us as f64 / 1e3)).unwrap_or_default();
+            if let Some(h) = self.held {
+                frozen.push_str(&format!(" (held {:.1} ms for the commit)", h.as_secs_f64() * 1e3));
+            }
             println!(
                 "  {name} pass {}/{} {:<8} {:>9} pages sent {:>10}  {:>8} unchanged  {}{frozen}",
                 self.pass,
@@ -524,20 +535,27 @@ impl PassRun {
     }
 }
 
-/// The image is what the final dump named: everything else is punched out, every file synced.
-fn keep_final_image(spaces: &Spaces, last: &SessionReport) -> Result<Vec<Space>> {
-    for t in spaces.existing()? {
-        match last.targets.get(&t) {
-            Some(r) => spaces.get_or_create(t)?.keep_only(&r.ranges)?,
-            None => spaces.remove(t)?,
-        }
-    }
+/// The final image's address spaces: what the final dump named, each FOAM file synced. Pages
+/// outside these ranges are never read (restore and inspect follow the manifest), so punching them
+/// out ([`trim_to_final_image`]) can wait until the app no longer waits on kup.
+fn final_image(spaces: &Spaces, last: &SessionReport) -> Result<Vec<Space>> {
     let mut out = Vec::new();
     for (t, r) in &last.targets {
         spaces.get_or_create(*t)?.sync()?;
         out.push(Space { name: t.stem(), pages: r.ranges.pages(), ranges: r.ranges.to_vec() });
     }
     Ok(out)
+}
+
+/// Frees what earlier passes stored and the final dump no longer names (unmapped since).
+fn trim_to_final_image(spaces: &Spaces, last: &SessionReport) -> Result<()> {
+    for t in spaces.existing()? {
+        match last.targets.get(&t) {
+            Some(r) => spaces.get_or_create(t)?.keep_only(&r.ranges)?,
+            None => spaces.remove(t)?,
+        }
+    }
+    Ok(())
 }
 
 /// Fails unless the store has room for `memory` bytes of app memory plus CRIU's images; returns

@@ -65,6 +65,9 @@ stage_b() {
     info "$probe"
     downtime=$(echo "$probe" | sed -n 's/.*outage_ms=\([0-9]*\).*/\1/p')
     keys=$(echo "$out" | sed -n 's/.*keys=\([0-9]*\/[0-9]*\).*/\1/p')
+    figure downtime_ms "$downtime"
+    figure keys "$keys"
+    [ "$keys" = "$MC_ITEMS/$MC_ITEMS" ] || fail "keys=$keys after the update, not $MC_ITEMS/$MC_ITEMS"
     # The baseline: stop memcached, reboot into B, start memcached.
     kill $(pidof memcached)
     wait_gone memcached 10 || fail "memcached does not stop"
@@ -73,10 +76,15 @@ stage_b() {
 
 stage_b2() {
     t0=$(cmdline_arg kup.t0) || fail "no kup.t0"
-    result=$(cmdline_arg kup.result | tr ',' ' ') || fail "no kup.result"
+    result=$(cmdline_arg kup.result | tr ',' ' ')
+    case " $result " in *" keys="*" downtime_ms="*) ;; *) fail "kup.result is '$result', not keys=... downtime_ms=..." ;; esac
+    for kv in $result; do figure "${kv%%=*}" "${kv#*=}"; done
+    figure kup.t0 "$t0"
     mc_start 11211 512 3
     base_ms=$(($(mctool now) - t0))
     kept=$(mctool verify --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE | sed -n 's/.*keys=\([0-9]*\)\/.*/\1/p')
+    figure baseline_downtime_ms "$base_ms"
+    figure baseline_keys "$kept"
     info "side by side: kup update: $result | stop, reboot, start: downtime_ms=$base_ms keys=$kept/$MC_ITEMS"
     pass "$result kernel=$(kver a)->$(kver b) baseline_downtime_ms=$base_ms baseline_keys=$kept/$MC_ITEMS"
 }

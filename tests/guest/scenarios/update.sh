@@ -56,8 +56,25 @@ resume_verified() {
     kup status | sed 's/^/GUEST: INFO status: /'
 }
 
+# resumed_release: the kernel the update record's "serving" event names, i.e. where kup resume brought
+# the apps back and their health check passed (empty when there is none).
+resumed_release() {
+    kup status | awk '$(NF - 1) == "serving" { r = $NF } END { print r }'
+}
+
+# resumed_on_b: the update must have resumed on kernel B itself: this is B, the record says resumed,
+# its serving event was on B, and there was no fallback.
+resumed_on_b() {
+    [ "$(uname -r)" = "$(kver b)" ] || fail "running $(uname -r), not B ($(kver b))"
+    kup status | head -n 1 | grep -q '{"phase":"resumed"}' || fail "the update record does not say resumed: $(kup status | head -n 1)"
+    r=$(resumed_release)
+    [ "$r" = "$(kver b)" ] || fail "the update record says the apps resumed on '$r', not on B ($(kver b))"
+    if kup status | grep -q ' fallback '; then fail "the timeline has a fallback"; fi
+}
+
 stage_b() {
     resume_verified "on $(uname -r)"
+    resumed_on_b
     info "$out"
     touch /tmp/probe.stop
     wait_for /tmp/probe.out 10 || fail "the restored probe did not report"

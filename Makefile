@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: demo demo-rpramfs test test-host test-guest build setup install bench bench-foam clean
+.PHONY: demo demo-rpramfs test test-host test-guest msrv build setup install bench bench-foam clean
 
 setup:
 	@scripts/setup-host.sh
@@ -29,8 +29,13 @@ test: test-host test-guest
 
 # kup's host tests run the real CRIU: trixie's 4.1.1 with its own loader (docs/criu-host.md), installed
 # on first use into /opt/kup/criu.
-test-host: build
+test-host: build msrv
 	KUP_CRIU=$$(scripts/criu-host/install.sh) $(CARGO) test --release --workspace -- --test-threads=2
+
+# The workspace's rust-version (Cargo.toml) is checked: clippy's incompatible_msrv lint fails on any std
+# item stabilized after it. Only one toolchain is needed (no build with the old one).
+msrv:
+	$(CARGO) clippy --release --workspace --all-targets -- -D clippy::incompatible_msrv
 
 # Real kexec between two Debian kernels over a memmap= pmem region, in a QEMU guest (docs/guest-bench.md).
 test-guest: build

@@ -20,6 +20,17 @@ if ! command -v cargo >/dev/null 2>&1; then
         curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
     fi
 fi
+# clippy checks the workspace's rust-version (make msrv, part of make test-host).
+cargo_bin=$(command -v cargo 2>/dev/null || echo "$HOME/.cargo/bin/cargo")
+if [ -x "$cargo_bin" ] && ! "$cargo_bin" clippy --version >/dev/null 2>&1; then
+    rustup_bin=$(command -v rustup 2>/dev/null || echo "$HOME/.cargo/bin/rustup")
+    if [ -x "$rustup_bin" ]; then
+        echo "setup: installing clippy (rustup component add clippy)"
+        "$rustup_bin" component add clippy || echo "setup: could not install clippy; make msrv (in make test-host) will fail" >&2
+    else
+        echo "setup: cargo has no clippy and there is no rustup to add it; make msrv (in make test-host) will fail" >&2
+    fi
+fi
 if [ ! -e /dev/fuse ]; then
     modprobe fuse 2>/dev/null || true
 fi

@@ -214,7 +214,7 @@ fn a_512_mib_process_survives_checkpoint_and_eager_and_lazy_restore() {
     assert!(out.contains("direct writes"), "{out}");
     assert!(out.contains("CRIU's images are written to /run/kup/stage/") && out.contains("copied into the store after each pass"), "{out}");
     assert!(out.contains("page CRC32 by the folding (crc32fast)") || out.contains("page CRC32 by the slice-by-16 table"), "{out}");
-    assert!(!s.alive() || { s.kill_and_wait(); true });
+    assert!(std::fs::read_to_string(format!("/proc/{}/stat", s.pid)).map_or(true, |st| st.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')) && { s.kill_and_wait(); true }), "pid {} still runs after kup checkpoint without --leave-running: CRIU must have stopped the subject after the final dump (gone, or a zombie until its reaper waits for it)", s.pid);
     let ckpt = only_subdir(&store);
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&ckpt).unwrap().permissions().mode() & 0o777, 0o700, "checkpoints hold memory: root-only");

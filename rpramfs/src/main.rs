@@ -161,11 +161,8 @@ fn pmem_phys_offset(path: &Path) -> u64 {
 fn mount(path: &Path, mp: &Path, foreground: bool, options: &[String], log: Option<PathBuf>) -> Result<(), Error> {
     let cfg = fuse::parse_mount_options(options).map_err(|why| Error::BadRegion { path: path.display().to_string(), why })?;
     if foreground || std::env::var_os("RPRAMFS_READY_FD").is_some() {
-        init_logging(foreground && std::env::var_os("RPRAMFS_READY_FD").is_none());
-        let ready = std::env::var("RPRAMFS_READY_FD").ok().and_then(|s| s.parse::<i32>().ok());
-        // SAFETY: the parent passed us the write end of a pipe under this number and nothing else
-        // in this process owns it.
-        let mut ready = ready.map(|fd| std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }));
+        let mut ready = ready_fd()?;
+        init_logging(foreground && ready.is_none());
         match serve_mount(path, mp, &cfg, &mut ready) {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -179,6 +176,37 @@ fn mount(path: &Path, mp: &Path, foreground: bool, options: &[String], log: Opti
     } else {
         spawn_daemon(path, mp, options, log)
     }
+}
+
+/// The readiness pipe the parent `rpramfs mount` passes its daemon as `RPRAMFS_READY_FD`: a
+/// descriptor number of 3 or above that is open for writing. Anything else (a typo, -1, one of the
+/// standard descriptors, a closed number) is refused with the variable and its value, instead of
+/// taking ownership of a descriptor that is not ours.
+fn ready_fd() -> Result<Option<std::fs::File>, Error> {
+    const VAR: &str = "RPRAMFS_READY_FD";
+    let Some(raw) = std::env::var_os(VAR) else {
+        return Ok(None);
+    };
+    let value = raw.to_string_lossy().into_owned();
+    let bad = |why: String| Error::Io {
+        context: format!("{VAR}={value:?}"),
+        source: std::io::Error::other(format!("{why} (rpramfs mount sets it for the daemon it starts; unset it to mount in the foreground)")),
+    };
+    let fd: i32 = value.trim().parse().map_err(|_| bad("not a file descriptor number".into()))?;
+    if fd < 3 {
+        return Err(bad(format!("{fd} is not a readiness pipe: it must be a descriptor number of 3 or above")));
+    }
+    // SAFETY: fcntl with F_GETFD/F_GETFL only queries the descriptor table.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(bad(format!("descriptor {fd} is not open ({})", std::io::Error::last_os_error())));
+    }
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if fl < 0 || fl & libc::O_ACCMODE == libc::O_RDONLY {
+        return Err(bad(format!("descriptor {fd} is not open for writing")));
+    }
+    // SAFETY: the parent passed us the write end of a pipe under this number (open and writable, as
+    // checked above) and nothing else in this process owns it.
+    Ok(Some(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) })))
 }
 
 /// The daemon: opens the region, mounts, reports readiness, serves until unmounted.

@@ -231,3 +231,66 @@ fn block_device_region_survives_kill9() {
     let raw = fs::read(&backing).unwrap();
     assert!(raw.windows(64).any(|w| w == &data[4096..4096 + 64]), "data not found in the backing file");
 }
+
+/// `RPRAMFS_READY_FD` (set by `rpramfs mount` for its daemon) is checked before it is used: a value
+/// that is not a number, below 3, not an open descriptor, or not open for writing is refused with
+/// the variable and the value named, and nothing is mounted.
+#[test]
+fn ready_fd_is_validated() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let d = tempfile::tempdir().unwrap();
+    let region = d.path().join("region.img");
+    assert_eq!(run(&["mkfs", s(&region), "--size", "16M"]).0, 0);
+    let mp = d.path().join("mnt");
+    fs::create_dir(&mp).unwrap();
+    let _guard = LazyUmount(mp.clone());
+    // A descriptor open only for reading, placed at number 7 in the child.
+    let ro = fs::File::open(&region).unwrap();
+    let ro_fd = ro.as_raw_fd();
+    let cases: [(&str, &str); 7] = [
+        ("-1", "not a readiness pipe"),
+        ("0", "not a readiness pipe"),
+        ("2", "not a readiness pipe"),
+        ("abc", "not a file descriptor number"),
+        ("", "not a file descriptor number"),
+        ("900", "descriptor 900 is not open"),
+        ("7", "descriptor 7 is not open for writing"),
+    ];
+    for (value, why) in cases {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["mount", s(&region), s(&mp)]).env("RPRAMFS_READY_FD", value);
+        if value == "7" {
+            // SAFETY: dup2 is async-signal-safe; it runs in the child between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || if libc::dup2(ro_fd, 7) < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) });
+            }
+        }
+        let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let mut waited = 0;
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if waited > 100 {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("RPRAMFS_READY_FD={value:?}: rpramfs mount did not exit in 10 s (it took the value and mounted?)");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            waited += 1;
+        };
+        let out = child.wait_with_output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(status.code(), Some(1), "RPRAMFS_READY_FD={value:?}: {text}");
+        assert!(text.contains(&format!("RPRAMFS_READY_FD={value:?}")), "the message names the variable and the value {value:?}: {text}");
+        assert!(text.contains(why), "RPRAMFS_READY_FD={value:?}: expected {why:?} in {text}");
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+        assert!(!mounts.contains(s(&mp)), "RPRAMFS_READY_FD={value:?}: something was mounted on {}", mp.display());
+    }
+    drop(ro);
+    // The valid path (rpramfs mount passing its own pipe) still works.
+    let (rc, out) = run(&["mount", s(&region), s(&mp)]);
+    assert_eq!(rc, 0, "{out}");
+    umount_wait(&mp);
+}

@@ -21,6 +21,21 @@ fail() {
     power_off
 }
 
+# figure NAME VALUE: fails the scenario unless VALUE is a number (digits with an optional fraction) or
+# a count out of a total (N/M). For every figure a scenario parses and reports: an empty or garbled one
+# (a changed output format) must not pass as a result.
+figure() {
+    case $2 in
+        */*) _figure_part "$1" "${2%%/*}" "$2" && _figure_part "$1" "${2#*/}" "$2" ;;
+        *) _figure_part "$1" "$2" "$2" ;;
+    esac
+}
+_figure_part() {
+    case $2 in
+        '' | *[!0-9.]* | .* | *. | *.*.*) fail "figure $1 is '$3', not a number" ;;
+    esac
+}
+
 # finish: the scenario's normal end.
 finish() {
     echo "GUEST: END $SCENARIO"

@@ -136,7 +136,22 @@ pub fn populated_image() -> (Vec<u8>, Expected) {
 /// Reads every expected byte; returns how many reads failed. Panics if a read returns wrong
 /// bytes without an error.
 pub fn read_back(fs: &Fs, exp: &Expected) -> usize {
-    let mut failed = 0;
+    read_back_failures(fs, exp).len()
+}
+
+/// A read (or the lookup before it) that failed: the file's path as in [`Expected`], the offset
+/// of the read (None for a failed lookup) and its errno.
+#[derive(Debug)]
+pub struct ReadFailure {
+    pub path: String,
+    pub offset: Option<u64>,
+    pub errno: i32,
+}
+
+/// Reads every expected byte; returns the reads that failed. Panics if a read returns wrong
+/// bytes without an error. After a failed read it goes on at the next page.
+pub fn read_back_failures(fs: &Fs, exp: &Expected) -> Vec<ReadFailure> {
+    let mut failed = Vec::new();
     for (path, segs) in exp {
         let mut dir = ROOT;
         let mut ino = None;
@@ -145,11 +160,13 @@ pub fn read_back(fs: &Fs, exp: &Expected) -> usize {
             match fs.lookup(dir, p.as_bytes()) {
                 Ok(a) if i + 1 == parts.len() => ino = Some(a.ino),
                 Ok(a) => dir = a.ino,
-                Err(_) => break,
+                Err(e) => {
+                    failed.push(ReadFailure { path: path.clone(), offset: None, errno: e.errno() });
+                    break;
+                }
             }
         }
         let Some(ino) = ino else {
-            failed += 1;
             continue;
         };
         for (off, want) in segs {
@@ -161,8 +178,8 @@ pub fn read_back(fs: &Fs, exp: &Expected) -> usize {
                         assert!(got[..] == want[pos..pos + got.len()], "{path}: WRONG BYTES at {} without an error", off + pos as u64);
                         pos += got.len();
                     }
-                    Err(_) => {
-                        failed += 1;
+                    Err(e) => {
+                        failed.push(ReadFailure { path: path.clone(), offset: Some(off + pos as u64), errno: e.errno() });
                         // Skip the damaged page.
                         pos = ((pos as u64 + off) / 4096 * 4096 + 4096 - off) as usize;
                     }

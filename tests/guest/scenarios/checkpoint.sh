@@ -51,5 +51,8 @@ stage_a() {
     frozen=$(sed -n 's/.*: frozen \([0-9.]*\) ms (downtime.*/\1/p' /tmp/ckpt.out)
     running=$(sed -n 's/.*running again after \([0-9.]*\) ms.*/\1/p' /tmp/restore.out)
     fetched=$(sed -n 's/.*all memory fetched after \([0-9.]*\) ms.*/\1/p' /tmp/restore.out)
+    figure frozen_ms "$frozen"
+    figure running_again_ms "$running"
+    figure fetched_ms "$fetched"
     pass "$out; frozen_ms=$frozen running_again_ms=$running fetched_ms=$fetched on $(uname -r)"
 }

@@ -352,6 +352,10 @@ stage_a() {
             bench_plain "$W" "$D"
             bench_kup_tmpfs "$W" "$D"
             bench_kup "$W" "$D"
+            for kv in "P_FROZEN=$P_FROZEN" "K1_FROZEN=$K1_FROZEN" "K2_FROZEN=$K2_FROZEN" "P_RESTORE=$P_RESTORE" "K_EAGER=$K_EAGER" \
+                "K_LAZY=$K_LAZY" "K_FETCHED=$K_FETCHED" "K2_PAGES=$K2_PAGES" "P_WALL=$P_WALL" "K2_LAZY=$K2_LAZY" "KT_FROZEN=$KT_FROZEN"; do
+                figure "W=$W D=$D ${kv%%=*}" "${kv#*=}"
+            done
             echo "$W $D $P_FROZEN $K1_FROZEN $K2_FROZEN $P_RESTORE $K_EAGER $K_LAZY $K_FETCHED $K2_PAGES $P_WALL $K2_LAZY $KT_FROZEN" >>$RES
             info "W=$W D=$D done in $((($(now_ms) - t_one) / 1000)) s"
         done

@@ -10,6 +10,10 @@ COMPRESS=${KUP_GUEST_COMPRESS:-none}
 host_report() {
     local log=$1 kind secs stage up kexec=() reset=() kpre=() rpre=()
     while read -r kind secs stage up; do
+        if ! [[ $secs =~ ^[0-9]+(\.[0-9]+)?$ && $up =~ ^[0-9]+(\.[0-9]+)?$ ]]; then
+            echo "switch-time: a $kind switch to stage $stage without a time or uptime (secs='$secs' uptime='$up')"
+            return 1
+        fi
         case $kind in
             kexec) kexec+=("$secs") kpre+=("$(awk -v a="$secs" -v b="$up" 'BEGIN { printf "%.3f", a - b }')") ;;
             reset) reset+=("$secs") rpre+=("$(awk -v a="$secs" -v b="$up" 'BEGIN { printf "%.3f", a - b }')") ;;

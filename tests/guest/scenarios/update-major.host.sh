@@ -7,3 +7,11 @@ if [[ -z $KB ]]; then
     )
     [[ -n $KB ]] || die "no linux-image-6.12.*-cloud-amd64 in trixie"
 fi
+
+# The guest's PASS line must name B's release as the one the apps resumed on (a fallback to A fails
+# in the guest; this catches a pass on the wrong kernel).
+host_report() {
+    grep -q "GUEST: PASS update-major .*: resumed on B ($VER_B)" "$1" && return 0
+    echo "update-major: the PASS line does not say the apps resumed on B ($VER_B)"
+    return 1
+}

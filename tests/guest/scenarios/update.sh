@@ -56,8 +56,25 @@ resume_verified() {
     kup status | sed 's/^/GUEST: INFO status: /'
 }
 
+# resumed_release: the kernel the update record's "serving" event names, i.e. where kup resume brought
+# the apps back and their health check passed (empty when there is none).
+resumed_release() {
+    kup status | awk '$(NF - 1) == "serving" { r = $NF } END { print r }'
+}
+
+# resumed_on_b: the update must have resumed on kernel B itself: this is B, the record says resumed,
+# its serving event was on B, and there was no fallback.
+resumed_on_b() {
+    [ "$(uname -r)" = "$(kver b)" ] || fail "running $(uname -r), not B ($(kver b))"
+    kup status | head -n 1 | grep -q '{"phase":"resumed"}' || fail "the update record does not say resumed: $(kup status | head -n 1)"
+    r=$(resumed_release)
+    [ "$r" = "$(kver b)" ] || fail "the update record says the apps resumed on '$r', not on B ($(kver b))"
+    if kup status | grep -q ' fallback '; then fail "the timeline has a fallback"; fi
+}
+
 stage_b() {
     resume_verified "on $(uname -r)"
+    resumed_on_b
     info "$out"
     touch /tmp/probe.stop
     wait_for /tmp/probe.out 10 || fail "the restored probe did not report"
@@ -65,6 +82,9 @@ stage_b() {
     info "$probe"
     downtime=$(echo "$probe" | sed -n 's/.*outage_ms=\([0-9]*\).*/\1/p')
     keys=$(echo "$out" | sed -n 's/.*keys=\([0-9]*\/[0-9]*\).*/\1/p')
+    figure downtime_ms "$downtime"
+    figure keys "$keys"
+    [ "$keys" = "$MC_ITEMS/$MC_ITEMS" ] || fail "keys=$keys after the update, not $MC_ITEMS/$MC_ITEMS"
     # The baseline: stop memcached, reboot into B, start memcached.
     kill $(pidof memcached)
     wait_gone memcached 10 || fail "memcached does not stop"
@@ -73,10 +93,15 @@ stage_b() {
 
 stage_b2() {
     t0=$(cmdline_arg kup.t0) || fail "no kup.t0"
-    result=$(cmdline_arg kup.result | tr ',' ' ') || fail "no kup.result"
+    result=$(cmdline_arg kup.result | tr ',' ' ')
+    case " $result " in *" keys="*" downtime_ms="*) ;; *) fail "kup.result is '$result', not keys=... downtime_ms=..." ;; esac
+    for kv in $result; do figure "${kv%%=*}" "${kv#*=}"; done
+    figure kup.t0 "$t0"
     mc_start 11211 512 3
     base_ms=$(($(mctool now) - t0))
     kept=$(mctool verify --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE | sed -n 's/.*keys=\([0-9]*\)\/.*/\1/p')
+    figure baseline_downtime_ms "$base_ms"
+    figure baseline_keys "$kept"
     info "side by side: kup update: $result | stop, reboot, start: downtime_ms=$base_ms keys=$kept/$MC_ITEMS"
     pass "$result kernel=$(kver a)->$(kver b) baseline_downtime_ms=$base_ms baseline_keys=$kept/$MC_ITEMS"
 }

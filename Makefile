@@ -49,6 +49,7 @@ test-guest: build
 	tests/guest/run update-major
 	tests/guest/run fallback-app
 	tests/guest/run fallback-kernel
+	tests/guest/run update-switch-fails
 
 bench: build
 	$(CARGO) run --release -p rpramfs --example bench

@@ -66,7 +66,7 @@ resumed_release() {
 # its serving event was on B, and there was no fallback.
 resumed_on_b() {
     [ "$(uname -r)" = "$(kver b)" ] || fail "running $(uname -r), not B ($(kver b))"
-    kup status | head -n 1 | grep -q '{"phase":"resumed"}' || fail "the update record does not say resumed: $(kup status | head -n 1)"
+    kup status | grep -q '^  state: resumed-on-new$' || fail "the update record does not say resumed-on-new: $(kup status | sed -n 2p)"
     r=$(resumed_release)
     [ "$r" = "$(kver b)" ] || fail "the update record says the apps resumed on '$r', not on B ($(kver b))"
     if kup status | grep -q ' fallback '; then fail "the timeline has a fallback"; fi

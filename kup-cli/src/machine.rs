@@ -166,13 +166,13 @@ mod tests {
     }
 
     /// One path: its name and each event with the state it must lead to (Err: refused).
-    type Path = (&'static str, &'static [(Event, Result<State, ()>)]);
+    type Path<'a> = (&'a str, &'a [(Event, Result<State, ()>)]);
 
     /// Every path an update can take, one event after another, with the state after each.
     #[test]
     fn every_transition() {
         #[rustfmt::skip]
-        let paths: &[Path] = &[
+        let paths: &[Path<'_>] = &[
             ("success", &[(Booted(New), Ok(ResumingOnNew)), (Healthy, Ok(ResumedOnNew))]),
             ("restore fails on the new kernel, the old one resumes", &[
                 (Booted(New), Ok(ResumingOnNew)), (ResumeFailed("criu restore failed".into()), Ok(FallingBack)),

@@ -195,6 +195,20 @@ impl CommitArg {
     }
 }
 
+impl std::fmt::Debug for LeaseArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = (self.n.get() as usize).min(MAX_LEASE_BLOCKS);
+        f.debug_struct("LeaseArg").field("off", &self.off.get()).field("n", &self.n.get()).field("blocks", &&self.blocks[..n]).finish()
+    }
+}
+
+impl std::fmt::Debug for CommitArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let k = (self.k.get() as usize).min(MAX_LEASE_BLOCKS);
+        f.debug_struct("CommitArg").field("off", &self.off.get()).field("k", &self.k.get()).field("crcs", &&self.crcs[..k]).finish()
+    }
+}
+
 /// The xattr name that carries CRC hints (never stored, never listed).
 pub const CRC_HINT_XATTR: &str = "user.rpramfs.write-crc32";
 /// What `getxattr(CRC_HINT_XATTR)` answers on rpramfs: the version of the value's format.
@@ -209,10 +223,10 @@ pub struct CrcHintHeader {
 }
 
 /// The value of a hint for the blocks from file offset `offset` on.
-pub fn encode_crc_hint(offset: u64, crcs: impl IntoIterator<Item = u32>) -> Vec<u8> {
+pub fn encode_crc_hint<C: std::borrow::Borrow<u32>>(offset: u64, crcs: impl IntoIterator<Item = C>) -> Vec<u8> {
     let mut v = CrcHintHeader { offset: offset.into() }.as_bytes().to_vec();
     for c in crcs {
-        v.extend_from_slice(U32::new(c).as_bytes());
+        v.extend_from_slice(U32::new(*c.borrow()).as_bytes());
     }
     v
 }
@@ -273,6 +287,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::unnecessary_cast, reason = "nix's request type is u64 or u32, as libc's is")]
     fn request_numbers_carry_their_layouts_sizes() {
         assert_eq!(ioc_size(IOC_DIRECT_INFO), size_of::<DirectInfo>());
         assert_eq!(ioc_size(IOC_LEASE), size_of::<LeaseArg>());

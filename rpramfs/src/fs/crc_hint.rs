@@ -23,9 +23,11 @@ use crate::error::{posix, Result};
 use crate::layout::BLOCK_SIZE;
 
 /// The xattr name that carries hints (never stored, never listed).
-pub const HINT_XATTR: &[u8] = b"user.rpramfs.write-crc32";
+pub const HINT_XATTR: &[u8] = rpramfs_abi::CRC_HINT_XATTR.as_bytes();
 /// What `getxattr(HINT_XATTR)` answers: the version of the value's format.
-pub const HINT_FORMAT: &[u8] = b"1";
+pub use rpramfs_abi::CRC_HINT_FORMAT as HINT_FORMAT;
+/// The value of a hint for blocks from `offset` on (what a writer passes to setxattr).
+pub use rpramfs_abi::encode_crc_hint as encode;
 
 const BLOCK: u64 = BLOCK_SIZE as u64;
 
@@ -53,18 +55,14 @@ impl Hinted {
 pub struct Hints(Mutex<HashMap<u64, Hint>>);
 
 impl Hints {
-    /// Takes a hint: an 8-byte little-endian block-aligned file offset, then a 4-byte
-    /// little-endian CRC32 per block. Replaces the inode's earlier hint.
+    /// Takes a hint (see [`rpramfs_abi::decode_crc_hint`]) for blocks from a block-aligned file
+    /// offset on. Replaces the inode's earlier hint.
     pub fn set(&self, ino: u64, value: &[u8]) -> Result<()> {
-        if value.len() < 12 || !(value.len() - 8).is_multiple_of(4) {
-            return posix(libc::EINVAL);
-        }
-        let next = u64::from_le_bytes(value[..8].try_into().unwrap());
+        let Some((next, crcs)) = rpramfs_abi::decode_crc_hint(value) else { return posix(libc::EINVAL) };
         if !next.is_multiple_of(BLOCK) {
             return posix(libc::EINVAL);
         }
-        let crcs = value[8..].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
-        self.0.lock().insert(ino, Hint { next, crcs });
+        self.0.lock().insert(ino, Hint { next, crcs: crcs.collect() });
         Ok(())
     }
 
@@ -94,13 +92,6 @@ impl Hints {
         }
         Some(Hinted { first, crcs })
     }
-}
-
-/// The value of a hint for blocks from `offset` on (what a writer passes to setxattr).
-pub fn encode(offset: u64, crcs: &[u32]) -> Vec<u8> {
-    let mut v = offset.to_le_bytes().to_vec();
-    v.extend(crcs.iter().flat_map(|c| c.to_le_bytes()));
-    v
 }
 
 #[cfg(test)]

@@ -101,7 +101,7 @@ mod tests {
     #[test]
     fn hints_are_used_in_file_order_and_dropped_by_other_writes() {
         let h = Hints::default();
-        h.set(5, &encode(8192, &[1, 2, 3, 4])).unwrap();
+        h.set(5, &encode(8192, [1, 2, 3, 4])).unwrap();
         // A write that starts mid-block uses the hints of the whole blocks it covers.
         let a = h.take(5, 8192 - 100, 100 + 2 * 4096 + 7).unwrap();
         assert_eq!((a.first, a.crcs.as_slice()), (8192, &[1, 2][..]));
@@ -113,11 +113,11 @@ mod tests {
         assert!(h.take(5, 0, 4096).is_none());
         assert!(h.take(5, 20480, 4096).is_none());
         // Used up.
-        h.set(6, &encode(0, &[9])).unwrap();
+        h.set(6, &encode(0, [9])).unwrap();
         assert_eq!(h.take(6, 0, 4096).unwrap().crcs, vec![9]);
         assert!(h.take(6, 4096, 4096).is_none());
         // More blocks than hinted: nothing hinted, hint dropped.
-        h.set(7, &encode(0, &[9])).unwrap();
+        h.set(7, &encode(0, [9])).unwrap();
         assert!(h.take(7, 0, 8192).is_none());
         assert!(h.take(7, 0, 4096).is_none());
     }
@@ -125,7 +125,7 @@ mod tests {
     #[test]
     fn malformed_hints_are_refused() {
         let h = Hints::default();
-        for bad in [vec![0u8; 8], vec![0u8; 13], encode(100, &[1])] {
+        for bad in [vec![0u8; 8], vec![0u8; 13], encode(100, [1])] {
             assert!(h.set(1, &bad).is_err(), "{bad:?}");
         }
     }

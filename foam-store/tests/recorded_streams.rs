@@ -98,6 +98,8 @@ impl Read for Duplex {
     }
 }
 
+impl foam_store::receiver::Session for Duplex {}
+
 impl Write for Duplex {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.output.write(buf)

@@ -428,12 +428,10 @@ fn direct_writes_replace_what_the_kernel_cached() {
     let f = FoamFile::create(&dir, "42", FileMode::Single).unwrap().with_direct(Some(region.clone()));
     let mut lease = f.lease(0, 3).unwrap();
     let new: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 241) as u8).collect();
-    let mut at = 0;
-    while at < 3 {
-        let k = DirectRegion::consecutive(&lease, at, 3 - at);
-        region.pages_mut(&mut lease, at, k).copy_from_slice(&new[at * 4096..(at + k) * 4096]);
-        at += k;
-    }
+    lease.write(0, &new).unwrap();
+    let mut page = [0u8; 4096];
+    lease.read_page(2, &mut page).unwrap();
+    assert_eq!(page[..], new[2 * 4096..]);
     let mut crcs = Vec::new();
     foam_store::foam::page_crcs(&new, &mut crcs);
     f.commit_leased(lease, &crcs).unwrap();
@@ -444,7 +442,7 @@ fn direct_writes_replace_what_the_kernel_cached() {
 
     // A wrong CRC for the first page: refused, the file keeps its bytes.
     let mut lease = f.lease(0, 1).unwrap();
-    region.pages_mut(&mut lease, 0, 1).fill(0xee);
+    lease.write(0, &[0xee; 4096]).unwrap();
     let err = f.commit_leased(lease, &crcs[..4]).unwrap_err().to_string();
     assert!(err.contains("Input/output error"), "{err}");
     assert_eq!(std::fs::File::open(&data).unwrap().read_at(&mut buf, 0).unwrap(), 3 * 4096);
@@ -474,13 +472,16 @@ fn direct_writes_replace_what_the_kernel_cached() {
 fn direct_writes_are_root_only() {
     let fs = Rpramfs::with_options("16M", &["-o", "allow_other"]);
     std::fs::set_permissions(fs.dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    // _IOR('R', 0x40, 32): RPRAMFS_IOC_DIRECT_INFO.
-    let script = "import fcntl, os, sys\n\
+    let script = format!(
+        "import fcntl, os, sys\n\
         os.setgid(65534); os.setuid(65534)\n\
         fd = os.open(sys.argv[1], os.O_RDONLY)\n\
-        try:\n    fcntl.ioctl(fd, 0x80205240, bytearray(32)); print('granted')\n\
-        except OSError as e:\n    print('errno', e.errno)\n";
-    let out = Command::new("python3").args(["-c", script]).arg(fs.store()).output().unwrap();
+        try:\n    fcntl.ioctl(fd, {:#x}, bytearray({})); print('granted')\n\
+        except OSError as e:\n    print('errno', e.errno)\n",
+        rpramfs_abi::IOC_DIRECT_INFO,
+        rpramfs_abi::INFO_SIZE
+    );
+    let out = Command::new("python3").args(["-c", &script]).arg(fs.store()).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.trim(), format!("errno {}", libc::EPERM), "{text} {}", String::from_utf8_lossy(&out.stderr));
     // Root gets the answer on the same mount.

@@ -11,7 +11,8 @@
 //! whose close frees it, so it cannot outlive it, and it is committed on that same file.
 //!
 //! All of the unsafe code of foam-store is here: the ioctls and the copies to and from leased
-//! blocks. Set `KUP_DIRECT_WRITES=0` to write through FUSE instead.
+//! blocks. Whether to write directly at all is the caller's choice ([`DirectRegion::probe`] only
+//! looks at what the file system offers).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -71,9 +72,6 @@ impl DirectRegion {
     /// read-only, at this layout version) and this process may open and map the region;
     /// otherwise `None`.
     pub fn probe(dir: &Path) -> Option<DirectRegion> {
-        if std::env::var("KUP_DIRECT_WRITES").is_ok_and(|v| v == "0") {
-            return None;
-        }
         let d = File::open(dir).ok()?;
         let mut info = DirectInfo::zeroed();
         ioctl(&d, IOC_DIRECT_INFO, &mut info).ok()?;

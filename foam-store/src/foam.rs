@@ -323,6 +323,17 @@ impl FoamFile {
     }
 }
 
+/// Whether pages may go straight into rpramfs's region where the store offers that: the
+/// operator's choice, which the `kup` binary reads from `KUP_DIRECT_WRITES` (`0`: off).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DirectWrites {
+    /// Direct writes wherever the file system offers them.
+    #[default]
+    IfOffered,
+    /// Never: pages go through the file system's write path.
+    Off,
+}
+
 /// How data files are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WriteMode {
@@ -336,21 +347,21 @@ pub struct WriteMode {
 }
 
 impl WriteMode {
-    /// What pays in `dir`. On rpramfs direct writes, unless `KUP_DIRECT_WRITES=0`. On FUSE
+    /// What pays in `dir`. On rpramfs direct writes, unless `direct` is off. On FUSE
     /// (rpramfs) a buffered write first copies every page into the page cache (pages the dump never reads again, allocated and zeroed while the app is
     /// frozen), so O_DIRECT, which hands the buffer to the daemon. On rpramfs also CRC hints: the
     /// page CRCs the FOAM file keeps anyway, which spare the daemon computing them again.
     /// Elsewhere buffered writes: O_DIRECT would need aligned buffers (ext4, xfs) or is refused
     /// (tmpfs before 6.6).
-    pub fn probe(dir: &Path) -> WriteMode {
-        Self::probe_with_region(dir).0
+    pub fn probe(dir: &Path, direct: DirectWrites) -> WriteMode {
+        Self::probe_with_region(dir, direct).0
     }
 
     /// [`WriteMode::probe`], with the region mapped when direct writes are on.
-    pub fn probe_with_region(dir: &Path) -> (WriteMode, Option<DirectRegion>) {
+    pub fn probe_with_region(dir: &Path, direct: DirectWrites) -> (WriteMode, Option<DirectRegion>) {
         let fuse = nix::sys::statfs::statfs(dir).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::FUSE_SUPER_MAGIC);
         let crc_hints = fuse && xattr::get(dir, CRC_HINT_XATTR).ok().flatten().is_some_and(|v| v == rpramfs_abi::CRC_HINT_FORMAT);
-        let region = if crc_hints { DirectRegion::probe(dir) } else { None };
+        let region = if crc_hints && direct == DirectWrites::IfOffered { DirectRegion::probe(dir) } else { None };
         (WriteMode { direct: fuse, crc_hints, region: region.is_some() }, region)
     }
 

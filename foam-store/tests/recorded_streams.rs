@@ -110,7 +110,7 @@ impl Write for Duplex {
 }
 
 fn spaces(dir: &std::path::Path) -> Spaces {
-    Spaces::create(dir, FileMode::probe(dir).unwrap()).unwrap()
+    Spaces::create(dir, FileMode::probe(dir).unwrap(), foam_store::foam::DirectWrites::IfOffered).unwrap()
 }
 
 #[test]

@@ -62,7 +62,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
     let mut notes = vec![format!(
         "store layout: {}; {}; page CRC32 by the {}, the faster here",
         mode.describe(),
-        WriteMode::probe(store.root()).describe(),
+        WriteMode::probe(store.root(), crate::direct_writes()).describe(),
         pagecrc::implementation().name()
     )];
     if a.iterations > 1 && !incremental {
@@ -162,7 +162,7 @@ fn checkpoint_app(
 ) -> Result<App> {
     let name = format!("{}-{}", p.comm.replace(['/', ' '], "_"), p.pid);
     let app_dir = ckpt_dir.join(&name);
-    let spaces = Spaces::create(&app_dir.join("mem"), mode)?;
+    let spaces = Spaces::create(&app_dir.join("mem"), mode, crate::direct_writes())?;
     let staging = staging.for_app(&name)?;
     let mut options = p.criu_options();
     if options.iter().any(|o| o == "--tcp-established") && !a.criu_options.iter().any(|o| o.starts_with("--network-lock")) {

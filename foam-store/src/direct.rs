@@ -1,28 +1,34 @@
-//! Direct writes into rpramfs (the protocol is rpramfs's: rpramfs/src/fs/lease.rs). kup maps the
-//! region itself, leases fresh blocks for a run of pages, receives the pages from CRIU's socket
-//! straight into those blocks, and commits them with their CRCs: a page is copied once (socket to
-//! region) instead of three times (socket to kup, kup to the FUSE request, request to the region).
+//! Direct writes into rpramfs (the protocol is rpramfs's: rpramfs/src/fs/lease.rs; its numbers
+//! and layouts are the rpramfs-abi crate's). kup maps the region itself, leases fresh blocks for a
+//! run of pages, receives the pages from CRIU's socket straight into those blocks, and commits them
+//! with their CRCs: a page is copied once (socket to region) instead of three times (socket to kup,
+//! kup to the FUSE request, request to the region).
 //!
-//! All of the unsafe code of foam-store is here: the ioctls and the views of leased blocks.
-//! Set `KUP_DIRECT_WRITES=0` to write through FUSE instead.
+//! The region is shared with the rpramfs daemon, another process, so this module never hands out a
+//! Rust reference into it (as vm-memory does for guest memory): leased pages are filled by read(2)
+//! into the mapping ([`Lease::receive`]) or by a copy ([`Lease::write`]), and read back by a copy
+//! ([`Lease::read_page`]), each bounded by the lease. A [`Lease`] holds the file it was taken on,
+//! whose close frees it, so it cannot outlive it, and it is committed on that same file.
+//!
+//! All of the unsafe code of foam-store is here: the ioctls and the copies to and from leased
+//! blocks. Whether to write directly at all is the caller's choice ([`DirectRegion::probe`] only
+//! looks at what the file system offers).
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
+use std::sync::Arc;
+
+use rpramfs_abi::{ioc_size, CommitArg, DirectInfo, LeaseArg, IOC_COMMIT, IOC_DIRECT_INFO, IOC_LEASE};
+use zerocopy::{FromBytes, IntoBytes};
 
 use crate::protocol::PAGE_SIZE;
 
+/// rpramfs's largest lease.
+pub use rpramfs_abi::MAX_LEASE_BLOCKS as MAX_LEASE_PAGES;
+
 const PAGE: usize = PAGE_SIZE as usize;
-const IOC_MAGIC: u8 = b'R';
-const INFO_SIZE: usize = 32;
-/// rpramfs's largest lease, and so the size of the LEASE and COMMIT arguments.
-pub const MAX_LEASE_PAGES: usize = 1024;
-const ARG_SIZE: usize = 16 + 4 * MAX_LEASE_PAGES;
-const IOC_DIRECT_INFO: libc::c_ulong = nix::request_code_read!(IOC_MAGIC, 0x40, INFO_SIZE) as libc::c_ulong;
-const IOC_LEASE: libc::c_ulong = nix::request_code_readwrite!(IOC_MAGIC, 0x41, ARG_SIZE) as libc::c_ulong;
-const IOC_COMMIT: libc::c_ulong = nix::request_code_write!(IOC_MAGIC, 0x42, ARG_SIZE) as libc::c_ulong;
-const DIRECT_VERSION: u32 = 2;
 
 /// The region of an rpramfs mount, mapped into this process.
 pub struct DirectRegion {
@@ -31,24 +37,25 @@ pub struct DirectRegion {
 }
 
 /// Fresh blocks rpramfs handed out for the pages of a file from `off` on: this process's alone
-/// until [`DirectRegion::commit`].
+/// until [`Lease::commit`]. Every block lies inside the region (checked when leased).
 pub struct Lease {
-    pub off: u64,
+    region: Arc<DirectRegion>,
+    /// The file the lease was taken on: closing it frees the lease, so the lease keeps it open.
+    file: Arc<File>,
+    off: u64,
     blocks: Vec<u32>,
 }
 
-impl Lease {
-    pub fn pages(&self) -> usize {
-        self.blocks.len()
+/// One ioctl whose argument is `arg`, which must be exactly the size the request code names: the
+/// kernel copies that many bytes from and/or to it.
+fn ioctl<T: FromBytes + IntoBytes>(file: &File, request: u32, arg: &mut T) -> io::Result<()> {
+    if ioc_size(request) != size_of::<T>() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("ioctl {request:#x} takes {} bytes, not {}", ioc_size(request), size_of::<T>())));
     }
-}
-
-/// One ioctl whose argument is `arg` (exactly the size the request code names).
-fn ioctl(file: &File, request: libc::c_ulong, arg: &mut [u8]) -> io::Result<()> {
-    debug_assert_eq!(arg.len() as libc::c_ulong, (request >> 16) & 0x3fff);
     // SAFETY: for these request codes the kernel (FUSE, restricted ioctl) copies exactly
-    // _IOC_SIZE(request) bytes from and/or to `arg`, which is that long and valid for writes.
-    let r = unsafe { libc::ioctl(file.as_raw_fd(), request as _, arg.as_mut_ptr()) };
+    // _IOC_SIZE(request) bytes from and/or to `arg`, which is that long (checked above) and valid
+    // for writes, and any bytes are a valid `T` (FromBytes).
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), request as _, arg as *mut T) };
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -56,79 +63,192 @@ fn ioctl(file: &File, request: libc::c_ulong, arg: &mut [u8]) -> io::Result<()> 
     }
 }
 
-fn word(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+fn out_of_lease(first: usize, count: usize, pages: usize) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, format!("leased pages {first}..{} asked of a lease of {pages}", first.saturating_add(count)))
 }
 
 impl DirectRegion {
     /// Direct writes for files under `dir`, when its file system offers them (rpramfs, not
-    /// read-only) and this process may open and map the region; otherwise `None`.
+    /// read-only, at this layout version) and this process may open and map the region;
+    /// otherwise `None`.
     pub fn probe(dir: &Path) -> Option<DirectRegion> {
-        if std::env::var("KUP_DIRECT_WRITES").is_ok_and(|v| v == "0") {
-            return None;
-        }
         let d = File::open(dir).ok()?;
-        let mut info = [0u8; INFO_SIZE];
+        let mut info = DirectInfo::zeroed();
         ioctl(&d, IOC_DIRECT_INFO, &mut info).ok()?;
-        let (version, block, len, pid, fd) = (word(&info, 0), word(&info, 4), u64::from_le_bytes(info[8..16].try_into().unwrap()), word(&info, 16), word(&info, 20));
-        if version != DIRECT_VERSION || block as usize != PAGE || word(&info, 24) as usize != MAX_LEASE_PAGES {
+        if !info.is_current() || info.block_size.get() as usize != PAGE {
             return None;
         }
+        let (pid, fd, len) = (info.pid.get(), info.fd.get(), info.region_len.get());
         // The very object the daemon maps (device, file or memfd), whatever its path.
         let region = OpenOptions::new().read(true).write(true).open(format!("/proc/{pid}/fd/{fd}")).ok()?;
-        let map = memmap2::MmapOptions::new().len(len as usize).map_raw(&region).ok()?;
+        let map = memmap2::MmapOptions::new().len(usize::try_from(len).ok()?).map_raw(&region).ok()?;
         Some(DirectRegion { map, blocks: len / PAGE_SIZE })
     }
 
-    /// Leases `pages` fresh blocks (at most [`MAX_LEASE_PAGES`]) for `file` at `off`.
-    pub fn lease(&self, file: &File, off: u64, pages: usize) -> io::Result<Lease> {
-        let mut arg = vec![0u8; ARG_SIZE];
-        arg[..8].copy_from_slice(&off.to_le_bytes());
-        arg[8..12].copy_from_slice(&(pages as u32).to_le_bytes());
-        ioctl(file, IOC_LEASE, &mut arg)?;
-        let n = word(&arg, 8) as usize;
-        let blocks: Vec<u32> = (0..n).map(|i| word(&arg, 16 + 4 * i)).collect();
-        if n != pages || blocks.iter().any(|&b| b as u64 >= self.blocks) {
-            return Err(io::Error::other(format!("rpramfs answered a lease of {pages} pages with {n} blocks ({blocks:?})")));
+    /// Leases `pages` fresh blocks (1 to [`MAX_LEASE_PAGES`]) for `file` at `off`.
+    pub fn lease(self: &Arc<Self>, file: Arc<File>, off: u64, pages: usize) -> io::Result<Lease> {
+        if pages == 0 || pages > MAX_LEASE_PAGES {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("a lease of {pages} pages (1 to {MAX_LEASE_PAGES})")));
         }
-        Ok(Lease { off, blocks })
-    }
-
-    /// The bytes of leased pages `first..first + count`, which must lie in consecutive blocks.
-    pub fn pages_mut<'l>(&self, lease: &'l mut Lease, first: usize, count: usize) -> &'l mut [u8] {
-        let b = lease.blocks[first];
-        assert!(lease.blocks[first..first + count].windows(2).all(|w| w[1] == w[0] + 1), "pages_mut over non-consecutive blocks");
-        assert!(b as u64 + count as u64 <= self.blocks);
-        // SAFETY: the blocks lie inside the mapping (checked above and at lease time); rpramfs
-        // neither reads nor hands out leased blocks before their commit, and the returned slice
-        // borrows the lease mutably, so no other view of these bytes exists in this process.
-        unsafe { std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(b as usize * PAGE), count * PAGE) }
-    }
-
-    /// The bytes of leased page `i`.
-    pub fn page<'l>(&self, lease: &'l Lease, i: usize) -> &'l [u8] {
-        let b = lease.blocks[i];
-        assert!((b as u64) < self.blocks);
-        // SAFETY: inside the mapping; while the lease is borrowed no mutable view of it exists.
-        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(b as usize * PAGE), PAGE) }
-    }
-
-    /// How many of the leased pages from `first` on lie in consecutive blocks (at most `max`).
-    pub fn consecutive(lease: &Lease, first: usize, max: usize) -> usize {
-        let end = (first + max).min(lease.blocks.len());
-        1 + lease.blocks[first..end].windows(2).take_while(|w| w[1] == w[0] + 1).count()
-    }
-
-    /// Makes the first `crcs.len()` leased pages the file's pages at `lease.off`, with these CRCs
-    /// (rpramfs checks the first against its data); rpramfs frees the rest of the lease.
-    pub fn commit(&self, file: &File, lease: Lease, crcs: &[u32]) -> io::Result<()> {
-        assert!(!crcs.is_empty() && crcs.len() <= lease.blocks.len());
-        let mut arg = vec![0u8; ARG_SIZE];
-        arg[..8].copy_from_slice(&lease.off.to_le_bytes());
-        arg[8..12].copy_from_slice(&(crcs.len() as u32).to_le_bytes());
-        for (i, c) in crcs.iter().enumerate() {
-            arg[16 + 4 * i..20 + 4 * i].copy_from_slice(&c.to_le_bytes());
+        let mut arg = LeaseArg::request(off, pages as u32);
+        ioctl(&file, IOC_LEASE, &mut arg)?;
+        let blocks: Vec<u32> = arg.blocks().map(|b| b.collect()).unwrap_or_default();
+        if blocks.len() != pages || blocks.iter().any(|&b| u64::from(b) >= self.blocks) {
+            return Err(io::Error::other(format!("rpramfs answered a lease of {pages} pages with {arg:?}")));
         }
-        ioctl(file, IOC_COMMIT, &mut arg)
+        Ok(Lease { region: self.clone(), file, off, blocks })
+    }
+
+    /// Where block `block` starts in this process, for `pages` pages from there.
+    fn block_ptr(&self, block: u32, pages: usize) -> *mut u8 {
+        assert!(u64::from(block) + pages as u64 <= self.blocks, "blocks {block}+{pages} outside a region of {}", self.blocks);
+        // SAFETY: the block lies inside the mapping (asserted), whose length is `blocks` pages.
+        unsafe { self.map.as_mut_ptr().add(block as usize * PAGE) }
+    }
+}
+
+impl Lease {
+    /// The file offset of the first leased page.
+    pub fn off(&self) -> u64 {
+        self.off
+    }
+
+    pub fn pages(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Whether this lease was taken on `file` (and will be committed there).
+    pub fn is_on(&self, file: &Arc<File>) -> bool {
+        Arc::ptr_eq(&self.file, file)
+    }
+
+    /// Leased pages `first..first + count` as runs of consecutive blocks: (first page of the run,
+    /// where it starts in this process, pages). Checks the range against the lease.
+    fn runs(&self, first: usize, count: usize) -> io::Result<impl Iterator<Item = (usize, *mut u8, usize)> + '_> {
+        let end = first.checked_add(count).filter(|&e| e <= self.blocks.len()).ok_or_else(|| out_of_lease(first, count, self.blocks.len()))?;
+        let mut at = first;
+        Ok(std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let b = self.blocks[at];
+            let k = 1 + self.blocks[at..end].windows(2).take_while(|w| w[1] == w[0] + 1).count();
+            let run = (at, self.region.block_ptr(b, k), k);
+            at += k;
+            Some(run)
+        }))
+    }
+
+    /// Reads exactly `count` pages from `fd` (a stream: CRIU's page-server socket) into leased
+    /// pages `first..first + count`, with read(2) straight into the region. The stream ending
+    /// first is [`io::ErrorKind::UnexpectedEof`].
+    pub fn receive(&mut self, fd: BorrowedFd<'_>, first: usize, count: usize) -> io::Result<()> {
+        for (_, mut ptr, k) in self.runs(first, count)? {
+            let mut left = k * PAGE;
+            while left > 0 {
+                // SAFETY: `ptr..ptr + left` lies inside this lease's blocks in the mapping (runs
+                // checks both); rpramfs neither reads nor hands out leased blocks before their
+                // commit, this process holds no reference into the mapping, and `&mut self` keeps
+                // other users of this lease out. The kernel writes at most `left` bytes there.
+                let r = unsafe { libc::read(fd.as_raw_fd(), ptr.cast(), left) };
+                match r {
+                    0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    r if r < 0 => {
+                        let e = io::Error::last_os_error();
+                        if e.kind() != io::ErrorKind::Interrupted {
+                            return Err(e);
+                        }
+                    }
+                    r => {
+                        let r = r as usize;
+                        // SAFETY: r ≤ left, so the pointer stays inside the run (or one past it).
+                        ptr = unsafe { ptr.add(r) };
+                        left -= r;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies whole pages `data` into leased pages from `first` on.
+    pub fn write(&mut self, first: usize, data: &[u8]) -> io::Result<()> {
+        if !data.len().is_multiple_of(PAGE) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} bytes are not whole pages", data.len())));
+        }
+        for (at, ptr, k) in self.runs(first, data.len() / PAGE)? {
+            let src = &data[(at - first) * PAGE..(at - first + k) * PAGE];
+            // SAFETY: the destination is `k` pages of this lease's blocks in the mapping (checked
+            // by runs), which no reference in this process covers, so it cannot overlap `src`.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), ptr, src.len()) };
+        }
+        Ok(())
+    }
+
+    /// Copies leased page `i` out into `out`.
+    pub fn read_page(&self, i: usize, out: &mut [u8; PAGE]) -> io::Result<()> {
+        for (_, ptr, _) in self.runs(i, 1)? {
+            // SAFETY: one page of this lease's blocks in the mapping (checked by runs); `out` is
+            // this process's own memory, not the mapping, so the two do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(ptr.cast_const(), out.as_mut_ptr(), PAGE) };
+        }
+        Ok(())
+    }
+
+    /// Makes the first `crcs.len()` leased pages the file's pages at [`Lease::off`], with these
+    /// CRCs (rpramfs checks the first against its data); rpramfs frees the rest of the lease.
+    pub fn commit(self, crcs: &[u32]) -> io::Result<()> {
+        if crcs.is_empty() || crcs.len() > self.blocks.len() {
+            return Err(out_of_lease(0, crcs.len(), self.blocks.len()));
+        }
+        let mut arg = CommitArg::new(self.off, crcs.iter().copied());
+        ioctl(&self.file, IOC_COMMIT, &mut arg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lease over an anonymous "region" (no rpramfs: the ioctls are not involved).
+    fn lease(blocks: Vec<u32>) -> Lease {
+        let map = memmap2::MmapOptions::new().len(16 * PAGE).map_anon().unwrap().into();
+        let region = Arc::new(DirectRegion { map, blocks: 16 });
+        Lease { region, file: Arc::new(File::open("/dev/null").unwrap()), off: 0, blocks }
+    }
+
+    #[test]
+    fn copies_follow_the_blocks_and_stay_in_the_lease() {
+        let mut l = lease(vec![3, 4, 9, 10, 11, 1]);
+        let data: Vec<u8> = (0..6 * PAGE).map(|i| (i / PAGE * 31 + i % 251) as u8).collect();
+        l.write(0, &data).unwrap();
+        let mut page = [0u8; PAGE];
+        for i in 0..6 {
+            l.read_page(i, &mut page).unwrap();
+            assert_eq!(page[..], data[i * PAGE..(i + 1) * PAGE], "page {i}");
+        }
+        assert_eq!(l.runs(0, 6).unwrap().map(|(at, _, k)| (at, k)).collect::<Vec<_>>(), vec![(0, 2), (2, 3), (5, 1)]);
+        // Through a descriptor, into pages 1..3.
+        let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+        std::io::Write::write_all(&mut tx, &vec![0xab; 2 * PAGE]).unwrap();
+        l.receive(std::os::fd::AsFd::as_fd(&rx), 1, 2).unwrap();
+        for (i, want) in [(0, data[0]), (1, 0xab), (2, 0xab), (3, data[3 * PAGE])] {
+            l.read_page(i, &mut page).unwrap();
+            assert_eq!(page[0], want, "page {i}");
+        }
+        drop(tx);
+        assert_eq!(l.receive(std::os::fd::AsFd::as_fd(&rx), 0, 1).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        // Out of the lease: refused, nothing written.
+        assert!(l.write(5, &data[..2 * PAGE]).is_err());
+        assert!(l.write(0, &data[..100]).is_err());
+        assert!(l.read_page(6, &mut page).is_err());
+        assert!(l.runs(usize::MAX, 2).is_err());
+    }
+
+    #[test]
+    fn request_sizes_are_checked() {
+        let f = File::open("/dev/null").unwrap();
+        let mut small = [0u8; 16];
+        assert_eq!(ioctl(&f, IOC_LEASE, &mut small).unwrap_err().kind(), io::ErrorKind::InvalidInput);
     }
 }

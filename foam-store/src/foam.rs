@@ -11,6 +11,10 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::{fallocate, FallocateFlags};
 use parking_lot::Mutex;
+// rpramfs's CRC hint (rpramfs/src/fs/crc_hint.rs, encoded by rpramfs-abi): the file offset of
+// whole blocks about to be written, then their CRC32s, which rpramfs then stores instead of
+// computing them again. `getxattr` of the name answers CRC_HINT_FORMAT on rpramfs only.
+use rpramfs_abi::CRC_HINT_XATTR;
 use xattr::FileExt as _;
 
 use crate::direct::{DirectRegion, Lease};
@@ -101,27 +105,40 @@ impl FoamFile {
         self
     }
 
-    /// The region that leased pages are received into, when direct writes are on.
-    pub fn direct(&self) -> Option<&DirectRegion> {
-        self.direct.as_deref()
+    /// Whether pages are received into leased blocks ([`FoamFile::lease`]).
+    pub fn writes_directly(&self) -> bool {
+        self.direct.is_some()
     }
 
     /// The region and the data file, for a direct write.
-    fn direct_target(&self) -> Result<(&DirectRegion, std::sync::Arc<File>), Error> {
-        let d = self.direct.as_deref().ok_or_else(|| Error::Unsupported("direct writes are off for this store".into()))?;
+    fn direct_target(&self) -> Result<(&std::sync::Arc<DirectRegion>, std::sync::Arc<File>), Error> {
+        let d = self.direct.as_ref().ok_or_else(|| Error::Unsupported("direct writes are off for this store".into()))?;
         Ok((d, self.segment(0)?))
     }
 
     /// Fresh blocks for `pages` pages at `vaddr`, to receive them into (direct writes only).
     pub fn lease(&self, vaddr: u64, pages: usize) -> Result<Lease, Error> {
         let (d, f) = self.direct_target()?;
-        d.lease(&f, vaddr, pages).map_err(|e| Error::io(&self.segment_path(0), e))
+        d.lease(f, vaddr, pages).map_err(|e| Error::io(&self.segment_path(0), e))
+    }
+
+    /// The CRCs of leased pages `0..pages` as [`page_crcs`] gives them, into `out`: each page is
+    /// copied out of the region into a local buffer first (the region is shared with rpramfs's
+    /// daemon, so no reference into it is made).
+    pub fn leased_page_crcs(&self, lease: &Lease, pages: usize, out: &mut Vec<u8>) -> Result<(), Error> {
+        out.clear();
+        let mut page = [0u8; PAGE];
+        for i in 0..pages {
+            lease.read_page(i, &mut page).map_err(|e| Error::io(&self.segment_path(0), e))?;
+            out.extend_from_slice(&pagecrc::crc32(&page).to_le_bytes());
+        }
+        Ok(())
     }
 
     /// Commits the leased pages filled so far (one CRC each, as computed by [`page_crcs`]) and
     /// stores their CRCs in the `.crc` file.
     pub fn commit_leased(&self, lease: Lease, crcs: &[u8]) -> Result<(), Error> {
-        let vaddr = lease.off;
+        let vaddr = lease.off();
         self.commit_leased_pages(lease, crcs)?;
         self.write_crcs(vaddr, crcs)
     }
@@ -130,9 +147,12 @@ impl FoamFile {
     /// in the `.crc` file: the caller does that with [`FoamFile::write_crcs`] (the receiver
     /// gathers a contiguous range's CRCs into one write).
     pub fn commit_leased_pages(&self, lease: Lease, crcs: &[u8]) -> Result<(), Error> {
-        let (d, f) = self.direct_target()?;
+        let (_, f) = self.direct_target()?;
+        if !lease.is_on(&f) {
+            return Err(Error::Unsupported(format!("a lease of another file committed as {}'s pages", self.stem)));
+        }
         let words: Vec<u32> = crcs.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
-        d.commit(&f, lease, &words).map_err(|e| Error::io(&self.segment_path(0), e))
+        lease.commit(&words).map_err(|e| Error::io(&self.segment_path(0), e))
     }
 
     /// Stores the CRCs of the pages from `vaddr` on (4 bytes each, as [`page_crcs`] gives them).
@@ -226,8 +246,8 @@ impl FoamFile {
         for (seg, off, at, n) in self.pieces(vaddr, data.len()) {
             let f = self.segment(seg)?;
             if self.write.crc_hints {
-                let mut hint = off.to_le_bytes().to_vec();
-                hint.extend_from_slice(&crcs[at / PAGE * 4..(at + n) / PAGE * 4]);
+                let words = crcs[at / PAGE * 4..(at + n) / PAGE * 4].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap()));
+                let hint = rpramfs_abi::encode_crc_hint(off, words);
                 f.set_xattr(CRC_HINT_XATTR, &hint).map_err(|e| Error::io(&self.segment_path(seg), e))?;
             }
             f.write_all_at(&data[at..at + n], off).map_err(|e| Error::io(&self.segment_path(seg), e))?;
@@ -303,10 +323,16 @@ impl FoamFile {
     }
 }
 
-/// rpramfs's CRC hint (rpramfs/src/fs/crc_hint.rs): the file offset (u64 LE) of whole blocks
-/// about to be written, then their CRC32s (u32 LE each), which rpramfs then stores instead of
-/// computing them again. `getxattr` of the name answers "1" on rpramfs only.
-const CRC_HINT_XATTR: &str = "user.rpramfs.write-crc32";
+/// Whether pages may go straight into rpramfs's region where the store offers that: the
+/// operator's choice, which the `kup` binary reads from `KUP_DIRECT_WRITES` (`0`: off).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DirectWrites {
+    /// Direct writes wherever the file system offers them.
+    #[default]
+    IfOffered,
+    /// Never: pages go through the file system's write path.
+    Off,
+}
 
 /// How data files are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -321,21 +347,21 @@ pub struct WriteMode {
 }
 
 impl WriteMode {
-    /// What pays in `dir`. On rpramfs direct writes, unless `KUP_DIRECT_WRITES=0`. On FUSE
+    /// What pays in `dir`. On rpramfs direct writes, unless `direct` is off. On FUSE
     /// (rpramfs) a buffered write first copies every page into the page cache (pages the dump never reads again, allocated and zeroed while the app is
     /// frozen), so O_DIRECT, which hands the buffer to the daemon. On rpramfs also CRC hints: the
     /// page CRCs the FOAM file keeps anyway, which spare the daemon computing them again.
     /// Elsewhere buffered writes: O_DIRECT would need aligned buffers (ext4, xfs) or is refused
     /// (tmpfs before 6.6).
-    pub fn probe(dir: &Path) -> WriteMode {
-        Self::probe_with_region(dir).0
+    pub fn probe(dir: &Path, direct: DirectWrites) -> WriteMode {
+        Self::probe_with_region(dir, direct).0
     }
 
     /// [`WriteMode::probe`], with the region mapped when direct writes are on.
-    pub fn probe_with_region(dir: &Path) -> (WriteMode, Option<DirectRegion>) {
+    pub fn probe_with_region(dir: &Path, direct: DirectWrites) -> (WriteMode, Option<DirectRegion>) {
         let fuse = nix::sys::statfs::statfs(dir).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::FUSE_SUPER_MAGIC);
-        let crc_hints = fuse && xattr::get(dir, CRC_HINT_XATTR).ok().flatten().is_some_and(|v| v == b"1");
-        let region = if crc_hints { DirectRegion::probe(dir) } else { None };
+        let crc_hints = fuse && xattr::get(dir, CRC_HINT_XATTR).ok().flatten().is_some_and(|v| v == rpramfs_abi::CRC_HINT_FORMAT);
+        let region = if crc_hints && direct == DirectWrites::IfOffered { DirectRegion::probe(dir) } else { None };
         (WriteMode { direct: fuse, crc_hints, region: region.is_some() }, region)
     }
 

@@ -59,8 +59,13 @@ impl Error {
 /// Reads exactly `buf.len()` bytes of a page-server session; the peer going away mid-way is
 /// [`Error::SessionCut`].
 pub(crate) fn read_session<S: std::io::Read>(sock: &mut S, buf: &mut [u8]) -> Result<(), Error> {
-    sock.read_exact(buf).map_err(|e| match e.kind() {
+    sock.read_exact(buf).map_err(session_error)
+}
+
+/// A failed read of a page-server session.
+pub(crate) fn session_error(e: std::io::Error) -> Error {
+    match e.kind() {
         std::io::ErrorKind::UnexpectedEof => Error::SessionCut,
         _ => Error::Socket(e),
-    })
+    }
 }

@@ -13,18 +13,20 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver as ChannelRx, SyncSender};
 use std::sync::Arc;
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
-use crate::direct::{DirectRegion, Lease, MAX_LEASE_PAGES};
+use crate::direct::{Lease, MAX_LEASE_PAGES};
 use crate::foam::FoamFile;
 use crate::protocol::{Cmd, Header, ProtocolError, Target, HEADER_LEN, PAGE_SIZE, PE_PARENT, PE_PRESENT};
 use crate::ranges::RangeMap;
 use crate::spaces::Spaces;
-use crate::{read_session, Error};
+use crate::{read_session, session_error, Error};
 
 /// Writes are gathered up to this size.
 const RUN_BYTES: usize = 1 << 20;
@@ -47,6 +49,21 @@ pub struct SessionReport {
     pub pages_parent: u64,
     pub bytes: u64,
     pub elapsed: Duration,
+}
+
+/// A page-server connection. One that reads straight from a descriptor, with no buffer of its own
+/// in between (a socket), names it, so that page data goes from the socket straight into leased
+/// blocks; any other is read into a buffer first and copied from there.
+pub trait Session: Read + Write {
+    fn unbuffered_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+}
+
+impl Session for UnixStream {
+    fn unbuffered_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
+    }
 }
 
 pub struct Receiver<'a> {
@@ -77,18 +94,26 @@ impl Run {
         self.lease.as_ref().map_or(self.buf.len(), |(_, l)| l.pages() * PAGE_SIZE as usize)
     }
 
-    /// Reads `n` bytes of page data from the session into the run.
-    fn receive<S: Read>(&mut self, sock: &mut S, n: usize) -> Result<(), Error> {
+    /// Reads `n` bytes (whole pages, within the capacity) of page data from the session into
+    /// the run.
+    fn receive<S: Session>(&mut self, sock: &mut S, n: usize) -> Result<(), Error> {
+        debug_assert!(self.fill + n <= self.capacity());
         match &mut self.lease {
             None => read_session(sock, &mut self.buf[self.fill..self.fill + n])?,
             Some((file, lease)) => {
-                let region = file.direct().expect("a leased run's file has direct writes");
                 let page = PAGE_SIZE as usize;
-                let (mut at, end) = (self.fill / page, (self.fill + n) / page);
-                while at < end {
-                    let k = DirectRegion::consecutive(lease, at, end - at);
-                    read_session(sock, region.pages_mut(lease, at, k))?;
-                    at += k;
+                let (first, count) = (self.fill / page, n / page);
+                if let Some(fd) = sock.unbuffered_fd() {
+                    lease.receive(fd, first, count).map_err(session_error)?;
+                } else {
+                    // Through `buf`, which a leased run does not use otherwise.
+                    let mut done = 0;
+                    while done < count {
+                        let k = (count - done).min(self.buf.len() / page);
+                        read_session(sock, &mut self.buf[..k * page])?;
+                        lease.write(first + done, &self.buf[..k * page]).map_err(|e| Error::io(std::path::Path::new(file.stem()), e))?;
+                        done += k;
+                    }
                 }
             }
         }
@@ -97,15 +122,12 @@ impl Run {
     }
 
     /// The CRC of every page received.
-    fn checksum(&mut self) {
+    fn checksum(&mut self) -> Result<(), Error> {
         match &self.lease {
             None => crate::foam::page_crcs(&self.buf[..self.fill], &mut self.crcs),
-            Some((file, lease)) => {
-                let region = file.direct().expect("a leased run's file has direct writes");
-                self.crcs.clear();
-                self.crcs.extend((0..self.fill / PAGE_SIZE as usize).flat_map(|i| pagecrc::crc32(region.page(lease, i)).to_le_bytes()));
-            }
+            Some((file, lease)) => file.leased_page_crcs(lease, self.fill / PAGE_SIZE as usize, &mut self.crcs)?,
         }
+        Ok(())
     }
 }
 
@@ -133,9 +155,9 @@ impl<'scope> Writer<'scope> {
                     if run.lease.is_some() {
                         // With direct writes this thread has nothing else to do but the commit,
                         // and the session thread's copy is the only other work per byte.
-                        run.checksum();
+                        run.checksum()?;
                         let (file, lease) = run.lease.take().expect("checked above");
-                        let vaddr = lease.off;
+                        let vaddr = lease.off();
                         file.commit_leased_pages(lease, &run.crcs)?;
                         crcs.add(&file, vaddr, &run.crcs)?;
                     } else if let Some(t) = run.target {
@@ -166,7 +188,7 @@ impl<'scope> Writer<'scope> {
     /// daemon does no per-byte work, the writer checksums.)
     fn store(&mut self, mut run: Run) -> Result<(), Error> {
         if run.lease.is_none() {
-            run.checksum();
+            run.checksum()?;
         }
         let sent = self.full.as_ref().map(|f| f.send(run).is_ok()).unwrap_or(false);
         if sent {
@@ -231,7 +253,7 @@ impl<'a> Receiver<'a> {
 
     /// Serves one session until CLOSE/FORCE_CLOSE. The written files are synced before the
     /// closing reply, so a dump CRIU reports as successful is durable.
-    pub fn serve<S: Read + Write>(&self, sock: &mut S) -> Result<SessionReport, Error> {
+    pub fn serve<S: Session>(&self, sock: &mut S) -> Result<SessionReport, Error> {
         let start = Instant::now();
         let mut report = std::thread::scope(|scope| {
             let mut writer = Writer::start(scope, self.spaces)?;
@@ -254,7 +276,7 @@ impl<'a> Receiver<'a> {
     }
 
     /// The session's commands, up to and including the closing reply.
-    fn session<S: Read + Write>(&self, sock: &mut S, writer: &mut Writer) -> Result<SessionReport, Error> {
+    fn session<S: Session>(&self, sock: &mut S, writer: &mut Writer) -> Result<SessionReport, Error> {
         let mut report = SessionReport::default();
         let mut pending = writer.take()?;
         let mut current: Option<Target> = None;
@@ -329,7 +351,7 @@ impl<'a> Receiver<'a> {
         Ok(report)
     }
 
-    fn receive_data<S: Read>(&self, sock: &mut S, writer: &mut Writer, run: &mut Run, t: Target, vaddr: u64, len: u64) -> Result<(), Error> {
+    fn receive_data<S: Session>(&self, sock: &mut S, writer: &mut Writer, run: &mut Run, t: Target, vaddr: u64, len: u64) -> Result<(), Error> {
         let mut at = vaddr;
         let mut left = len as usize;
         while left > 0 {
@@ -348,7 +370,7 @@ impl<'a> Receiver<'a> {
                 // what a run left unused.
                 run.lease = None;
                 let file = self.spaces.get_or_create(t)?;
-                if file.direct().is_some() {
+                if file.writes_directly() {
                     let needed = left / PAGE_SIZE as usize;
                     let pages = if contiguous { MAX_LEASE_PAGES } else { needed.min(MAX_LEASE_PAGES) };
                     // A store about to fill up may have room for this header but not for a

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::direct::DirectRegion;
-use crate::foam::{FileMode, FoamFile, WriteMode};
+use crate::foam::{DirectWrites, FileMode, FoamFile, WriteMode};
 use crate::protocol::Target;
 use crate::Error;
 
@@ -23,10 +23,11 @@ pub struct Spaces {
 }
 
 impl Spaces {
-    /// Creates (or reopens for another pass) the directory, root-only.
-    pub fn create(dir: &Path, mode: FileMode) -> Result<Spaces, Error> {
+    /// Creates (or reopens for another pass) the directory, root-only; its files are written as
+    /// [`WriteMode::probe`] finds best there, directly into rpramfs's region unless `direct` is off.
+    pub fn create(dir: &Path, mode: FileMode, direct: DirectWrites) -> Result<Spaces, Error> {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| Error::io(dir, e))?;
-        let (write, region) = WriteMode::probe_with_region(dir);
+        let (write, region) = WriteMode::probe_with_region(dir, direct);
         let direct = region.map(Arc::new);
         Ok(Spaces { dir: dir.into(), mode, writable: true, write, direct, files: Mutex::new(BTreeMap::new()) })
     }

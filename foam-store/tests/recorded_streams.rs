@@ -98,6 +98,8 @@ impl Read for Duplex {
     }
 }
 
+impl foam_store::receiver::Session for Duplex {}
+
 impl Write for Duplex {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.output.write(buf)
@@ -108,7 +110,7 @@ impl Write for Duplex {
 }
 
 fn spaces(dir: &std::path::Path) -> Spaces {
-    Spaces::create(dir, FileMode::probe(dir).unwrap()).unwrap()
+    Spaces::create(dir, FileMode::probe(dir).unwrap(), foam_store::foam::DirectWrites::IfOffered).unwrap()
 }
 
 #[test]

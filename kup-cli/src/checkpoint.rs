@@ -63,7 +63,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
     let mut notes = vec![format!(
         "store layout: {}; {}; page CRC32 by the {}, the faster here",
         mode.describe(),
-        WriteMode::probe(store.root()).describe(),
+        WriteMode::probe(store.root(), crate::direct_writes()).describe(),
         pagecrc::implementation().name()
     )];
     if a.iterations > 1 && !incremental {
@@ -239,7 +239,7 @@ struct Passes {
 /// The app's pre-dumps (it keeps running), then the wait at the final gate.
 fn pre_dumps(sh: &Shared<'_>, p: &Process, name: &str, ticket: &mut Ticket<'_>) -> Result<(Passes, App)> {
     let app_dir = sh.dir.join(name);
-    let spaces = Spaces::create(&app_dir.join("mem"), sh.mode)?;
+    let spaces = Spaces::create(&app_dir.join("mem"), sh.mode, crate::direct_writes())?;
     let staging = sh.staging.for_app(name)?;
     let mut options = p.criu_options();
     if options.iter().any(|o| o == "--tcp-established") && !sh.a.criu_options.iter().any(|o| o.starts_with("--network-lock")) {

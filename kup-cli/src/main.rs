@@ -177,8 +177,21 @@ impl RamStore {
     }
 }
 
+/// `KUP_DIRECT_WRITES=0` sends pages through FUSE instead of straight into rpramfs's region.
+/// (Operators' settings are read here, in the binary; the libraries take them as parameters.)
+fn direct_writes() -> foam_store::foam::DirectWrites {
+    match std::env::var("KUP_DIRECT_WRITES").as_deref() {
+        Ok("0") => foam_store::foam::DirectWrites::Off,
+        _ => foam_store::foam::DirectWrites::IfOffered,
+    }
+}
+
 fn main() {
     os::default_sigpipe();
+    // `KUP_CRC32=folding|table` forces a CRC32 implementation; else pagecrc times both.
+    if let Some(imp) = std::env::var("KUP_CRC32").ok().as_deref().and_then(pagecrc::Implementation::from_name) {
+        pagecrc::set_implementation(imp);
+    }
     let cli = Cli::parse();
     if let Cmd::CriuHook { socket, app } = &cli.cmd {
         std::process::exit(commit::hook_main(socket, app));

@@ -28,6 +28,15 @@ pub enum Implementation {
 }
 
 impl Implementation {
+    /// The implementation an operator names: `folding` or `table`.
+    pub fn from_name(name: &str) -> Option<Implementation> {
+        match name {
+            "folding" => Some(Implementation::Folding),
+            "table" => Some(Implementation::Table),
+            _ => None,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Implementation::Folding => "folding (crc32fast)",
@@ -54,14 +63,17 @@ pub fn crc32(data: &[u8]) -> u32 {
     implementation().crc32(data)
 }
 
-/// The implementation in use: `KUP_CRC32=folding|table` when set (to compare them), else the
-/// faster one as timed on the first call.
+/// The implementation in use: the one [`set_implementation`] gave, else the faster one as timed
+/// on the first call.
 pub fn implementation() -> Implementation {
-    *CHOSEN.get_or_init(|| match std::env::var("KUP_CRC32").as_deref() {
-        Ok("folding") => Implementation::Folding,
-        Ok("table") => Implementation::Table,
-        _ => calibrate(),
-    })
+    *CHOSEN.get_or_init(calibrate)
+}
+
+/// Uses `imp` from now on instead of timing both (to compare them: kup does this for
+/// `KUP_CRC32=folding|table`). The choice is made once per process: after the first checksum or
+/// an earlier choice this returns the implementation already in use.
+pub fn set_implementation(imp: Implementation) -> Implementation {
+    *CHOSEN.get_or_init(|| imp)
 }
 
 /// Times both implementations on the same 16 pages (best of three rounds each, after an untimed
@@ -95,6 +107,18 @@ fn calibrate() -> Implementation {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn names_and_a_choice_made_once() {
+        assert_eq!(Implementation::from_name("folding"), Some(Implementation::Folding));
+        assert_eq!(Implementation::from_name("table"), Some(Implementation::Table));
+        assert_eq!(Implementation::from_name("fast"), None);
+        // Whichever came first (this or another test's first checksum) stays.
+        let chosen = set_implementation(Implementation::Table);
+        assert_eq!(implementation(), chosen);
+        let other = if chosen == Implementation::Table { Implementation::Folding } else { Implementation::Table };
+        assert_eq!(set_implementation(other), chosen);
+    }
 
     #[test]
     fn known_values() {

@@ -16,6 +16,7 @@ use fuser::{
     WriteFlags,
 };
 use tracing::{error, info, warn};
+use zerocopy::IntoBytes;
 
 use crate::error::Error;
 use crate::fs::lease::{CommitRequest, LeaseRequest, IOC_COMMIT, IOC_DIRECT_INFO, IOC_LEASE};
@@ -360,8 +361,8 @@ impl Filesystem for RpramFuse {
             return reply.error(Errno::EPERM);
         }
         let r = match cmd {
-            IOC_DIRECT_INFO => self.fs.direct_info().map(|i| i.to_vec()),
-            IOC_LEASE => LeaseRequest::decode(in_data).and_then(|q| self.fs.lease(fh.0, ino.0, &q)),
+            IOC_DIRECT_INFO => self.fs.direct_info().map(|i| i.as_bytes().to_vec()),
+            IOC_LEASE => LeaseRequest::decode(in_data).and_then(|q| self.fs.lease(fh.0, ino.0, &q)).map(|a| a.as_bytes().to_vec()),
             IOC_COMMIT => CommitRequest::decode(in_data).and_then(|q| {
                 self.fs.commit_lease(fh.0, ino.0, &q)?;
                 self.invalidate(ino.0, q.off, q.crcs.len() as u64 * BLOCK_SIZE as u64);

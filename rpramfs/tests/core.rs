@@ -273,10 +273,8 @@ fn crc_hints_are_kept_checked_on_arrival_and_never_turn_into_wrong_bytes() {
 }
 
 /// Fills leased blocks as a direct writer does (through the region, not through the daemon).
-fn fill_lease(fs: &Fs, answer: &[u8], data: &[u8]) {
-    let n = u32::from_le_bytes(answer[8..12].try_into().unwrap()) as usize;
-    for (i, page) in data.chunks(4096).enumerate().take(n) {
-        let b = u32::from_le_bytes(answer[16 + 4 * i..20 + 4 * i].try_into().unwrap());
+fn fill_lease(fs: &Fs, answer: &rpramfs::fs::lease::LeaseArg, data: &[u8]) {
+    for (b, page) in answer.blocks().unwrap().zip(data.chunks(4096)) {
         fs.region().write(rpramfs::layout::BlockNo(b).offset(), page).unwrap();
     }
 }
@@ -327,7 +325,7 @@ fn direct_writes_commit_leased_blocks_and_never_leak_or_lie() {
     assert!(fs.read_file(f, off + 4096, 4096).is_err());
 
     // Bad requests.
-    let errno = |r: rpramfs::error::Result<Vec<u8>>| r.unwrap_err().errno();
+    let errno = |r: rpramfs::error::Result<rpramfs::fs::lease::LeaseArg>| r.unwrap_err().errno();
     assert_eq!(errno(fs.lease(7, f, &LeaseRequest { off: 100, n: 1 })), libc::EINVAL);
     assert_eq!(errno(fs.lease(7, f, &LeaseRequest { off, n: 0 })), libc::EINVAL);
     assert_eq!(errno(fs.lease(7, f, &LeaseRequest { off, n: MAX_LEASE_BLOCKS + 1 })), libc::EINVAL);

@@ -23,9 +23,11 @@ use crate::error::{posix, Result};
 use crate::layout::BLOCK_SIZE;
 
 /// The xattr name that carries hints (never stored, never listed).
-pub const HINT_XATTR: &[u8] = b"user.rpramfs.write-crc32";
+pub const HINT_XATTR: &[u8] = rpramfs_abi::CRC_HINT_XATTR.as_bytes();
 /// What `getxattr(HINT_XATTR)` answers: the version of the value's format.
-pub const HINT_FORMAT: &[u8] = b"1";
+pub use rpramfs_abi::CRC_HINT_FORMAT as HINT_FORMAT;
+/// The value of a hint for blocks from `offset` on (what a writer passes to setxattr).
+pub use rpramfs_abi::encode_crc_hint as encode;
 
 const BLOCK: u64 = BLOCK_SIZE as u64;
 
@@ -53,18 +55,14 @@ impl Hinted {
 pub struct Hints(Mutex<HashMap<u64, Hint>>);
 
 impl Hints {
-    /// Takes a hint: an 8-byte little-endian block-aligned file offset, then a 4-byte
-    /// little-endian CRC32 per block. Replaces the inode's earlier hint.
+    /// Takes a hint (see [`rpramfs_abi::decode_crc_hint`]) for blocks from a block-aligned file
+    /// offset on. Replaces the inode's earlier hint.
     pub fn set(&self, ino: u64, value: &[u8]) -> Result<()> {
-        if value.len() < 12 || !(value.len() - 8).is_multiple_of(4) {
-            return posix(libc::EINVAL);
-        }
-        let next = u64::from_le_bytes(value[..8].try_into().unwrap());
+        let Some((next, crcs)) = rpramfs_abi::decode_crc_hint(value) else { return posix(libc::EINVAL) };
         if !next.is_multiple_of(BLOCK) {
             return posix(libc::EINVAL);
         }
-        let crcs = value[8..].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
-        self.0.lock().insert(ino, Hint { next, crcs });
+        self.0.lock().insert(ino, Hint { next, crcs: crcs.collect() });
         Ok(())
     }
 
@@ -96,13 +94,6 @@ impl Hints {
     }
 }
 
-/// The value of a hint for blocks from `offset` on (what a writer passes to setxattr).
-pub fn encode(offset: u64, crcs: &[u32]) -> Vec<u8> {
-    let mut v = offset.to_le_bytes().to_vec();
-    v.extend(crcs.iter().flat_map(|c| c.to_le_bytes()));
-    v
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,7 +101,7 @@ mod tests {
     #[test]
     fn hints_are_used_in_file_order_and_dropped_by_other_writes() {
         let h = Hints::default();
-        h.set(5, &encode(8192, &[1, 2, 3, 4])).unwrap();
+        h.set(5, &encode(8192, [1, 2, 3, 4])).unwrap();
         // A write that starts mid-block uses the hints of the whole blocks it covers.
         let a = h.take(5, 8192 - 100, 100 + 2 * 4096 + 7).unwrap();
         assert_eq!((a.first, a.crcs.as_slice()), (8192, &[1, 2][..]));
@@ -122,11 +113,11 @@ mod tests {
         assert!(h.take(5, 0, 4096).is_none());
         assert!(h.take(5, 20480, 4096).is_none());
         // Used up.
-        h.set(6, &encode(0, &[9])).unwrap();
+        h.set(6, &encode(0, [9])).unwrap();
         assert_eq!(h.take(6, 0, 4096).unwrap().crcs, vec![9]);
         assert!(h.take(6, 4096, 4096).is_none());
         // More blocks than hinted: nothing hinted, hint dropped.
-        h.set(7, &encode(0, &[9])).unwrap();
+        h.set(7, &encode(0, [9])).unwrap();
         assert!(h.take(7, 0, 8192).is_none());
         assert!(h.take(7, 0, 4096).is_none());
     }
@@ -134,7 +125,7 @@ mod tests {
     #[test]
     fn malformed_hints_are_refused() {
         let h = Hints::default();
-        for bad in [vec![0u8; 8], vec![0u8; 13], encode(100, &[1])] {
+        for bad in [vec![0u8; 8], vec![0u8; 13], encode(100, [1])] {
             assert!(h.set(1, &bad).is_err(), "{bad:?}");
         }
     }

@@ -25,35 +25,25 @@
 //!   so the fills are logged in order with the daemon's stores and every crash state between
 //!   lease and commit is replayed (rpramfs/tests/crash_states.rs).
 //!
-//! The ioctl arguments are little-endian byte layouts (see [`encode_info`], [`LeaseRequest`],
-//! [`CommitRequest`]); kup's side is foam-store/src/direct.rs.
+//! The request numbers and the arguments' little-endian layouts are defined once, in the
+//! rpramfs-abi crate, for this daemon and for kup's side (foam-store/src/direct.rs).
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 
 use tracing::error;
+use zerocopy::FromBytes;
 
 use super::storage::adopt_blocks;
 use super::{posix, touch_mc, Fs, Result, MAX_FILE_SIZE};
 use crate::error::Error;
 use crate::layout::BLOCK_SIZE;
 
-/// Largest lease: 4 MiB. Each lease and each commit is a round trip through this daemon with the
-/// writer's app frozen; kup leases this much ahead while CRIU's pages come in address order.
-pub const MAX_LEASE_BLOCKS: usize = 1024;
+// MAX_LEASE_BLOCKS (4 MiB): each lease and each commit is a round trip through this daemon with
+// the writer's app frozen; kup leases this much ahead while CRIU's pages come in address order.
+pub use rpramfs_abi::{DirectInfo, LeaseArg, IOC_COMMIT, IOC_DIRECT_INFO, IOC_LEASE, MAX_LEASE_BLOCKS};
 /// Leases one open file may hold at once (kup holds at most 8: its runs in flight).
 pub const MAX_LEASES_PER_HANDLE: usize = 64;
-/// Version of the ioctl layouts, the first word of the DIRECT_INFO answer.
-pub const DIRECT_VERSION: u32 = 2;
-
-const IOC_MAGIC: u8 = b'R';
-/// Argument sizes: the kernel copies exactly `_IOC_SIZE` bytes each way for a FUSE ioctl.
-pub const INFO_SIZE: usize = 32;
-pub const LEASE_SIZE: usize = 16 + 4 * MAX_LEASE_BLOCKS;
-pub const COMMIT_SIZE: usize = 16 + 4 * MAX_LEASE_BLOCKS;
-pub const IOC_DIRECT_INFO: u32 = nix::request_code_read!(IOC_MAGIC, 0x40, INFO_SIZE) as u32;
-pub const IOC_LEASE: u32 = nix::request_code_readwrite!(IOC_MAGIC, 0x41, LEASE_SIZE) as u32;
-pub const IOC_COMMIT: u32 = nix::request_code_write!(IOC_MAGIC, 0x42, COMMIT_SIZE) as u32;
 
 const BLOCK: u64 = BLOCK_SIZE as u64;
 
@@ -71,65 +61,33 @@ pub(super) struct Leases {
     pub blocks: u64,
 }
 
-/// `off u64, n u32, 0u32` (then room for the answer's block numbers).
+/// A LEASE request ([`LeaseArg`] in).
 pub struct LeaseRequest {
     pub off: u64,
     pub n: usize,
 }
 
-/// `off u64, k u32, 0u32, crc u32 × k`.
+/// A COMMIT request ([`rpramfs_abi::CommitArg`]).
 pub struct CommitRequest {
     pub off: u64,
     pub crcs: Vec<u32>,
 }
 
-fn word(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
-}
-
 impl LeaseRequest {
+    /// The request in an ioctl's argument bytes (exactly a [`LeaseArg`]).
     pub fn decode(b: &[u8]) -> Result<LeaseRequest> {
-        if b.len() < 16 {
-            return posix(libc::EINVAL);
-        }
-        Ok(LeaseRequest { off: u64::from_le_bytes(b[..8].try_into().unwrap()), n: word(b, 8) as usize })
+        let a = LeaseArg::ref_from_bytes(b).map_err(|_| Error::Posix(libc::EINVAL))?;
+        Ok(LeaseRequest { off: a.off.get(), n: a.n.get() as usize })
     }
 }
 
 impl CommitRequest {
+    /// The request in an ioctl's argument bytes (exactly a [`rpramfs_abi::CommitArg`]).
     pub fn decode(b: &[u8]) -> Result<CommitRequest> {
-        if b.len() < 16 {
-            return posix(libc::EINVAL);
-        }
-        let k = word(b, 8) as usize;
-        if k > MAX_LEASE_BLOCKS || b.len() < 16 + 4 * k {
-            return posix(libc::EINVAL);
-        }
-        Ok(CommitRequest { off: u64::from_le_bytes(b[..8].try_into().unwrap()), crcs: (0..k).map(|i| word(b, 16 + 4 * i)).collect() })
+        let a = rpramfs_abi::CommitArg::ref_from_bytes(b).map_err(|_| Error::Posix(libc::EINVAL))?;
+        let crcs = a.crcs().ok_or(Error::Posix(libc::EINVAL))?.collect();
+        Ok(CommitRequest { off: a.off.get(), crcs })
     }
-}
-
-/// The DIRECT_INFO answer: version, block size, region length, daemon pid, region descriptor.
-pub fn encode_info(region_len: u64, pid: u32, fd: u32) -> [u8; INFO_SIZE] {
-    let mut out = [0u8; INFO_SIZE];
-    out[..4].copy_from_slice(&DIRECT_VERSION.to_le_bytes());
-    out[4..8].copy_from_slice(&(BLOCK_SIZE as u32).to_le_bytes());
-    out[8..16].copy_from_slice(&region_len.to_le_bytes());
-    out[16..20].copy_from_slice(&pid.to_le_bytes());
-    out[20..24].copy_from_slice(&fd.to_le_bytes());
-    out[24..28].copy_from_slice(&(MAX_LEASE_BLOCKS as u32).to_le_bytes());
-    out
-}
-
-/// The LEASE answer: the request's offset and count, then the block numbers.
-fn encode_lease(off: u64, blocks: &[u32]) -> Vec<u8> {
-    let mut out = vec![0u8; LEASE_SIZE];
-    out[..8].copy_from_slice(&off.to_le_bytes());
-    out[8..12].copy_from_slice(&(blocks.len() as u32).to_le_bytes());
-    for (i, b) in blocks.iter().enumerate() {
-        out[16 + 4 * i..20 + 4 * i].copy_from_slice(&b.to_le_bytes());
-    }
-    out
 }
 
 impl Fs {
@@ -142,19 +100,19 @@ impl Fs {
     }
 
     /// What a direct writer needs to map the region (the DIRECT_INFO answer).
-    pub fn direct_info(&self) -> Result<[u8; INFO_SIZE]> {
+    pub fn direct_info(&self) -> Result<DirectInfo> {
         self.direct_writes_allowed()?;
         if self.region.logs_stores() {
             // A writer's own mapping would store past the crash tests' log: on a logged region
             // leased blocks are filled through `Region::write`, which logs them like the daemon's.
             return posix(libc::ENOTTY);
         }
-        Ok(encode_info(self.region.len(), std::process::id(), self.region.file().as_raw_fd() as u32))
+        Ok(DirectInfo::new(BLOCK_SIZE as u32, self.region.len(), std::process::id(), self.region.file().as_raw_fd() as u32))
     }
 
     /// Leases `n` fresh blocks for the regular file `ino` at `off` on behalf of handle `fh`;
     /// returns the LEASE answer.
-    pub fn lease(&self, fh: u64, ino: u64, req: &LeaseRequest) -> Result<Vec<u8>> {
+    pub fn lease(&self, fh: u64, ino: u64, req: &LeaseRequest) -> Result<LeaseArg> {
         self.direct_writes_allowed()?;
         let end = req.off.checked_add(req.n as u64 * BLOCK).ok_or(Error::Posix(libc::EFBIG))?;
         if req.n == 0 || req.n > MAX_LEASE_BLOCKS || !req.off.is_multiple_of(BLOCK) {
@@ -182,7 +140,7 @@ impl Fs {
             blocks.push(inner.alloc.alloc(false)?.0);
         }
         inner.leases.blocks += blocks.len() as u64;
-        let answer = encode_lease(req.off, &blocks);
+        let answer = LeaseArg::answer(req.off, &blocks);
         inner.leases.by_handle.entry(fh).or_default().push(Lease { ino, off: req.off, blocks });
         Ok(answer)
     }

@@ -116,7 +116,8 @@ fn apply(fs: &Fs, op: Op, leases: &mut Leases) {
         Op::Fsync => {} // every operation is already durable when it returns
         Op::Lease(p, page, n) => {
             let answer = fs.lease(FH, ino(p), &LeaseRequest { off: page * 4096, n }).unwrap();
-            let blocks = (0..n).map(|i| u32::from_le_bytes(answer[16 + 4 * i..20 + 4 * i].try_into().unwrap())).collect();
+            let blocks: Vec<u32> = answer.blocks().expect("a lease answers its blocks").collect();
+            assert_eq!(blocks.len(), n);
             leases.insert((p, page), blocks);
         }
         Op::Fill(p, page) => {

@@ -29,8 +29,13 @@ test: test-host test-guest
 
 # kup's host tests run the real CRIU: trixie's 4.1.1 with its own loader (docs/criu-host.md), installed
 # on first use into /opt/kup/criu.
+# The crash-state replay and the fault tests run again on their own with their output shown: the
+# crash-state count and what each fault left of the apps are part of what `make test` reports.
+SHOWN_TESTS := every_store_prefix_is_a_consistent_state one_failed_final_dump_leaves_every_app_running faults_mid_dump_leave_every_app_running
 test-host: build msrv
-	KUP_CRIU=$$(scripts/criu-host/install.sh) $(CARGO) test --release --workspace -- --test-threads=2
+	KUP_CRIU=$$(scripts/criu-host/install.sh) $(CARGO) test --release --workspace -- --test-threads=2 $(addprefix --skip ,$(SHOWN_TESTS))
+	$(CARGO) test --release -p rpramfs --test crash_states -- --nocapture
+	KUP_CRIU=$$(scripts/criu-host/install.sh) $(CARGO) test --release -p kup-cli --test host_criu -- --test-threads=1 --nocapture --exact $(wordlist 2,3,$(SHOWN_TESTS))
 
 # The workspace's rust-version (Cargo.toml) is checked: clippy's incompatible_msrv lint fails on any std
 # item stabilized after it. Only one toolchain is needed (no build with the old one).

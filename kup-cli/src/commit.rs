@@ -167,8 +167,17 @@ pub struct Held {
 }
 
 impl Hooks {
-    /// A listening socket in `dir` (created root-only).
+    /// A listening socket in `dir` (created root-only); what a killed kup left beside it (a
+    /// directory named by a pid that no longer runs) is removed first.
     pub fn new(dir: &Path) -> Result<Hooks> {
+        if let Some(root) = dir.parent() {
+            for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+                let stale = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+                if stale {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| format!("{}: {e}", dir.display()))?;
         let socket = dir.join("post-dump.sock");

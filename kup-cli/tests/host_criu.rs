@@ -477,7 +477,11 @@ fn one_failed_final_dump_leaves_every_app_running() {
         let m = foam_store::manifest::Manifest::load(&ckpt.unwrap().path()).unwrap();
         assert!(matches!(m.state, foam_store::manifest::State::Failed(_)) && m.apps.is_empty(), "{m:?}");
     }
-    assert!(std::fs::read_dir("/run/kup/hooks").map_or(true, |d| d.count() == 0), "post-dump sockets left behind");
+    // Every post-dump rendezvous directory belongs to a kup that still runs (other tests' kups).
+    for d in std::fs::read_dir("/run/kup/hooks").into_iter().flatten().flatten() {
+        let pid = d.file_name().to_string_lossy().into_owned();
+        assert!(Path::new("/proc").join(&pid).exists(), "post-dump rendezvous of kup {pid} left behind");
+    }
     // The same app alone checkpoints fine afterwards (it was let run, not left half-dumped).
     let (c, out, _) = kup(&["checkpoint", "--pid", &a.pid.to_string(), "--store", store_s, "--name", "all-or-nothing"]);
     assert_eq!(c, 0);
@@ -486,6 +490,119 @@ fn one_failed_final_dump_leaves_every_app_running() {
     let (c, _, _) = kup(&["restore", "--store", store_s]);
     assert_eq!(c, 0);
     assert!(a.verify().starts_with("OK"));
+}
+
+/// The children of `pid` (one level).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|t| std::fs::read_to_string(t.path().join("children")).unwrap_or_default().split_whitespace().filter_map(|c| c.parse().ok()).collect::<Vec<u32>>())
+        .collect()
+}
+
+/// Bytes the store holds (used blocks).
+fn used_bytes(store: &Path) -> u64 {
+    let st = nix::sys::statvfs::statvfs(store).unwrap();
+    (st.blocks() - st.blocks_free()) as u64 * st.fragment_size() as u64
+}
+
+/// `kup checkpoint` of `pids` into `store`, with `fault` run (from another thread) once kup's final
+/// dump is storing pages: more than `after` bytes landed in the store. Returns (exit code, stderr).
+fn checkpoint_with_fault(store: &Path, pids: &[u32], name: &str, after: u64, fault: impl FnOnce(u32) + Send) -> (i32, String) {
+    let before = used_bytes(store);
+    let mut cmd = Command::new(KUP);
+    cmd.arg("checkpoint").args(pids.iter().flat_map(|p| ["--pid".to_string(), p.to_string()])).arg("--store").arg(store).args(["--name", name]);
+    cmd.env("KUP_CRIU", criu()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let kup_pid = child.id();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let start = Instant::now();
+            while used_bytes(store) < before + after {
+                assert!(start.elapsed() < Duration::from_secs(60), "the dump never stored {after} bytes");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            fault(kup_pid);
+        });
+    });
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("$ kup checkpoint {pids:?} with a fault\n{}{err}(exit {:?})", String::from_utf8_lossy(&out.stdout), out.status.code());
+    (out.status.code().unwrap_or(-1), err)
+}
+
+/// Faults in the middle of the final dump: the store fills up, CRIU is killed, the rpramfs daemon
+/// is killed. Each time both apps run on with their memory as it was.
+#[test]
+fn faults_mid_dump_leave_every_app_running() {
+    let a = Subject::start(&["--private-mib", "256", "--seed", "31"]);
+    let b = Subject::start(&["--private-mib", "32", "--seed", "32"]);
+    let pids = [a.pid, b.pid];
+    let both_verified = |what: &str| {
+        for s in [&a, &b] {
+            let ok = s.verify();
+            assert!(ok.starts_with("OK"), "{what}: pid {}: {ok}", s.pid);
+        }
+    };
+
+    // The store fills up: room for the apps at the preflight, then another writer takes it.
+    let fs = Rpramfs::new("420M");
+    let store = fs.store();
+    let filler = store.join("filler");
+    let (c, err) = checkpoint_with_fault(&store, &pids, "store-fills", 16 << 20, |_| {
+        // Another writer takes every free block, 1 MiB at a time, until the store is full.
+        let f = std::fs::File::create(&filler).unwrap();
+        let mut off = 0;
+        while nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), off, 1 << 20).is_ok() {
+            off += 1 << 20;
+        }
+        assert!(off > 0, "the filler got nothing");
+    });
+    assert_eq!(c, 1, "{err}");
+    assert!(err.contains("No space left on device") && err.contains("every app runs on with its memory as it was"), "{err}");
+    both_verified("store full");
+    std::fs::remove_file(&filler).unwrap();
+    drop(fs);
+
+    // CRIU is killed mid-dump.
+    let fs = Rpramfs::new("420M");
+    let store = fs.store();
+    let (c, err) = checkpoint_with_fault(&store, &pids, "criu-killed", 16 << 20, |kup| {
+        for criu in children(kup) {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(criu as i32), nix::sys::signal::Signal::SIGKILL).ok();
+        }
+    });
+    assert_eq!(c, 1, "{err}");
+    assert!(err.contains("SIGKILL") && err.contains("every app runs on with its memory as it was"), "{err}");
+    both_verified("CRIU killed");
+    drop(fs);
+
+    // The rpramfs daemon is killed mid-dump: the store is gone, the apps are not.
+    let fs = Rpramfs::new("420M");
+    let store = fs.store();
+    let region = fs.dir.path().join("region");
+    let daemon = {
+        let out = Command::new("pgrep").args(["-f", &format!("rpramfs mount {}", region.display())]).output().unwrap();
+        let pids: Vec<u32> = String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        assert_eq!(pids.len(), 1, "rpramfs daemon of {}: {pids:?}", region.display());
+        pids[0]
+    };
+    let (c, err) = checkpoint_with_fault(&store, &pids, "daemon-killed", 16 << 20, |_| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    });
+    assert_eq!(c, 1, "{err}");
+    assert!(err.contains("every app runs on with its memory as it was"), "{err}");
+    both_verified("rpramfs daemon killed");
+    // The region is intact: it mounts again, fsck is clean, and the checkpoint is not restorable.
+    Command::new("umount").arg("-l").arg(&store).status().unwrap();
+    let (c, out, e) = run(Command::new(target_bin("rpramfs")).arg("fsck").arg(&region), Duration::from_secs(60));
+    assert_eq!(c, 0, "fsck after the daemon was killed: {out}{e}");
+    let (c, _, e) = run(Command::new(target_bin("rpramfs")).arg("mount").arg(&region).arg(&store), Duration::from_secs(60));
+    assert_eq!(c, 0, "{e}");
+    let (c, _, err) = kup(&["restore", "--store", store.to_str().unwrap()]);
+    assert!(c == 1 && err.contains("no complete checkpoint"), "{err}");
 }
 
 /// Direct writes through a real mount (no CRIU needed): leased pages replace pages the kernel has

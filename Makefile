@@ -55,6 +55,7 @@ test-guest: build
 	tests/guest/run fallback-app
 	tests/guest/run fallback-kernel
 	tests/guest/run update-switch-fails
+	tests/guest/run fallback-fails
 
 bench: build
 	$(CARGO) run --release -p rpramfs --example bench

@@ -10,6 +10,7 @@ use crate::record::Kernel;
 
 /// Loads `k` for a later `kexec -e`; a kernel that does not load is reported with kexec's words.
 pub fn load(k: &Kernel) -> Result<()> {
+    crate::faults::at("kexec-load").map_err(|e| format!("the kernel {} does not load: {e}", k.image.display()))?;
     let mut cmd = Command::new("kexec");
     cmd.args(["-s", "-l"]).arg(&k.image);
     if let Some(i) = &k.initrd {

@@ -118,10 +118,29 @@ fn restore_and_check(criu: &Criu, a: &Args, rec: &mut UpdateRecord) -> Result<()
     health_check(rec, &apps)
 }
 
-/// The command that brings the apps back when kup gives up.
+/// Where each app is and the command that brings the apps back, when kup gives up.
 fn restore_by_hand(rec: &UpdateRecord, a: &Args) -> String {
-    let mount = a.region.as_ref().map(|r| format!("rpramfs mount {} {} && ", r.display(), a.store.display())).unwrap_or_default();
-    format!("the checkpoint {} is kept; restore the apps by hand with: {mount}kup restore --store {} --checkpoint {}", rec.checkpoint, a.store.display(), rec.checkpoint)
+    let apps: Vec<String> = rec
+        .apps
+        .iter()
+        .map(|name| {
+            // App names are `<comm>-<pid>`, and a restored app has its old pid.
+            let pid = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
+            let now = if pid.is_some_and(procs::exists) { "runs on this kernel (restored, but not healthy)" } else { "not running" };
+            format!("{name}: {now}")
+        })
+        .collect();
+    let mount = match &a.region {
+        Some(r) if !kexec::is_mounted(&a.store) => format!("rpramfs mount {} {} && ", r.display(), a.store.display()),
+        _ => String::new(),
+    };
+    format!(
+        "apps: {}; the checkpoint {} is kept; restore the apps by hand (after stopping any that still run) with: {mount}kup restore --store {} --checkpoint {}",
+        apps.join(", "),
+        rec.checkpoint,
+        a.store.display(),
+        rec.checkpoint
+    )
 }
 
 /// Back to the old kernel, which resumes the same checkpoint.

@@ -1,7 +1,9 @@
-# update-switch-fails: kup update stops memcached (its final dump is committed), and then `kexec -e`
-# returns instead of switching (KUP_TEST_FAULT=kexec-exec in kup-faults, the test-only build). kup must
-# bring memcached back on the running kernel A from the checkpoint it just made: exit 1 naming the
-# failure and the restored app, every item readable, and the update record at resumed-on-old.
+# update-switch-fails: faults in kup update on A (kup-faults, the test-only build). First the new
+# kernel does not load (KUP_TEST_FAULT=kexec-load): refused in the preflight, memcached untouched.
+# Then kup update stops memcached (its final dump is committed) and `kexec -e` returns instead of
+# switching (KUP_TEST_FAULT=kexec-exec): kup must bring memcached back on A from the checkpoint it
+# just made: exit 1 naming the failure and the restored app, every item readable, and the update
+# record at resumed-on-old.
 
 MC_ITEMS=512
 MC_VALUE=65536
@@ -18,6 +20,15 @@ stage_a() {
     mc=$(pidof memcached) || fail "memcached is not running"
     initrd_rebuild
     rc=0
+    KUP_TEST_FAULT=kexec-load kup-faults update --kernel /boot/vmlinuz-b --initrd /boot/initrd --append "$(next_cmdline b)" \
+        --store ram --pid "$mc" --old-kernel /boot/vmlinuz-a --old-initrd /boot/initrd >/tmp/out 2>&1 || rc=$?
+    sed 's/^/GUEST: INFO load: /' /tmp/out
+    [ $rc -eq 1 ] || fail "kup update exited $rc with a kernel that does not load, expected 1"
+    grep -q "does not load: kexec-load: failed on purpose" /tmp/out || fail "the error does not say the kernel does not load"
+    [ "$(pidof memcached)" = "$mc" ] || fail "memcached (pid $mc) did not keep running after the refused load"
+    [ -z "$(ls $MNT)" ] || fail "the refused update left something in the store: $(ls $MNT)"
+    out=$(mctool verify --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE) || fail "after the refused load: $out"
+    rc=0
     KUP_TEST_FAULT=kexec-exec kup-faults update --kernel /boot/vmlinuz-b --initrd /boot/initrd --append "$(next_cmdline b)" \
         --store ram --pid "$mc" --old-kernel /boot/vmlinuz-a --old-initrd /boot/initrd >/tmp/out 2>&1 || rc=$?
     sed 's/^/GUEST: INFO update: /' /tmp/out
@@ -29,5 +40,5 @@ stage_a() {
     kup status | sed 's/^/GUEST: INFO status: /'
     kup status | grep -q 'state: resumed-on-old' || fail "the update record does not say resumed-on-old"
     kup status | grep -q 'switch-failed' || fail "the timeline has no switch-failed"
-    pass "kexec -e failed after the final dump; memcached restored on $(uname -r) from the checkpoint: $out"
+    pass "a kernel that does not load was refused before anything stopped; kexec -e failed after the final dump and memcached was restored on $(uname -r) from the checkpoint: $out"
 }

@@ -135,20 +135,27 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
     }
     manifest.finished_unix_ms = Some(report::unix_ms());
     if !failures.is_empty() {
+        let lines: Vec<String> = procs
+            .iter()
+            .map(|p| {
+                let what = failures.iter().find(|(q, _)| q.pid == p.pid).map_or("its dump succeeded", |(_, f)| f.why.as_str());
+                let now = if procs::exists(p.pid) { "running" } else { "GONE" };
+                format!("  {}-{} ({now}): {what}", p.comm, p.pid)
+            })
+            .collect();
+        if commit_gate.committed() {
+            // CRIU failed after the commit (it stopped some apps, not all): the checkpoint holds
+            // every app and stays restorable; only the apps that still run must be stopped first.
+            return fail(format!(
+                "checkpoint {id} is complete, but not every app was stopped after it:\n{}\n  the stopped apps' state is in it: stop the others and restore all with kup restore --store {} --checkpoint {id}",
+                lines.join("\n"),
+                a.store.display()
+            ));
+        }
         let reason = failures.iter().map(|(p, f)| format!("{}-{}: {}", p.comm, p.pid, f.why)).collect::<Vec<_>>().join("; ");
         manifest.state = State::Failed(reason);
         manifest.apps.clear();
         let saved = manifest.save(&dir).err().map(|e| format!(" (marking it failed did not work either: {e})")).unwrap_or_default();
-        let mut lines = Vec::new();
-        for p in &procs {
-            let name = format!("{}-{}", p.comm, p.pid);
-            let what = match failures.iter().find(|(q, _)| q.pid == p.pid) {
-                Some((_, f)) => f.why.clone(),
-                None => "its dump succeeded".into(),
-            };
-            let now = if procs::exists(p.pid) { "running" } else { "GONE" };
-            lines.push(format!("  {name} ({now}): {what}"));
-        }
         let gone = procs.iter().filter(|p| !procs::exists(p.pid)).count();
         let fate = if gone == 0 { "every app runs on with its memory as it was".to_string() } else { format!("{gone} app(s) GONE (not stopped by kup: see each line)") };
         return fail(format!("checkpoint {id} failed and is marked failed (not restorable){saved}; {fate}:\n{}", lines.join("\n")));

@@ -126,6 +126,11 @@ impl<'d, T> CommitGate<'d, T> {
         st.verdict.clone().expect("decided")
     }
 
+    /// Whether the verdict was to commit (the manifest is durable and complete).
+    pub fn committed(&self) -> bool {
+        self.state.lock().verdict == Some(Verdict::Commit)
+    }
+
     /// Counts an app that holds nothing (it failed before its final dump started).
     pub fn absent(&self, name: &str, why: &str) {
         let mut st = self.state.lock();

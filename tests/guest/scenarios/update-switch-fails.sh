@@ -9,6 +9,16 @@ MC_ITEMS=512
 MC_VALUE=65536
 MC_ADDR=127.0.0.1:11211
 
+# faulty_update FAULT: kup-faults update A -> B of memcached with KUP_TEST_FAULT=FAULT, which must
+# exit 1; its output is in /tmp/out.
+faulty_update() {
+    rc=0
+    KUP_TEST_FAULT=$1 kup-faults update --kernel /boot/vmlinuz-b --initrd /boot/initrd --append "$(next_cmdline b)" \
+        --store ram --pid "$mc" --old-kernel /boot/vmlinuz-a --old-initrd /boot/initrd >/tmp/out 2>&1 || rc=$?
+    sed "s/^/GUEST: INFO $1: /" /tmp/out
+    [ $rc -eq 1 ] || fail "kup update with the fault $1 exited $rc, expected 1"
+}
+
 stage_a() {
     need rpramfs kup kup-faults mctool memcached
     rp_devdax
@@ -19,20 +29,12 @@ stage_a() {
     out=$(mctool load --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE) || fail "loading memcached: $out"
     mc=$(pidof memcached) || fail "memcached is not running"
     initrd_rebuild
-    rc=0
-    KUP_TEST_FAULT=kexec-load kup-faults update --kernel /boot/vmlinuz-b --initrd /boot/initrd --append "$(next_cmdline b)" \
-        --store ram --pid "$mc" --old-kernel /boot/vmlinuz-a --old-initrd /boot/initrd >/tmp/out 2>&1 || rc=$?
-    sed 's/^/GUEST: INFO load: /' /tmp/out
-    [ $rc -eq 1 ] || fail "kup update exited $rc with a kernel that does not load, expected 1"
+    faulty_update kexec-load
     grep -q "does not load: kexec-load: failed on purpose" /tmp/out || fail "the error does not say the kernel does not load"
     [ "$(pidof memcached)" = "$mc" ] || fail "memcached (pid $mc) did not keep running after the refused load"
     [ -z "$(ls $MNT)" ] || fail "the refused update left something in the store: $(ls $MNT)"
     out=$(mctool verify --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE) || fail "after the refused load: $out"
-    rc=0
-    KUP_TEST_FAULT=kexec-exec kup-faults update --kernel /boot/vmlinuz-b --initrd /boot/initrd --append "$(next_cmdline b)" \
-        --store ram --pid "$mc" --old-kernel /boot/vmlinuz-a --old-initrd /boot/initrd >/tmp/out 2>&1 || rc=$?
-    sed 's/^/GUEST: INFO update: /' /tmp/out
-    [ $rc -eq 1 ] || fail "kup update exited $rc, expected 1 (the switch was made to fail)"
+    faulty_update kexec-exec
     grep -q "kexec-exec: failed on purpose" /tmp/out || fail "the error does not name the failed switch"
     grep -q "the apps were restored from checkpoint .* and run again on $(uname -r)" /tmp/out || fail "the error does not say the apps were restored here"
     [ "$(pidof memcached)" = "$mc" ] || fail "memcached is not back under its pid $mc"

@@ -605,6 +605,7 @@ pub fn summary_json(m: &Manifest, notes: &[String]) -> serde_json::Value {
                 "pages_unchanged": p.pages_parent,
                 "seconds": p.seconds,
                 "frozen_ms": p.criu.map(|c| c.frozen_time_us as f64 / 1e3),
+                "held_ms": p.held_ms,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })

@@ -347,6 +347,13 @@ pub struct WriteMode {
 }
 
 impl WriteMode {
+    /// Whether the store is rpramfs (it answered the CRC-hint probe or offers direct writes):
+    /// every request is committed before its reply, and rpramfs keeps no write-back cache, so a
+    /// write is durable when it returns and an fsync adds a round trip and nothing else.
+    pub fn durable_on_reply(&self) -> bool {
+        self.crc_hints || self.region
+    }
+
     /// What pays in `dir`. On rpramfs direct writes, unless `direct` is off. On FUSE
     /// (rpramfs) a buffered write first copies every page into the page cache (pages the dump never reads again, allocated and zeroed while the app is
     /// frozen), so O_DIRECT, which hands the buffer to the daemon. On rpramfs also CRC hints: the

@@ -59,13 +59,9 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
     check_room(&a.store, memory)?;
     let incremental = a.iterations > 1 && criu.has_dirty_tracking();
     let passes = if incremental { a.iterations } else { 1 };
+    let write_mode = WriteMode::probe(store.root(), crate::direct_writes());
     // Naming the CRC32 implementation also picks it (a timing), before any app is frozen.
-    let mut notes = vec![format!(
-        "store layout: {}; {}; page CRC32 by the {}, the faster here",
-        mode.describe(),
-        WriteMode::probe(store.root(), crate::direct_writes()).describe(),
-        pagecrc::implementation().name()
-    )];
+    let mut notes = vec![format!("store layout: {}; {}; page CRC32 by the {}, the faster here", mode.describe(), write_mode.describe(), pagecrc::implementation().name())];
     if a.iterations > 1 && !incremental {
         notes.push("this kernel has no soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY), so CRIU cannot pre-dump: one full pass while the app is frozen".into());
     }
@@ -113,7 +109,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
         m.save(&dir).map_err(Into::into)
     });
     let out = Mutex::new(());
-    let shared = Shared { criu, a, dir: &dir, mode, passes, incremental, staging: &staging, bars: &bars, out: &out, hooks: &hooks, commit: &commit_gate };
+    let shared = Shared { criu, a, dir: &dir, mode, sync_copies: !write_mode.durable_on_reply(), passes, incremental, staging: &staging, bars: &bars, out: &out, hooks: &hooks, commit: &commit_gate };
     let results: Vec<std::result::Result<App, AppFailure>> = std::thread::scope(|s| {
         let handles: Vec<_> = procs
             .iter()
@@ -193,6 +189,8 @@ struct Shared<'a> {
     a: &'a Args,
     dir: &'a Path,
     mode: FileMode,
+    /// Whether copies into the store need an fsync (not on rpramfs).
+    sync_copies: bool,
     passes: u32,
     incremental: bool,
     staging: &'a staging::Plan,
@@ -247,7 +245,7 @@ struct Passes {
 fn pre_dumps(sh: &Shared<'_>, p: &Process, name: &str, ticket: &mut Ticket<'_>) -> Result<(Passes, App)> {
     let app_dir = sh.dir.join(name);
     let spaces = Spaces::create(&app_dir.join("mem"), sh.mode, crate::direct_writes())?;
-    let staging = sh.staging.for_app(name)?;
+    let staging = sh.staging.for_app(name, sh.sync_copies)?;
     let mut options = p.criu_options();
     if options.iter().any(|o| o == "--tcp-established") && !sh.a.criu_options.iter().any(|o| o.starts_with("--network-lock")) {
         options.extend(sh.criu.network_lock_options());

@@ -27,6 +27,9 @@ const NEEDED_BYTES: u64 = 64 << 20;
 pub struct Staging {
     dir: PathBuf,
     keep: std::cell::Cell<bool>,
+    /// fsync every copied file and directory (not on rpramfs, where a write is durable when it
+    /// returns: the copy runs while the apps are held frozen for the commit).
+    sync: bool,
 }
 
 /// Where CRIU's images of this checkpoint go first: a staging root, or (with a reason) nowhere,
@@ -66,8 +69,9 @@ impl Plan {
         }
     }
 
-    /// The staging directory for app `name`, or None when CRIU writes into the store.
-    pub fn for_app(&self, name: &str) -> Result<Option<Staging>> {
+    /// The staging directory for app `name`, or None when CRIU writes into the store; `sync`: the
+    /// copies into the store must be fsync'd.
+    pub fn for_app(&self, name: &str, sync: bool) -> Result<Option<Staging>> {
         let Plan::Staged(root) = self else { return Ok(None) };
         let dir = root.join(name);
         // What a killed kup left under the same checkpoint id and app must not be copied along.
@@ -76,7 +80,7 @@ impl Plan {
             _ => {}
         }
         DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        Ok(Some(Staging { dir, keep: std::cell::Cell::new(false) }))
+        Ok(Some(Staging { dir, keep: std::cell::Cell::new(false), sync }))
     }
 }
 
@@ -90,7 +94,7 @@ impl Staging {
     /// symlinks as links (CRIU's `parent`), subdirectories recursively; every file and directory
     /// synced.
     pub fn persist(&self, rel: &str, dest: &Path) -> Result<()> {
-        let r = copy_tree(&self.dir(rel), dest);
+        let r = copy_tree(&self.dir(rel), dest, self.sync);
         if r.is_err() {
             self.keep.set(true);
         }
@@ -105,7 +109,7 @@ impl Staging {
         let io = |p: &Path, e: std::io::Error| format!("copying {file} into the store: {}: {e}", p.display());
         let data = std::fs::read(&from).map_err(|e| io(&from, e))?;
         let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&to).map_err(|e| io(&to, e))?;
-        f.write_all(&data).and_then(|()| f.sync_all()).map_err(|e| io(&to, e))?;
+        f.write_all(&data).and_then(|()| if self.sync { f.sync_all() } else { Ok(()) }).map_err(|e| io(&to, e))?;
         Ok(())
     }
 }
@@ -123,7 +127,7 @@ impl Drop for Staging {
     }
 }
 
-fn copy_tree(src: &Path, dest: &Path) -> Result<()> {
+fn copy_tree(src: &Path, dest: &Path, sync: bool) -> Result<()> {
     let io = |p: &Path, e: std::io::Error| format!("copying CRIU's images into the store: {}: {e}", p.display());
     DirBuilder::new().recursive(true).mode(0o700).create(dest).map_err(|e| io(dest, e))?;
     for entry in std::fs::read_dir(src).map_err(|e| io(src, e))? {
@@ -138,15 +142,17 @@ fn copy_tree(src: &Path, dest: &Path) -> Result<()> {
             }
             std::os::unix::fs::symlink(&target, &to).map_err(|e| io(&to, e))?;
         } else if kind.is_dir() {
-            copy_tree(&from, &to)?;
+            copy_tree(&from, &to, sync)?;
         } else {
             let data = std::fs::read(&from).map_err(|e| io(&from, e))?;
             let mode = entry.metadata().map_err(|e| io(&from, e))?.permissions().mode() & 0o777;
             let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&to).map_err(|e| io(&to, e))?;
-            f.write_all(&data).and_then(|()| f.sync_all()).map_err(|e| io(&to, e))?;
+            f.write_all(&data).and_then(|()| if sync { f.sync_all() } else { Ok(()) }).map_err(|e| io(&to, e))?;
         }
     }
-    std::fs::File::open(dest).and_then(|d| d.sync_all()).map_err(|e| io(dest, e))?;
+    if sync {
+        std::fs::File::open(dest).and_then(|d| d.sync_all()).map_err(|e| io(dest, e))?;
+    }
     Ok(())
 }
 
@@ -158,7 +164,7 @@ mod tests {
     fn persist_copies_files_links_and_modes() {
         let tmp = tempfile::tempdir().unwrap();
         let plan = Plan::Staged(tmp.path().join("stage/ck-1"));
-        let staging = plan.for_app("app-7").unwrap().unwrap();
+        let staging = plan.for_app("app-7", true).unwrap().unwrap();
         let pass = staging.dir("criu/2");
         std::fs::create_dir_all(pass.join("sub")).unwrap();
         std::fs::write(pass.join("core-7.img"), b"core bytes").unwrap();
@@ -180,7 +186,7 @@ mod tests {
         assert!(!tmp.path().join("stage/ck-1").exists(), "the staging directory is removed with its last app");
 
         // A copy that fails keeps the staged images: they are all there is of them.
-        let staging = plan.for_app("app-8").unwrap().unwrap();
+        let staging = plan.for_app("app-8", true).unwrap().unwrap();
         std::fs::create_dir_all(staging.dir("criu/1")).unwrap();
         std::fs::write(staging.dir("criu/1/core-8.img"), b"x").unwrap();
         std::fs::write(tmp.path().join("not-a-dir"), b"").unwrap();
@@ -196,7 +202,7 @@ mod tests {
         let plan = Plan::Staged(tmp.path().join("ck-1"));
         std::fs::create_dir_all(tmp.path().join("ck-1/app-7/criu/1")).unwrap();
         std::fs::write(tmp.path().join("ck-1/app-7/criu/1/stale.img"), b"old").unwrap();
-        let staging = plan.for_app("app-7").unwrap().unwrap();
+        let staging = plan.for_app("app-7", true).unwrap().unwrap();
         std::fs::create_dir_all(staging.dir("criu/1")).unwrap();
         std::fs::write(staging.dir("criu/1/core-7.img"), b"new").unwrap();
         let dest = tmp.path().join("store/criu/1");

@@ -69,6 +69,7 @@ install: build
 	install -m 0755 target/release/rpramfs /usr/local/sbin/rpramfs
 	ln -sf /usr/local/sbin/rpramfs /sbin/mount.fuse.rpramfs
 	install -m 0755 target/release/kup /usr/local/sbin/kup
+	install -m 0755 target/release/kup-criu-hook /usr/local/sbin/kup-criu-hook
 	install -m 0644 dist/kup-resume.service /etc/systemd/system/kup-resume.service
 
 clean:

@@ -407,7 +407,7 @@ fn start_pass(sh: &Shared<'_>, p: &Process, name: &str, ps: &Passes, pass: u32) 
         }
     }
     if kind == PassKind::Dump {
-        cmd.arg("--action-script").arg(sh.hooks.action_script(name)?);
+        cmd.arg("--action-script").arg(sh.hooks.action_script(name, &criu_dir)?);
         if sh.a.leave_running {
             cmd.arg("--leave-running");
         }

@@ -8,10 +8,10 @@
 //! non-zero, CRIU undoes everything (network unlocked, TCP repair off) and lets the tasks run on.
 //!
 //! - [`FinalGate`]: no app enters its final dump before every app's pre-dumps succeeded.
-//! - [`Hooks`]: CRIU's action script is `kup criu-hook SOCKET APP` ([`hook_main`]); at post-dump it
-//!   connects to kup's UNIX socket (in a root-only directory), names its app and waits for the
-//!   verdict. A hook that cannot reach kup, or loses it, answers "abort": a kup killed while apps
-//!   are held lets them run on.
+//! - [`Hooks`]: CRIU's action script is `kup-criu-hook` (src/bin/kup-criu-hook.rs, the wire in
+//!   src/hook_wire.rs); at post-dump it connects to kup's UNIX socket (in a root-only directory),
+//!   names its app and waits for the verdict. A hook that cannot reach kup, or loses it, answers
+//!   "abort": a kup killed while apps are held lets them run on.
 //! - [`CommitGate`]: every app reports once (its dump held and copied into the store, or failed);
 //!   the last one to report runs the decision (the manifest marked complete and durable) and every
 //!   held app gets the same verdict.
@@ -26,6 +26,10 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{fail, Result};
+use crate::hook_wire;
+
+/// CRIU's action script, installed beside `kup`.
+const HOOK_BINARY: &str = "kup-criu-hook";
 
 /// What every held app is told.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -192,17 +196,21 @@ impl Hooks {
         Ok(Hooks { dir: dir.to_path_buf(), socket, listener, arrived: Mutex::new(HashMap::new()) })
     }
 
-    /// The path to give CRIU's `--action-script` for app `name`: a script in the hooks directory
-    /// that runs this kup binary as the hook (CRIU executes the path itself, without a shell or
+    /// The path to give CRIU's `--action-script` for app `name`, whose final dump writes its images
+    /// into `criu_dir`: the hook binary beside this kup, with its ticket (socket and app) left in
+    /// that directory, where CRIU points the hook (CRIU executes the path itself, with no
     /// arguments).
-    pub fn action_script(&self, name: &str) -> Result<PathBuf> {
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find kup's own binary for CRIU's post-dump action: {e}"))?;
-        let script = self.dir.join(format!("hook-{name}"));
-        let text = format!("#!/bin/sh\nexec {} criu-hook {} {}\n", shell_quote(&exe.to_string_lossy()), shell_quote(&self.socket.to_string_lossy()), shell_quote(name));
-        let io = |e: std::io::Error| format!("{}: {e}", script.display());
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o700).open(&script).map_err(io)?;
-        f.write_all(text.as_bytes()).map_err(io)?;
-        Ok(script)
+    pub fn action_script(&self, name: &str, criu_dir: &Path) -> Result<PathBuf> {
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find kup's own binary: {e}"))?;
+        let hook = exe.with_file_name(HOOK_BINARY);
+        if !hook.is_file() {
+            return fail(format!("{} is missing: kup needs it beside {} for CRIU's post-dump action (reinstall kup)", hook.display(), exe.display()));
+        }
+        let ticket = criu_dir.join(hook_wire::TICKET_FILE);
+        let io = |e: std::io::Error| format!("{}: {e}", ticket.display());
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&ticket).map_err(io)?;
+        f.write_all(hook_wire::ticket(&self.socket, name).as_bytes()).map_err(io)?;
+        Ok(hook)
     }
 
     /// App `name`'s dump, if its CRIU has reached the post-dump action.
@@ -229,48 +237,12 @@ impl Drop for Hooks {
 impl Held {
     /// Tells CRIU's action what to do; CRIU then stops the app (commit) or lets it run (abort).
     pub fn release(mut self, verdict: &Verdict) -> Result<()> {
-        let msg = match verdict {
-            Verdict::Commit => "commit\n".to_string(),
-            Verdict::Abort(why) => format!("abort {}\n", why.replace('\n', " ")),
-        };
+        let msg = hook_wire::verdict_line(match verdict {
+            Verdict::Commit => None,
+            Verdict::Abort(why) => Some(why),
+        });
         self.stream.write_all(msg.as_bytes()).map_err(|e| format!("telling CRIU's post-dump action the verdict: {e}").into())
     }
-}
-
-/// `kup criu-hook SOCKET APP`, run by CRIU for each action: at post-dump, asks kup for the
-/// verdict; exit 0 lets CRIU finish (stop the app), anything else makes it undo the dump.
-pub fn hook_main(socket: &Path, app: &str) -> i32 {
-    if std::env::var("CRTOOLS_SCRIPT_ACTION").ok().as_deref() != Some("post-dump") {
-        return 0;
-    }
-    match ask_verdict(socket, app) {
-        Ok(Verdict::Commit) => 0,
-        Ok(Verdict::Abort(why)) => {
-            eprintln!("kup criu-hook: {app}: not stopping the app: {why}");
-            1
-        }
-        Err(e) => {
-            eprintln!("kup criu-hook: {app}: no verdict from kup ({e}); letting the app run on");
-            1
-        }
-    }
-}
-
-fn ask_verdict(socket: &Path, app: &str) -> Result<Verdict> {
-    let mut s = UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
-    s.write_all(format!("{app}\n").as_bytes()).map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line).map_err(|e| e.to_string())?;
-    match line.trim_end().split_once(' ').unwrap_or((line.trim_end(), "")) {
-        ("commit", _) => Ok(Verdict::Commit),
-        ("abort", why) => Ok(Verdict::Abort(why.to_string())),
-        _ if line.is_empty() => fail("kup closed the connection"),
-        _ => fail(format!("unexpected answer {line:?}")),
-    }
-}
-
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 #[cfg(test)]
@@ -327,36 +299,40 @@ mod tests {
     fn the_hook_gets_the_verdict_and_a_lost_kup_means_abort() {
         let tmp = tempfile::tempdir().unwrap();
         let hooks = Hooks::new(&tmp.path().join("h")).unwrap();
-        let script = std::fs::read_to_string(hooks.action_script("memcached-7").unwrap()).unwrap();
-        assert!(script.starts_with("#!/bin/sh\nexec '") && script.ends_with(&format!(" criu-hook '{}' 'memcached-7'\n", hooks.socket.display())), "{script}");
-        let sock = hooks.socket.clone();
-        let hook = std::thread::spawn(move || ask_verdict(&sock, "memcached-7"));
-        let held = loop {
-            if let Some(h) = hooks.poll("memcached-7") {
+        // Unit tests run from target/*/deps, where no hook binary lies beside them: refused by name.
+        let e = hooks.action_script("memcached-7", tmp.path()).unwrap_err().to_string();
+        assert!(e.contains("kup-criu-hook is missing") && e.contains("reinstall kup"), "{e}");
+        let ask = |app: &'static str| {
+            let sock = hooks.socket.clone();
+            std::thread::spawn(move || hook_wire::ask(&sock, app))
+        };
+        let wait = |app: &str| loop {
+            if let Some(h) = hooks.poll(app) {
                 break h;
             }
             std::thread::sleep(Duration::from_millis(5));
         };
-        held.release(&Verdict::Abort("b: failed".into())).unwrap();
-        assert_eq!(hook.join().unwrap().unwrap(), Verdict::Abort("b: failed".into()));
+        let hook = ask("memcached-7");
+        wait("memcached-7").release(&Verdict::Abort("the checkpoint of b failed".into())).unwrap();
+        assert_eq!(hook.join().unwrap(), Ok(Some("the checkpoint of b failed".into())));
 
-        let sock = hooks.socket.clone();
-        let hook = std::thread::spawn(move || ask_verdict(&sock, "x-1"));
-        let held = loop {
-            if let Some(h) = hooks.poll("x-1") {
-                break h;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        drop(held);
+        let hook = ask("x-1");
+        wait("x-1").release(&Verdict::Commit).unwrap();
+        assert_eq!(hook.join().unwrap(), Ok(None));
+
+        let hook = ask("x-2");
+        drop(wait("x-2"));
         assert!(hook.join().unwrap().is_err(), "a connection closed without a verdict is no commit");
         drop(hooks);
         assert!(!tmp.path().join("h").exists());
-        assert!(ask_verdict(&tmp.path().join("h/post-dump.sock"), "x").is_err());
+        assert!(hook_wire::ask(&tmp.path().join("h/post-dump.sock"), "x").is_err(), "no kup: no verdict");
     }
 
     #[test]
-    fn quoting() {
-        assert_eq!(shell_quote("/a b/it's"), "'/a b/it'\\''s'");
+    fn the_ticket_names_the_socket_and_the_app() {
+        let t = hook_wire::ticket(Path::new("/run/kup/hooks/7/post-dump.sock"), "memcached-20001");
+        assert_eq!(hook_wire::parse_ticket(&t), Some(("/run/kup/hooks/7/post-dump.sock", "memcached-20001")));
+        assert_eq!(hook_wire::parse_ticket("only-one-line\n"), None);
+        assert_eq!(hook_wire::verdict_line(Some("a\nb")), "abort a b\n");
     }
 }

@@ -3,7 +3,8 @@
 //! fails on purpose at the point `KUP_TEST_FAULT` names. The release `kup` has none of this: there
 //! [`at`] is an empty inline function and the variable means nothing.
 //!
-//! Points: `health-check` (kup resume's health check fails), `kexec-load` (`kexec -s -l` refuses
+//! Points: `restore` (kup resume's restore fails before CRIU starts), `health-check` (kup
+//! resume's health check fails), `kexec-load` (`kexec -s -l` refuses
 //! the kernel), `kexec-exec` (`kexec -e` returns instead of switching), `update-record` (saving the
 //! update record fails). `KUP_TEST_FAULT` names one point or several, comma-separated.
 

@@ -8,6 +8,9 @@ mod commit;
 mod criu;
 mod error;
 mod faults;
+// Each binary uses its own side of the wire.
+#[allow(dead_code)]
+mod hook_wire;
 mod inspect;
 mod kexec;
 mod machine;
@@ -138,10 +141,7 @@ enum Cmd {
     /// plain `criu dump` to compare with kup's
     #[command(hide = true)]
     CriuStats { dir: PathBuf },
-    /// CRIU's action script during kup's final dumps: at post-dump, waits for kup's verdict
-    /// (exit 0: CRIU stops the app; 1: CRIU undoes the dump and the app runs on)
-    #[command(hide = true)]
-    CriuHook { socket: PathBuf, app: String },
+
     /// List the checkpoints in a store; --verify checks every page's CRC
     Inspect {
         /// The store directory
@@ -193,9 +193,7 @@ fn main() {
         pagecrc::set_implementation(imp);
     }
     let cli = Cli::parse();
-    if let Cmd::CriuHook { socket, app } = &cli.cmd {
-        std::process::exit(commit::hook_main(socket, app));
-    }
+
     let result = match &cli.cmd {
         Cmd::Checkpoint { pids, store, iterations, leave_running, name, criu_opts } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
             let a = checkpoint::Args { pids: pids.clone(), store: store.clone(), iterations: *iterations, leave_running: *leave_running, name: name.clone(), json: cli.json, criu_options: criu_opts.clone() };
@@ -232,7 +230,6 @@ fn main() {
             resume::run(&c, &resume::Args { store, region, mode, timeout: std::time::Duration::from_secs(*timeout) })
         }),
         Cmd::Status { store, ram } => resume::status(&ram.resolve(store).0, cli.json),
-        Cmd::CriuHook { .. } => unreachable!("handled above"),
         Cmd::CriuStats { dir } => foam_store::criu_images::read_dump_stats(dir).map_err(Into::into).map(|s| report::print_json(&serde_json::json!(s))),
     };
     if let Err(e) = result {

@@ -101,6 +101,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
 fn restore_and_check(criu: &Criu, a: &Args, rec: &mut UpdateRecord) -> Result<()> {
     let restore_start = report::unix_ms();
     rec.event(Milestone::RestoreStart, restore_start);
+    crate::faults::at("restore")?;
     let apps = restore::run(criu, &restore::Args {
         store: a.store.clone(),
         checkpoint: Some(rec.checkpoint.clone()),

@@ -347,11 +347,11 @@ pub struct WriteMode {
 }
 
 impl WriteMode {
-    /// Whether the store is rpramfs (it answered the CRC-hint probe or offers direct writes):
-    /// every request is committed before its reply, and rpramfs keeps no write-back cache, so a
-    /// write is durable when it returns and an fsync adds a round trip and nothing else.
+    /// Whether the store is rpramfs (it answered the CRC-hint probe, which direct writes also
+    /// need): every request is committed before its reply, and rpramfs keeps no write-back cache,
+    /// so a write is durable when it returns and an fsync adds a round trip and nothing else.
     pub fn durable_on_reply(&self) -> bool {
-        self.crc_hints || self.region
+        self.crc_hints
     }
 
     /// What pays in `dir`. On rpramfs direct writes, unless `direct` is off. On FUSE

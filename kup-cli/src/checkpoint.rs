@@ -143,9 +143,9 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
             // CRIU failed after the commit (it stopped some apps, not all): the checkpoint holds
             // every app and stays restorable; only the apps that still run must be stopped first.
             return fail(format!(
-                "checkpoint {id} is complete, but not every app was stopped after it:\n{}\n  the stopped apps' state is in it: stop the others and restore all with kup restore --store {} --checkpoint {id}",
+                "checkpoint {id} is complete, but not every app was stopped after it:\n{}\n  the stopped apps' state is in it: stop the others and restore all with {}",
                 lines.join("\n"),
-                a.store.display()
+                crate::resume::restore_command(&a.store, None, &id)
             ));
         }
         let reason = failures.iter().map(|(p, f)| format!("{}-{}: {}", p.comm, p.pid, f.why)).collect::<Vec<_>>().join("; ");

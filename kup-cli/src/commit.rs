@@ -181,7 +181,7 @@ impl Hooks {
     pub fn new(dir: &Path) -> Result<Hooks> {
         if let Some(root) = dir.parent() {
             for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
-                let stale = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+                let stale = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()).is_some_and(|pid| !crate::procs::exists(pid));
                 if stale {
                     let _ = std::fs::remove_dir_all(e.path());
                 }

@@ -55,7 +55,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
     }
     println!("kup resume: {} on {running} (update {} -> {}: {})", rec.checkpoint, rec.old.release, rec.new.release, rec.state.describe());
 
-    let outcome = restore_and_check(criu, a, &mut rec);
+    let outcome = restore_and_check(criu, a, &mut rec, false);
     let done = match outcome {
         Ok(()) => Event::Healthy,
         Err(e) => Event::ResumeFailed(e.to_string()),
@@ -97,8 +97,9 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
     }
 }
 
-/// Restores the update's checkpoint and runs the health check, recording the timeline.
-fn restore_and_check(criu: &Criu, a: &Args, rec: &mut UpdateRecord) -> Result<()> {
+/// Restores the update's checkpoint and runs the health check, recording the timeline; `json`:
+/// the restore reports as JSON.
+pub fn restore_and_check(criu: &Criu, a: &Args, rec: &mut UpdateRecord, json: bool) -> Result<()> {
     let restore_start = report::unix_ms();
     rec.event(Milestone::RestoreStart, restore_start);
     crate::faults::at("restore")?;
@@ -106,7 +107,7 @@ fn restore_and_check(criu: &Criu, a: &Args, rec: &mut UpdateRecord) -> Result<()
         store: a.store.clone(),
         checkpoint: Some(rec.checkpoint.clone()),
         mode: a.mode,
-        json: false,
+        json,
         work_root: PathBuf::from("/run/kup"),
         timeout: a.timeout,
     })?;
@@ -131,17 +132,22 @@ fn restore_by_hand(rec: &UpdateRecord, a: &Args) -> String {
             format!("{name}: {now}")
         })
         .collect();
-    let mount = match &a.region {
-        Some(r) if !kexec::is_mounted(&a.store) => format!("rpramfs mount {} {} && ", r.display(), a.store.display()),
-        _ => String::new(),
-    };
     format!(
-        "apps: {}; the checkpoint {} is kept; restore the apps by hand (after stopping any that still run) with: {mount}kup restore --store {} --checkpoint {}",
+        "apps: {}; the checkpoint {} is kept; restore the apps by hand (after stopping any that still run) with: {}",
         apps.join(", "),
         rec.checkpoint,
-        a.store.display(),
-        rec.checkpoint
+        restore_command(&a.store, a.region.as_deref(), &rec.checkpoint)
     )
+}
+
+/// The command that restores checkpoint `id` from `store` (mounting the store from `region` first
+/// when it is not mounted).
+pub fn restore_command(store: &Path, region: Option<&Path>, id: &str) -> String {
+    let mount = match region {
+        Some(r) if !kexec::is_mounted(store) => format!("rpramfs mount {} {} && ", r.display(), store.display()),
+        _ => String::new(),
+    };
+    format!("{mount}kup restore --store {} --checkpoint {id}", store.display())
 }
 
 /// Back to the old kernel, which resumes the same checkpoint.

@@ -104,13 +104,7 @@ impl Staging {
     /// Copies one file that CRIU wrote into the staged pass `rel` after it was persisted (its
     /// figures, `stats-dump`, come after the post-dump verdict).
     pub fn persist_file(&self, rel: &str, file: &str, dest: &Path) -> Result<()> {
-        let from = self.dir(rel).join(file);
-        let to = dest.join(file);
-        let io = |p: &Path, e: std::io::Error| format!("copying {file} into the store: {}: {e}", p.display());
-        let data = std::fs::read(&from).map_err(|e| io(&from, e))?;
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&to).map_err(|e| io(&to, e))?;
-        f.write_all(&data).and_then(|()| if self.sync { f.sync_all() } else { Ok(()) }).map_err(|e| io(&to, e))?;
-        Ok(())
+        copy_file(&self.dir(rel).join(file), &dest.join(file), 0o600, self.sync)
     }
 }
 
@@ -125,6 +119,15 @@ impl Drop for Staging {
             let _ = std::fs::remove_dir(parent);
         }
     }
+}
+
+/// Copies the regular file `from` to `to` (created with `mode`), fsync'd when `sync`.
+fn copy_file(from: &Path, to: &Path, mode: u32, sync: bool) -> Result<()> {
+    let io = |p: &Path, e: std::io::Error| format!("copying CRIU's images into the store: {}: {e}", p.display());
+    let data = std::fs::read(from).map_err(|e| io(from, e))?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(to).map_err(|e| io(to, e))?;
+    f.write_all(&data).and_then(|()| if sync { f.sync_all() } else { Ok(()) }).map_err(|e| io(to, e))?;
+    Ok(())
 }
 
 fn copy_tree(src: &Path, dest: &Path, sync: bool) -> Result<()> {
@@ -144,10 +147,8 @@ fn copy_tree(src: &Path, dest: &Path, sync: bool) -> Result<()> {
         } else if kind.is_dir() {
             copy_tree(&from, &to, sync)?;
         } else {
-            let data = std::fs::read(&from).map_err(|e| io(&from, e))?;
             let mode = entry.metadata().map_err(|e| io(&from, e))?.permissions().mode() & 0o777;
-            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&to).map_err(|e| io(&to, e))?;
-            f.write_all(&data).and_then(|()| if sync { f.sync_all() } else { Ok(()) }).map_err(|e| io(&to, e))?;
+            copy_file(&from, &to, mode, sync)?;
         }
     }
     if sync {

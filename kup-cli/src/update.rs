@@ -162,14 +162,12 @@ fn bring_back(criu: &Criu, a: &Args, m: &Manifest, rec: &mut UpdateRecord, cause
     eprintln!("kup update: could not switch kernels ({cause}); restoring the apps from checkpoint {} on {}", m.id, procs::kernel_release());
     let stranded = |why: String| {
         let apps: Vec<String> = m.apps.iter().map(|p| format!("    {} (pid {}): {}", p.name, p.pid, if procs::exists(p.pid) { "running" } else { "stopped, its state is in the checkpoint" })).collect();
-        let mount = a.region.as_ref().map(|r| format!("rpramfs mount {} {} && ", r.display(), a.store.display())).unwrap_or_default();
         format!(
-            "kup update could not switch kernels: {cause}\n  and bringing the apps back failed: {why}\n  apps:\n{}\n  checkpoint {} in {} is intact; restore them with:\n    {mount}kup restore --store {} --checkpoint {}",
+            "kup update could not switch kernels: {cause}\n  and bringing the apps back failed: {why}\n  apps:\n{}\n  checkpoint {} in {} is intact; restore them with:\n    {}",
             apps.join("\n"),
             m.id,
             a.store.display(),
-            a.store.display(),
-            m.id
+            resume::restore_command(&a.store, a.region.as_deref(), &m.id)
         )
     };
     // The failure may have come after the unmount.
@@ -180,21 +178,15 @@ fn bring_back(criu: &Criu, a: &Args, m: &Manifest, rec: &mut UpdateRecord, cause
     rec.event_now(Milestone::SwitchFailed);
     // The record may be what failed; the restore goes on without it.
     let _ = rec.save(&a.store);
-    let restored = restore::run(criu, &restore::Args {
-        store: a.store.clone(),
-        checkpoint: Some(m.id.clone()),
-        mode: restore::Mode::Lazy,
-        json: a.json,
-        work_root: PathBuf::from("/run/kup"),
-        timeout: std::time::Duration::from_secs(600),
-    })
-    .and_then(|apps| resume::health_check(rec, &apps).map(|()| apps));
-    match restored {
-        Ok(apps) => {
+    // The same restore and health check as `kup resume`, on this kernel.
+    let here = resume::Args { store: a.store.clone(), region: a.region.clone(), mode: restore::Mode::Lazy, timeout: std::time::Duration::from_secs(600) };
+    match resume::restore_and_check(criu, &here, rec, a.json) {
+        Ok(()) => {
             rec.advance(machine::Event::Healthy).map_err(|r| r.to_string())?;
             rec.event_now(Milestone::Serving);
             let _ = rec.save(&a.store);
-            let pids: Vec<String> = apps.iter().map(|p| format!("{} (pid {})", p.name, p.pid)).collect();
+            // A restore brings every app back under its old pid.
+            let pids: Vec<String> = m.apps.iter().map(|p| format!("{} (pid {})", p.name, p.pid)).collect();
             fail(format!(
                 "kup update could not switch kernels: {cause}\n  the apps were restored from checkpoint {} and run again on {}: {}\n  (the checkpoint is kept in {}; kup status shows the update)",
                 m.id,

@@ -163,11 +163,7 @@ impl Subject {
 
     fn kill_and_wait(&self) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGKILL).ok();
-        let start = Instant::now();
-        while self.alive() {
-            assert!(start.elapsed() < Duration::from_secs(10), "pid {} does not go away", self.pid);
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        assert!(self.gone_within(Duration::from_secs(10)), "pid {} does not go away", self.pid);
     }
 }
 

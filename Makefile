@@ -56,6 +56,7 @@ test-guest: build
 	tests/guest/run fallback-kernel
 	tests/guest/run update-switch-fails
 	tests/guest/run fallback-fails
+	tests/guest/run ppp
 
 bench: build
 	$(CARGO) run --release -p rpramfs --example bench

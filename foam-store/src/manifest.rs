@@ -73,6 +73,33 @@ pub struct App {
     pub criu_options: Vec<String>,
     pub passes: Vec<Pass>,
     pub spaces: Vec<Space>,
+    /// The pages that stay in place across kexec (PPP), when the checkpoint used it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ppp: Option<PppPages>,
+}
+
+/// What PPP kept of one app: its pages' PFNs are in one PFN list per process
+/// (kmod/include/uapi/kup_ppp.h, `struct ppp_list_head`).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PppPages {
+    /// The arena (the `memmap=SIZE$START` reservation) the pages lie in, bytes.
+    pub arena_start: u64,
+    pub arena_size: u64,
+    pub lists: Vec<PppList>,
+    /// Pages kept in place, over all processes.
+    pub kept: u64,
+    /// Present pages PPP could not keep, by reason: their data went the FOAM way.
+    pub not_kept: std::collections::BTreeMap<String, u64>,
+    /// Milliseconds the pinning took while the app was frozen.
+    pub pin_ms: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PppList {
+    pub pid: u32,
+    /// Relative to the app's directory.
+    pub file: String,
+    pub pages: u64,
 }
 
 impl App {
@@ -153,6 +180,7 @@ mod tests {
                 criu_options: vec!["--tcp-established".into()],
                 passes: vec![],
                 spaces: vec![Space { name: "42".into(), pages: 2, ranges: vec![Range { start: 0x1000, end: 0x3000, flags: 6 }] }],
+                ppp: None,
             }],
         }
     }

@@ -39,6 +39,15 @@ pub struct Args {
     pub json: bool,
     /// Extra CRIU options for every pass (and kept for restore).
     pub criu_options: Vec<String>,
+    /// Keep the apps' pages in place (PPP, ppp.ko) instead of only in the store.
+    pub ppp: bool,
+}
+
+/// PPP during one checkpoint: the module, the arena and the checkpoint's pin tag.
+struct PppRun {
+    dev: crate::ppp_dev::Device,
+    arena: crate::ppp::Arena,
+    tag: u64,
 }
 
 /// Room kept free beyond the apps' memory: CRIU's own images and the manifest.
@@ -57,6 +66,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
     let mode = FileMode::probe(store.root())?;
     let memory: u64 = procs.iter().map(|p| p.memory_bytes()).sum();
     check_room(&a.store, memory)?;
+    let ppp_arena = if a.ppp { Some(ppp_preflight()?) } else { None };
     let incremental = a.iterations > 1 && criu.has_dirty_tracking();
     let passes = if incremental { a.iterations } else { 1 };
     let write_mode = WriteMode::probe(store.root(), crate::direct_writes());
@@ -69,6 +79,10 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
     let name = a.name.clone().unwrap_or_else(|| procs[0].comm.chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).collect());
     let name = if name.is_empty() { "app".to_string() } else { name };
     let (id, dir) = store.create_checkpoint(&name)?;
+    let ppp = ppp_arena.map(|(dev, arena)| PppRun { dev, arena, tag: crate::ppp::tag(&id) });
+    if let Some(p) = &ppp {
+        notes.push(format!("PPP: pages in the arena {} stay in place (ppp.ko); the others go into the store", p.arena));
+    }
     let staging = staging::Plan::choose(&id);
     notes.push(staging.describe());
     let mut manifest = Manifest {
@@ -109,7 +123,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
         m.save(&dir).map_err(Into::into)
     });
     let out = Mutex::new(());
-    let shared = Shared { criu, a, dir: &dir, mode, sync_copies: !write_mode.durable_on_reply(), passes, incremental, staging: &staging, bars: &bars, out: &out, hooks: &hooks, commit: &commit_gate };
+    let shared = Shared { criu, a, dir: &dir, mode, sync_copies: !write_mode.durable_on_reply(), passes, incremental, staging: &staging, bars: &bars, out: &out, hooks: &hooks, commit: &commit_gate, ppp: ppp.as_ref() };
     let results: Vec<std::result::Result<App, AppFailure>> = std::thread::scope(|s| {
         let handles: Vec<_> = procs
             .iter()
@@ -147,6 +161,14 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
                 lines.join("\n"),
                 crate::resume::restore_command(&a.store, None, &id)
             ));
+        }
+        if let Some(p) = &ppp {
+            // Not committed: the apps run on, and their pages must not stay pinned.
+            if let Err(e) = p.dev.unpin(p.tag) {
+                if e.raw_os_error() != Some(libc::ENOENT) {
+                    eprintln!("kup: warning: the failed checkpoint's pages stay pinned until the next boot: {e}");
+                }
+            }
         }
         let reason = failures.iter().map(|(p, f)| format!("{}-{}: {}", p.comm, p.pid, f.why)).collect::<Vec<_>>().join("; ");
         manifest.state = State::Failed(reason);
@@ -198,6 +220,7 @@ struct Shared<'a> {
     out: &'a Mutex<()>,
     hooks: &'a Hooks,
     commit: &'a CommitGate<'a, (usize, App)>,
+    ppp: Option<&'a PppRun>,
 }
 
 /// Why an app's checkpoint failed, in words that say what became of the app.
@@ -251,7 +274,7 @@ fn pre_dumps(sh: &Shared<'_>, p: &Process, name: &str, ticket: &mut Ticket<'_>) 
         options.extend(sh.criu.network_lock_options());
     }
     options.extend(sh.a.criu_options.iter().cloned());
-    let mut app = App { name: name.to_string(), pid: p.pid, comm: p.comm.clone(), criu_options: options.clone(), passes: vec![], spaces: vec![] };
+    let mut app = App { name: name.to_string(), pid: p.pid, comm: p.comm.clone(), criu_options: options.clone(), passes: vec![], spaces: vec![], ppp: None };
     let mut ps = Passes { spaces, staging, options, previous: BTreeMap::new() };
     for pass in 1..sh.passes {
         let mut run = start_pass(sh, p, name, &ps, pass)?;
@@ -304,6 +327,9 @@ fn final_dump(sh: &Shared<'_>, index: usize, p: &Process, name: &str, ps: &Passe
             s.persist(&run.rel, &run.store_dir).map_err(|e| format!("{e}; CRIU's images of the final dump stay in {}", run.criu_dir.display()))?;
         }
         app.spaces = final_image(&ps.spaces, &session)?;
+        if let Some(p) = sh.ppp {
+            app.ppp = Some(pin_app(p, &sh.dir.join(name), &session)?);
+        }
         Ok(session)
     })();
     let verdict = match &prepared {
@@ -340,6 +366,44 @@ fn final_dump(sh: &Shared<'_>, index: usize, p: &Process, name: &str, ps: &Passe
         (Verdict::Abort(why), Ok(_)) => Err(format!("its final dump succeeded and was undone (the app runs on): {why}")),
         (Verdict::Abort(_), Err(e)) => Err(format!("{}; its final dump was undone (the app runs on)", e.0)),
     }
+}
+
+/// Nothing is frozen unless the module runs the arena of this kernel's command line.
+fn ppp_preflight() -> Result<(crate::ppp_dev::Device, crate::ppp::Arena)> {
+    let Some(arena) = crate::ppp::Arena::running()? else {
+        return fail("--ppp: the kernel command line reserves no arena (memmap=SIZE$START, e.g. memmap=2G$4G; see docs/ppp.md); checkpoint without --ppp");
+    };
+    let dev = crate::ppp::open()?;
+    let info = dev.info().map_err(|e| format!("{}: {e}", crate::ppp::DEVICE))?;
+    if info.state & ppp_abi::STATE_ATTACHED == 0 {
+        return fail(format!("--ppp: the arena {arena} is not attached, so no app's pages are in it: run `kup ppp attach` at boot, before the apps start"));
+    }
+    if (info.arena_start, info.arena_size) != (arena.start, arena.size) {
+        return fail(format!("--ppp: ppp.ko runs the arena [{:#x}, {:#x}), not the command line's {arena}", info.arena_start, info.arena_start + info.arena_size));
+    }
+    Ok((dev, arena))
+}
+
+/// Pins every process of a frozen app and writes its PFN lists into the store (durably: they are
+/// part of what the commit makes restorable).
+fn pin_app(p: &PppRun, app_dir: &Path, session: &SessionReport) -> Result<foam_store::manifest::PppPages> {
+    let t = Instant::now();
+    let dir = app_dir.join("ppp");
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut lists = vec![];
+    let mut not_kept = BTreeMap::new();
+    for t in session.targets.keys() {
+        let Target::Pid(pid) = *t else { continue };
+        let pinned = crate::ppp::pin_process(&p.dev, pid, p.tag)?;
+        let file = format!("ppp/{pid}.pfns");
+        crate::ppp::write_list(&app_dir.join(&file), p.arena, &pinned)?;
+        for (w, n) in &pinned.not_kept {
+            *not_kept.entry(*w).or_insert(0) += n;
+        }
+        lists.push(foam_store::manifest::PppList { pid, file, pages: pinned.entries.len() as u64 });
+    }
+    std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(crate::ppp::summary(p.arena, lists, &not_kept, report::ms(t.elapsed())))
 }
 
 /// Reports an app to the commit gate exactly once.

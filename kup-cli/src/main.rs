@@ -14,6 +14,8 @@ mod hook_wire;
 mod inspect;
 mod kexec;
 mod machine;
+mod ppp;
+mod ppp_dev;
 mod procs;
 mod record;
 mod report;
@@ -62,6 +64,9 @@ enum Cmd {
         /// An extra CRIU option for every pass and for restore (repeatable), e.g. --criu-opt=--ext-unix-sk
         #[arg(long = "criu-opt", allow_hyphen_values = true)]
         criu_opts: Vec<String>,
+        /// Keep the apps' pages in the PPP arena where they are (ppp.ko; docs/ppp.md)
+        #[arg(long)]
+        ppp: bool,
     },
     /// Restore the apps of a checkpoint (the newest complete one by default)
     Restore {
@@ -114,6 +119,9 @@ enum Cmd {
         /// The command line to boot the running kernel with on fallback (default: the running one)
         #[arg(long)]
         old_append: Option<String>,
+        /// Keep the apps' pages in the PPP arena where they are across the switch (ppp.ko; docs/ppp.md)
+        #[arg(long)]
+        ppp: bool,
         #[command(flatten)]
         ram: RamStore,
     },
@@ -137,6 +145,11 @@ enum Cmd {
         #[command(flatten)]
         ram: RamStore,
     },
+    /// PPP's arena and module: `status`, or `attach` at boot (before the apps start)
+    Ppp {
+        #[command(subcommand)]
+        what: PppCmd,
+    },
     /// Print CRIU's statistics of a dump directory (stats-dump) as JSON, e.g. the frozen time of a
     /// plain `criu dump` to compare with kup's
     #[command(hide = true)]
@@ -149,6 +162,14 @@ enum Cmd {
         #[arg(long)]
         verify: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum PppCmd {
+    /// The arena of the command line, the module and what it holds
+    Status,
+    /// Hot-add the command line's arena as movable memory, so that the apps' pages land there
+    Attach,
 }
 
 /// Where `--store ram` lives.
@@ -195,8 +216,8 @@ fn main() {
     let cli = Cli::parse();
 
     let result = match &cli.cmd {
-        Cmd::Checkpoint { pids, store, iterations, leave_running, name, criu_opts } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
-            let a = checkpoint::Args { pids: pids.clone(), store: store.clone(), iterations: *iterations, leave_running: *leave_running, name: name.clone(), json: cli.json, criu_options: criu_opts.clone() };
+        Cmd::Checkpoint { pids, store, iterations, leave_running, name, criu_opts, ppp } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
+            let a = checkpoint::Args { pids: pids.clone(), store: store.clone(), iterations: *iterations, leave_running: *leave_running, name: name.clone(), json: cli.json, criu_options: criu_opts.clone(), ppp: *ppp };
             checkpoint::run(&c, &a).map(|_| ())
         }),
         Cmd::Restore { store, checkpoint, lazy: _, eager, work_dir, timeout } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
@@ -205,7 +226,7 @@ fn main() {
             restore::run(&c, &a).map(|_| ())
         }),
         Cmd::Inspect { store, verify } => inspect::run(store, *verify, cli.json),
-        Cmd::Update { kernel, initrd, append, store, pids, iterations, health_check, dry_run, old_kernel, old_initrd, old_append, ram } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
+        Cmd::Update { kernel, initrd, append, store, pids, iterations, health_check, dry_run, old_kernel, old_initrd, old_append, ppp, ram } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
             let (store, region) = ram.resolve(store);
             let a = update::Args {
                 kernel: kernel.clone(),
@@ -221,6 +242,7 @@ fn main() {
                 old_initrd: old_initrd.clone(),
                 old_append: old_append.clone(),
                 json: cli.json,
+                ppp: *ppp,
             };
             update::run(&c, &a)
         }),
@@ -230,6 +252,8 @@ fn main() {
             resume::run(&c, &resume::Args { store, region, mode, timeout: std::time::Duration::from_secs(*timeout) })
         }),
         Cmd::Status { store, ram } => resume::status(&ram.resolve(store).0, cli.json),
+        Cmd::Ppp { what: PppCmd::Status } => ppp::status(cli.json),
+        Cmd::Ppp { what: PppCmd::Attach } => ppp::attach_at_boot(),
         Cmd::CriuStats { dir } => foam_store::criu_images::read_dump_stats(dir).map_err(Into::into).map(|s| report::print_json(&serde_json::json!(s))),
     };
     if let Err(e) = result {

@@ -59,6 +59,17 @@ pub struct AppRestore {
     pub pages_eager: u64,
     pub pages_lazy: u64,
     pub pages_served: u64,
+    /// PPP: pages put back where they were (no copy), pages copied into addresses the restore had
+    /// populated already (e.g. a thread's rseq area), and how long that took.
+    pub pages_in_place: u64,
+    pub pages_copied_in: u64,
+    pub map_ms: f64,
+}
+
+/// PPP pages of the checkpoint being restored: the module and every process's PFN list.
+struct PppRestore {
+    dev: crate::ppp_dev::Device,
+    lists: BTreeMap<(String, u32), Vec<ppp_abi::ListEntry>>,
 }
 
 pub fn run(criu: &Criu, a: &Args) -> Result<Vec<AppRestore>> {
@@ -73,7 +84,15 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Vec<AppRestore>> {
     for app in &m.apps {
         check_ids_free(&dir, app)?;
     }
+    let ppp = ppp_prepare(&dir, &m)?;
     let mut mode = a.mode;
+    if ppp.is_some() && mode == Mode::Lazy {
+        // Pages are mapped into holes; a lazy VMA (userfaultfd) refuses them.
+        mode = Mode::Eager;
+        if !a.json {
+            println!("  note: PPP pages are put back in place before the apps run; the rest of their memory is restored eagerly");
+        }
+    }
     if mode == Mode::Lazy && !criu.has_lazy_pages() {
         mode = Mode::Eager;
         if !a.json {
@@ -82,7 +101,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Vec<AppRestore>> {
     }
     // The pages image of an eager restore is a copy of the image, written into the store.
     if mode == Mode::Eager {
-        let need: u64 = m.apps.iter().map(|a| a.pages() * 4096).sum();
+        let need: u64 = m.apps.iter().map(|a| (a.pages() - a.ppp.as_ref().map_or(0, |p| p.kept)) * 4096).sum();
         let free = crate::checkpoint::free_bytes(&a.store)?;
         if need > free {
             return fail(format!(
@@ -97,7 +116,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Vec<AppRestore>> {
     }
     let start = Instant::now();
     let results: Vec<Result<AppRestore>> = std::thread::scope(|s| {
-        let hs: Vec<_> = m.apps.iter().map(|app| s.spawn(|| restore_app(criu, a, &m, &dir, app, mode, start))).collect();
+        let hs: Vec<_> = m.apps.iter().map(|app| s.spawn(|| restore_app(criu, a, &m, &dir, app, mode, ppp.as_ref(), start))).collect();
         hs.into_iter().map(|h| h.join().unwrap_or_else(|_| fail("a restore thread panicked"))).collect()
     });
     let mut done = Vec::new();
@@ -108,12 +127,19 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Vec<AppRestore>> {
             Err(e) => errors.push(format!("{}: {e}", app.name)),
         }
     }
+    if let Some(p) = &ppp {
+        // Pages no app claimed (a failed restore's) go to the page allocator.
+        if let Err(e) = p.dev.release() {
+            eprintln!("kup: warning: the arena's unclaimed held-back pages stay held until the next boot: {e}");
+        }
+    }
     if a.json {
         report::print_json(&serde_json::json!({ "checkpoint": m.id, "mode": mode, "apps": done, "errors": errors }));
     } else {
         for r in &done {
             let fetched = r.fetched_ms.map(|f| format!(", all memory fetched after {f:.1} ms ({} pages on demand/prefetched)", r.pages_served)).unwrap_or_default();
-            println!("  {}: running again after {:.1} ms (images {:.1} ms){fetched}", r.name, r.running_ms, r.images_ms);
+            let in_place = if ppp.is_some() { format!(", {} pages put back in place ({} copied into pages the restore had written) in {:.1} ms", r.pages_in_place, r.pages_copied_in, r.map_ms) } else { String::new() };
+            println!("  {}: running again after {:.1} ms (images {:.1} ms){fetched}{in_place}", r.name, r.running_ms, r.images_ms);
         }
     }
     if !errors.is_empty() {
@@ -122,7 +148,69 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Vec<AppRestore>> {
     Ok(done)
 }
 
-fn restore_app(criu: &Criu, a: &Args, m: &Manifest, ckpt_dir: &Path, app: &App, mode: Mode, start: Instant) -> Result<AppRestore> {
+/// Reads the checkpoint's PFN lists and brings the arena online with their pages held back.
+fn ppp_prepare(dir: &Path, m: &Manifest) -> Result<Option<PppRestore>> {
+    if m.apps.iter().all(|a| a.ppp.is_none()) {
+        return Ok(None);
+    }
+    let mut lists = BTreeMap::new();
+    let mut held = vec![];
+    let mut arena = None;
+    for app in &m.apps {
+        let Some(p) = &app.ppp else { continue };
+        let a = crate::ppp::Arena { start: p.arena_start, size: p.arena_size };
+        if arena.is_some_and(|b| b != a) {
+            return fail(format!("checkpoint {}: its apps' pages lie in different arenas", m.id));
+        }
+        arena = Some(a);
+        for l in &p.lists {
+            let (head, entries) = crate::ppp::read_list(&dir.join(&app.name).join(&l.file))?;
+            held.extend(entries.iter().map(|e| e.pfn));
+            lists.insert((app.name.clone(), head.pid), entries);
+        }
+    }
+    let arena = arena.expect("an app has PPP pages");
+    match crate::ppp::Arena::running()? {
+        Some(now) if now == arena => {}
+        Some(now) => return fail(format!("checkpoint {}'s pages lie in the arena {arena}, but this kernel reserves {now}: boot with the checkpoint's memmap=", m.id)),
+        None => return fail(format!("checkpoint {}'s pages lie in the arena {arena}, but this kernel was booted without memmap=SIZE$START: they cannot be put back", m.id)),
+    }
+    held.sort_unstable();
+    if let Some(w) = held.windows(2).find(|w| w[0] == w[1]) {
+        return fail(format!("checkpoint {} names PFN {:#x} twice", m.id, w[0]));
+    }
+    let dev = crate::ppp::open()?;
+    crate::ppp::attach(&dev, arena, &held)?;
+    Ok(Some(PppRestore { dev, lists }))
+}
+
+/// Puts an app's PPP pages back into its restored, still stopped, processes (CRC first), then lets
+/// them run. On failure the restored tasks are killed: they must not run on missing memory.
+fn ppp_map_and_start(p: &PppRestore, app: &App, out: &mut AppRestore) -> Result<()> {
+    let t = Instant::now();
+    for ((name, pid), entries) in p.lists.range((app.name.clone(), 0)..=(app.name.clone(), u32::MAX)) {
+        match crate::ppp::map_process(&p.dev, name, *pid, entries, true) {
+            Ok((mapped, copied)) => {
+                out.pages_in_place += mapped;
+                out.pages_copied_in += copied;
+            }
+            Err(e) => {
+                kill_tasks(app);
+                return fail(format!("{e}; the restored tasks of {} were killed", app.name));
+            }
+        }
+    }
+    out.map_ms = report::ms(t.elapsed());
+    for s in &app.spaces {
+        if let Some(Target::Pid(pid)) = Target::from_stem(&s.name) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn restore_app(criu: &Criu, a: &Args, m: &Manifest, ckpt_dir: &Path, app: &App, mode: Mode, ppp: Option<&PppRestore>, start: Instant) -> Result<AppRestore> {
     let app_dir = ckpt_dir.join(&app.name);
     let Some(final_rel) = app.final_criu_dir() else { return fail("the checkpoint has no final dump") };
     let final_dir = app_dir.join(final_rel);
@@ -146,7 +234,13 @@ fn restore_app(criu: &Criu, a: &Args, m: &Manifest, ckpt_dir: &Path, app: &App, 
     for (i, s) in app.spaces.iter().enumerate() {
         let t = Target::from_stem(&s.name).ok_or_else(|| format!("manifest names an unknown address space {:?}", s.name))?;
         let file = spaces.get_or_create(t)?;
-        let ranges = RangeMap::from_ranges(&s.ranges);
+        let mut ranges = RangeMap::from_ranges(&s.ranges);
+        if let (Some(p), Target::Pid(pid)) = (ppp, t) {
+            // Pages put back in place are holes in CRIU's image.
+            for e in p.lists.get(&(app.name.clone(), pid)).into_iter().flatten() {
+                ranges.remove(e.vaddr, e.vaddr + 4096);
+            }
+        }
         let st = write_restore_images(&images, t, i as u32 + 1, Some(&file), &ranges, mode == Mode::Lazy)
             .map_err(|e| format!("{e} (app {}, address space {})", app.name, s.name))?;
         synth.pages_copied += st.pages_copied;
@@ -166,11 +260,18 @@ fn restore_app(criu: &Criu, a: &Args, m: &Manifest, ckpt_dir: &Path, app: &App, 
     restore.arg("restore").arg("-D").arg(&images).arg("-W").arg(&work).args(["-o", "restore.log", "-d"]).args(&app.criu_options);
     restore.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
     let restore_log = work.join("restore.log");
-    let mut out = AppRestore { name: app.name.clone(), pid: app.pid, mode, running_ms: 0.0, images_ms, fetched_ms: None, pages_eager: synth.pages_copied, pages_lazy: synth.pages_lazy, pages_served: 0 };
+    let mut out = AppRestore { name: app.name.clone(), pid: app.pid, mode, running_ms: 0.0, images_ms, fetched_ms: None, pages_eager: synth.pages_copied, pages_lazy: synth.pages_lazy, pages_served: 0, pages_in_place: 0, pages_copied_in: 0, map_ms: 0.0 };
+    if ppp.is_some() {
+        // The tasks wait, stopped, until their pages are back in place.
+        restore.arg("--leave-stopped");
+    }
 
     if mode == Mode::Eager || lazy_spaces.is_empty() {
         let child = restore.spawn().map_err(|e| format!("cannot start {}: {e}", criu.path.display()))?;
         criu::finish(child, "criu restore", &restore_log, a.timeout)?;
+        if let Some(p) = ppp {
+            ppp_map_and_start(p, app, &mut out)?;
+        }
         out.running_ms = report::ms(start.elapsed());
         remove_images(&images);
         return Ok(out);

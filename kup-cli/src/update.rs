@@ -34,6 +34,8 @@ pub struct Args {
     pub old_initrd: Option<PathBuf>,
     pub old_append: Option<String>,
     pub json: bool,
+    /// Keep the apps' pages in place across the switch (PPP).
+    pub ppp: bool,
 }
 
 /// Bytes per second the store takes in 1 MiB writes (32 MiB written, synced, removed).
@@ -120,6 +122,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
         name: Some("update".into()),
         json: a.json,
         criu_options: vec![],
+        ppp: a.ppp,
     };
     let m = match checkpoint::run(criu, &ck) {
         Ok(m) => m,

@@ -193,6 +193,14 @@ copy_modules() {
     for f in modules.builtin modules.builtin.modinfo modules.order; do
         [[ -e $md/$f ]] && sed 's/\.ko\.\(xz\|zst\|gz\)$/.ko/' "$md/$f" >"$dst/$f"
     done
+    # kup's PPP module, built against this kernel's headers package where this Debian has one.
+    local ko
+    if [[ -n $(candidate "linux-headers-$kver") || -e /usr/src/linux-headers-$kver/Makefile ]]; then
+        ko=$("$REPO_DIR/scripts/kmod/build.sh" "$kver") || die "building ppp.ko for $kver failed"
+        install -D -m 0644 "$ko" "$dst/extra/ppp.ko"
+    else
+        note "$kver: no linux-headers-$kver in the system's apt sources, so no ppp.ko (PPP scenarios need kernels that have one)"
+    fi
     depmod -b "$S" "$kver" || die "depmod of the initramfs tree for $kver failed"
 }
 

@@ -10,6 +10,10 @@
 //!                 restored on another kernel (whose monotonic clock starts again at boot).
 //!   mctool now                                                     the wall clock in ms since 1970
 //!                                                                  (busybox date has no %N)
+//!   mctool pfns --pid P --out F                                    the PFN of every present page of P's
+//!                                                                  private anonymous mappings, into F
+//!   mctool pfns-compare BEFORE AFTER                               in_place=P/T: of the T pages in
+//!                                                                  BEFORE, P have the same PFN in AFTER
 //! Output is one line of `key=value` figures; exit status 0 only when every item matched.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -214,10 +218,52 @@ fn probe(o: &Opts) -> Result<String, String> {
     Ok(line)
 }
 
+/// (vaddr, pfn) of every present page of the private anonymous mappings of `pid` (pagemap shows
+/// PFNs to root only).
+fn pfns(pid: &str) -> Result<Vec<(u64, u64)>, String> {
+    use std::os::unix::fs::FileExt;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| format!("/proc/{pid}/maps: {e}"))?;
+    let pm = std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("/proc/{pid}/pagemap: {e}"))?;
+    let mut out = vec![];
+    for line in maps.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let anon = f.len() == 5 || matches!(f.get(5), Some(&"[heap]") | Some(&"[stack]"));
+        if f.len() < 5 || !f[1].ends_with('p') || !anon {
+            continue;
+        }
+        let (s, e) = f[0].split_once('-').ok_or("bad maps line")?;
+        let (s, e) = (u64::from_str_radix(s, 16).map_err(|e| e.to_string())?, u64::from_str_radix(e, 16).map_err(|e| e.to_string())?);
+        let mut buf = vec![0u8; ((e - s) / 4096 * 8) as usize];
+        pm.read_exact_at(&mut buf, s / 4096 * 8).map_err(|e| format!("pagemap: {e}"))?;
+        for (i, w) in buf.chunks_exact(8).enumerate() {
+            let v = u64::from_le_bytes(w.try_into().unwrap());
+            if v >> 63 == 1 && v & ((1 << 55) - 1) != 0 {
+                out.push((s + i as u64 * 4096, v & ((1 << 55) - 1)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn read_pfns(path: &str) -> Result<std::collections::BTreeMap<u64, u64>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+    text.lines().map(|l| l.split_once(' ').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?))).ok_or(format!("{path}: bad line {l:?}"))).collect()
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let result = match args.get(1).map(String::as_str) {
         Some("now") => Ok(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0).to_string()),
+        Some("pfns") if args.len() == 6 && args[2] == "--pid" && args[4] == "--out" => pfns(&args[3]).and_then(|v| {
+            let text: String = v.iter().map(|(a, p)| format!("{a} {p}\n")).collect();
+            std::fs::write(&args[5], text).map_err(|e| format!("{}: {e}", args[5]))?;
+            Ok(format!("pages={}", v.len()))
+        }),
+        Some("pfns-compare") if args.len() == 4 => read_pfns(&args[2]).and_then(|before| {
+            let after = read_pfns(&args[3])?;
+            let same = before.iter().filter(|(a, p)| after.get(a) == Some(p)).count();
+            Ok(format!("in_place={same}/{}", before.len()))
+        }),
         Some(cmd @ ("load" | "verify" | "probe")) => parse(&args[2..]).and_then(|o| match cmd {
             "load" => load(&o),
             "verify" => verify(&o),

@@ -1,0 +1,142 @@
+/* SPDX-License-Identifier: GPL-2.0 WITH Linux-syscall-note */
+/*
+ * kup PPP (persistent physical pages): the user ABI of ppp.ko.
+ *
+ * The one definition of the interface between the module and kup: the Rust
+ * side (ppp-abi) is checked against this file by a test that compiles it.
+ *
+ * Old kernel: the apps' private anonymous pages that lie in the arena get a
+ * reference while the apps are frozen (PIN); kup writes their PFNs into the
+ * checkpoint. New kernel: the same arena is hot-added with those PFNs held
+ * back (ATTACH), and MAP puts them into holes of the restored process.
+ */
+#ifndef _UAPI_KUP_PPP_H
+#define _UAPI_KUP_PPP_H
+
+#include <linux/ioctl.h>
+#include <linux/types.h>
+
+#define PPP_ABI_VERSION		1
+/* The misc device, root only (mode 0600). */
+#define PPP_DEVICE_NAME		"kup_ppp"
+/* The name of the arena's memory in /proc/iomem once hot-added. */
+#define PPP_RESOURCE_NAME	"System RAM (kup ppp)"
+
+/* ppp_info.state */
+#define PPP_STATE_ATTACHED	(1U << 0)	/* the arena is hot-added */
+
+struct ppp_info {
+	__u32 abi_version;	/* PPP_ABI_VERSION */
+	__u32 state;		/* PPP_STATE_* */
+	__u64 arena_start;	/* physical address, bytes; 0 if not attached */
+	__u64 arena_size;	/* bytes */
+	__u64 block_size;	/* the kernel's memory block size, bytes */
+	__u64 held_pages;	/* preserved pages held back, not yet mapped */
+	__u64 pinned_pages;	/* pages with a checkpoint's reference */
+	__u64 pin_tag;		/* the tag of those references; 0 if none */
+};
+
+/* Hot-adds the arena; the PFNs in held[] are kept off the page allocator. */
+struct ppp_attach {
+	__u64 arena_start;	/* aligned to block_size */
+	__u64 arena_size;	/* a multiple of block_size */
+	__u64 held;		/* user pointer to __u64 pfn[nr_held], ascending */
+	__u64 nr_held;
+};
+
+/* ppp_page.why */
+#define PPP_KEPT		0	/* stays in place (pfn is valid) */
+#define PPP_NOT_PRESENT		1	/* no page at this address */
+#define PPP_NOT_ARENA		2	/* the page lies outside the arena */
+#define PPP_NOT_ANON		3	/* not a private anonymous page */
+#define PPP_SHARED		4	/* mapped more than once (COW-shared) */
+#define PPP_PINNED		5	/* already pinned */
+#define PPP_BAD_CRC		6	/* MAP: the page's CRC does not match */
+#define PPP_NOT_HELD		7	/* MAP: the PFN is not held back */
+#define PPP_NOT_HOLE		8	/* MAP: the address cannot take the page */
+#define PPP_EXIT_WRITE		9	/* the kernel writes it when the process exits */
+
+/* One page of a PIN or MAP request. */
+struct ppp_page {
+	__u64 pfn;		/* PIN: out, 0 unless kept; MAP: in */
+	__u32 crc;		/* CRC-32 (IEEE 802.3) of the page */
+	__u32 why;		/* PPP_KEPT or the reason it is not */
+};
+
+/* ppp_pin.flags */
+#define PPP_PIN_CRC		(1U << 0)	/* compute each kept page's crc */
+
+/*
+ * Takes a reference on the present pages of [start, start + nr_pages pages)
+ * of process pid, which must be stopped under ptrace (being checkpointed).
+ * Kept pages stay referenced until UNPIN with the same tag, or until kexec.
+ */
+struct ppp_pin {
+	__u32 pid;
+	__u32 flags;		/* PPP_PIN_* */
+	__u64 tag;		/* nonzero; one tag at a time */
+	__u64 start;		/* page-aligned virtual address */
+	__u64 nr_pages;
+	__u64 pages;		/* user pointer to struct ppp_page[nr_pages] */
+	__u64 nr_kept;		/* out */
+};
+
+/* ppp_map.flags */
+#define PPP_MAP_VERIFY		(1U << 0)	/* check each page's crc first */
+
+/*
+ * Maps held-back pages into holes of [start, start + nr_pages pages) of
+ * process pid as its own private anonymous pages (no copy). An address that
+ * is already populated (written during the restore, e.g. a thread's rseq
+ * area) gets the page's content copied into it instead. With PPP_MAP_VERIFY
+ * nothing is mapped unless every page's CRC matches.
+ */
+struct ppp_map {
+	__u32 pid;
+	__u32 flags;		/* PPP_MAP_* */
+	__u64 start;		/* page-aligned virtual address */
+	__u64 nr_pages;
+	__u64 pages;		/* user pointer to struct ppp_page[nr_pages] */
+	__u64 nr_mapped;	/* out: put in place */
+	__u64 nr_copied;	/* out: copied into a populated address */
+	__u64 failed;		/* out: index of the first page not mapped */
+	__u32 failed_why;	/* out: PPP_* reason for that page */
+	__u32 pad;
+};
+
+/*
+ * The PFN list kup keeps in the checkpoint for each process: a head, then
+ * nr_pages entries in ascending vaddr order. Little-endian, as written on
+ * the old kernel and read on the new one. The module never reads it: kup
+ * hands its PFNs to ATTACH and its pages to MAP.
+ */
+#define PPP_LIST_MAGIC		0x4c505050	/* "PPPL" */
+#define PPP_LIST_VERSION	1
+
+struct ppp_list_head {
+	__u32 magic;		/* PPP_LIST_MAGIC */
+	__u32 version;		/* PPP_LIST_VERSION */
+	__u64 arena_start;	/* the arena the PFNs lie in */
+	__u64 arena_size;
+	__u64 nr_pages;
+	__u32 pid;		/* the process, as CRIU restores it */
+	__u32 crc;		/* CRC-32 of the entries */
+};
+
+struct ppp_list_entry {
+	__u64 vaddr;
+	__u64 pfn;
+	__u32 crc;		/* the page's CRC-32 at checkpoint */
+	__u32 flags;		/* 0 */
+};
+
+#define PPP_IOC_MAGIC		0xB7
+#define PPP_IOC_INFO		_IOR(PPP_IOC_MAGIC, 0, struct ppp_info)
+#define PPP_IOC_ATTACH		_IOW(PPP_IOC_MAGIC, 1, struct ppp_attach)
+#define PPP_IOC_PIN		_IOWR(PPP_IOC_MAGIC, 2, struct ppp_pin)
+#define PPP_IOC_UNPIN		_IOW(PPP_IOC_MAGIC, 3, __u64)
+#define PPP_IOC_MAP		_IOWR(PPP_IOC_MAGIC, 4, struct ppp_map)
+/* Gives every page still held back to the page allocator. */
+#define PPP_IOC_RELEASE		_IO(PPP_IOC_MAGIC, 5)
+
+#endif /* _UAPI_KUP_PPP_H */

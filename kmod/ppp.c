@@ -1,0 +1,874 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * ppp.ko - persistent physical pages for kup.
+ *
+ * An arena reserved on every boot with memmap=SIZE$START is hot-added as
+ * driver-managed, movable memory, so that applications' pages land there.
+ * At checkpoint, with the applications stopped by CRIU, their private
+ * anonymous pages in the arena get a reference (PIN) and kup records their
+ * PFNs. The arena survives kexec untouched: kexec_file_load never places
+ * segments in driver-managed memory and the new kernel boots with the same
+ * memmap=. On the new kernel the arena is hot-added again with the recorded
+ * PFNs held back from the page allocator (ATTACH), and MAP inserts them into
+ * holes of the restored process with migrate_vma, as ordinary anonymous
+ * pages: nothing is copied.
+ *
+ * Safety: the arena must be a reserved range that is not System RAM (so a
+ * kernel booted without the memmap= reservation is refused); only held-back
+ * PFNs are ever mapped, each at most once, into holes of anonymous VMAs; only
+ * processes stopped under ptrace can be pinned; the device is root only.
+ * The user ABI is include/uapi/kup_ppp.h.
+ */
+
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/crc32.h>
+#include <linux/futex.h>
+#include <linux/highmem.h>
+#include <linux/ioport.h>
+#include <linux/memory.h>
+#include <linux/memory_hotplug.h>
+#include <linux/migrate.h>
+#include <linux/miscdevice.h>
+#include <linux/mm.h>
+#include <linux/mmap_lock.h>
+#include <linux/module.h>
+#include <linux/sched/mm.h>
+#include <linux/sched/signal.h>
+#include <linux/slab.h>
+#include <linux/uaccess.h>
+#include <linux/version.h>
+#include <linux/vmalloc.h>
+#include <linux/xarray.h>
+
+#include "include/uapi/kup_ppp.h"
+
+/* Pages handled per step (the arrays of one step live on the heap). */
+#define PPP_BATCH	512
+
+static DEFINE_MUTEX(ppp_lock);
+
+/* The arena, once attached. */
+static unsigned long arena_pfn;
+static unsigned long arena_pages;
+/* One bit per arena page: held back for MAP (new kernel). */
+static unsigned long *held;
+static unsigned long nr_held;
+
+/* Pages referenced by PIN (old kernel), indexed by PFN. */
+static DEFINE_XARRAY(pins);
+static unsigned long nr_pins;
+static u64 pin_tag;
+
+static bool in_arena(unsigned long pfn)
+{
+	return pfn >= arena_pfn && pfn - arena_pfn < arena_pages;
+}
+
+static bool is_held(unsigned long pfn)
+{
+	return held && in_arena(pfn) && test_bit(pfn - arena_pfn, held);
+}
+
+static u32 page_crc(struct page *page)
+{
+	void *kaddr = kmap_local_page(page);
+	u32 crc = ~crc32_le(~0U, kaddr, PAGE_SIZE);
+
+	kunmap_local(kaddr);
+	return crc;
+}
+
+/*
+ * Called for each chunk of the arena as it comes online: held-back pages keep
+ * PG_reserved and their single reference, and count as managed memory (or
+ * overcommit would refuse the restored process's mappings).
+ */
+static void ppp_online_page(struct page *page, unsigned int order)
+{
+	unsigned long pfn = page_to_pfn(page);
+	unsigned long i, n = 1UL << order;
+
+	if (!held || !in_arena(pfn) ||
+	    find_next_bit(held, arena_pages, pfn - arena_pfn) >=
+	    pfn - arena_pfn + n) {
+		generic_online_page(page, order);
+		return;
+	}
+	for (i = 0; i < n; i++) {
+		if (is_held(pfn + i))
+			adjust_managed_page_count(pfn_to_page(pfn + i), 1);
+		else
+			generic_online_page(pfn_to_page(pfn + i), 0);
+	}
+}
+
+static long ppp_info(void __user *arg)
+{
+	struct ppp_info info = {
+		.abi_version = PPP_ABI_VERSION,
+		.block_size = memory_block_size_bytes(),
+	};
+
+	mutex_lock(&ppp_lock);
+	if (arena_pages) {
+		info.state |= PPP_STATE_ATTACHED;
+		info.arena_start = PFN_PHYS(arena_pfn);
+		info.arena_size = PFN_PHYS(arena_pages);
+	}
+	info.held_pages = nr_held;
+	info.pinned_pages = nr_pins;
+	info.pin_tag = pin_tag;
+	mutex_unlock(&ppp_lock);
+	return copy_to_user(arg, &info, sizeof(info)) ? -EFAULT : 0;
+}
+
+/* Marks the ascending PFNs of the user array in the held bitmap. */
+static int load_held(u64 __user *upfn, u64 nr, unsigned long *bits,
+		     unsigned long base, unsigned long pages)
+{
+	u64 *buf, i, j, last = 0;
+	int ret = 0;
+
+	buf = kmalloc_array(PPP_BATCH, sizeof(*buf), GFP_KERNEL);
+	if (!buf)
+		return -ENOMEM;
+	for (i = 0; i < nr && !ret; i += PPP_BATCH) {
+		u64 n = min_t(u64, PPP_BATCH, nr - i);
+
+		if (copy_from_user(buf, upfn + i, n * sizeof(*buf))) {
+			ret = -EFAULT;
+			break;
+		}
+		for (j = 0; j < n; j++) {
+			if (buf[j] < base || buf[j] - base >= pages ||
+			    (i + j && buf[j] <= last)) {
+				pr_err("held PFN %#llx is outside the arena or out of order\n",
+				       buf[j]);
+				ret = -EINVAL;
+				break;
+			}
+			last = buf[j];
+			__set_bit(buf[j] - base, bits);
+		}
+	}
+	kfree(buf);
+	return ret;
+}
+
+static long ppp_attach(void __user *arg)
+{
+	struct ppp_attach req;
+	unsigned long bs = memory_block_size_bytes();
+	unsigned long *bits;
+	u64 pa;
+	int ret, nid;
+
+	if (copy_from_user(&req, arg, sizeof(req)))
+		return -EFAULT;
+	if (!req.arena_size || req.arena_start % bs || req.arena_size % bs ||
+	    req.arena_start + req.arena_size < req.arena_start)
+		return -EINVAL;
+	/*
+	 * Without memmap=SIZE$START the range is ordinary RAM that the page
+	 * allocator already hands out: never touch it.
+	 */
+	if (region_intersects(req.arena_start, req.arena_size,
+			      IORESOURCE_SYSTEM_RAM, IORES_DESC_NONE) !=
+	    REGION_DISJOINT) {
+		pr_err("[%#llx, %#llx) is System RAM: boot with memmap=%#llx$%#llx\n",
+		       req.arena_start, req.arena_start + req.arena_size,
+		       req.arena_size, req.arena_start);
+		return -EADDRINUSE;
+	}
+	if (region_intersects(req.arena_start, req.arena_size, IORESOURCE_MEM,
+			      IORES_DESC_RESERVED) != REGION_INTERSECTS) {
+		pr_err("[%#llx, %#llx) is not wholly a memmap= reservation\n",
+		       req.arena_start, req.arena_start + req.arena_size);
+		return -ENXIO;
+	}
+
+	mutex_lock(&ppp_lock);
+	ret = -EBUSY;
+	if (arena_pages)
+		goto unlock;
+	ret = -ENOMEM;
+	bits = vzalloc(BITS_TO_LONGS(PHYS_PFN(req.arena_size)) *
+		       sizeof(long));
+	if (!bits)
+		goto unlock;
+	ret = load_held(u64_to_user_ptr(req.held), req.nr_held, bits,
+			PHYS_PFN(req.arena_start), PHYS_PFN(req.arena_size));
+	if (ret)
+		goto free_bits;
+
+	held = bits;
+	nr_held = req.nr_held;
+	arena_pfn = PHYS_PFN(req.arena_start);
+	arena_pages = PHYS_PFN(req.arena_size);
+	ret = set_online_page_callback(ppp_online_page);
+	if (ret) {
+		pr_err("the online-page callback is taken (virtio-mem or a balloon driver?)\n");
+		goto reset;
+	}
+	for (pa = req.arena_start; pa < req.arena_start + req.arena_size;
+	     pa += bs) {
+		nid = memory_add_physaddr_to_nid(pa);
+		/* Never MHP_MEMMAP_ON_MEMORY: the memmap would overwrite pages. */
+		ret = add_memory_driver_managed(nid, pa, bs, PPP_RESOURCE_NAME,
+						MHP_NONE);
+		if (ret) {
+			pr_err("hot-adding [%#llx, %#llx) failed: %d\n", pa,
+			       pa + bs, ret);
+			break;
+		}
+	}
+	if (ret) {
+		if (pa > req.arena_start)
+			remove_memory(req.arena_start, pa - req.arena_start);
+		restore_online_page_callback(ppp_online_page);
+		goto reset;
+	}
+	/* Memory was added: the callback and this module stay for good. */
+	__module_get(THIS_MODULE);
+	pr_info("arena [%#llx, %#llx) added, %llu pages held back\n",
+		req.arena_start, req.arena_start + req.arena_size, req.nr_held);
+	mutex_unlock(&ppp_lock);
+	return 0;
+
+reset:
+	held = NULL;
+	nr_held = 0;
+	arena_pfn = 0;
+	arena_pages = 0;
+free_bits:
+	vfree(bits);
+unlock:
+	mutex_unlock(&ppp_lock);
+	return ret;
+}
+
+/*
+ * The task of pid, with a reference. With must_be_stopped, every thread of it
+ * must be stopped under ptrace, as CRIU keeps the tasks it checkpoints.
+ */
+static struct task_struct *find_task(pid_t pid, bool must_be_stopped,
+				     int *err)
+{
+	struct task_struct *task, *t;
+	bool stopped = true;
+
+	rcu_read_lock();
+	task = pid_task(find_vpid(pid), PIDTYPE_PID);
+	if (task) {
+		get_task_struct(task);
+		for_each_thread(task, t)
+			if (!task_is_traced(t))
+				stopped = false;
+	}
+	rcu_read_unlock();
+	if (!task) {
+		*err = -ESRCH;
+		return NULL;
+	}
+	if (must_be_stopped && !stopped) {
+		put_task_struct(task);
+		*err = -EPERM;
+		return NULL;
+	}
+	return task;
+}
+
+/*
+ * References on the present pages from addr on, up to the first one that is
+ * not present; returns how many (vmas[i] is page i's VMA).
+ */
+static long gup_present(struct mm_struct *mm, unsigned long addr,
+			unsigned long n, struct page **pages,
+			struct vm_area_struct **vmas)
+{
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 5, 0)
+	return get_user_pages_remote(mm, addr, n, FOLL_NOFAULT, pages, vmas,
+				     NULL);
+#else
+	long i, got = get_user_pages_remote(mm, addr, n, FOLL_NOFAULT, pages,
+					    NULL);
+
+	for (i = 0; i < got; i++)
+		vmas[i] = vma_lookup(mm, addr + (i << PAGE_SHIFT));
+	return got;
+#endif
+}
+
+/*
+ * The pages the kernel writes into when the threads of a process exit: each
+ * thread's clear_child_tid word and the futex words of its robust list (see
+ * mm_release() and exit_robust_list()). A checkpointed process is killed
+ * after its pages were pinned, so these pages go the copying way.
+ */
+struct exit_writes {
+	unsigned long *page;
+	unsigned int nr, max;
+};
+
+static void exit_write(struct exit_writes *ew, unsigned long addr)
+{
+	unsigned long *grown;
+
+	if (!addr)
+		return;
+	if (ew->nr == ew->max) {
+		grown = krealloc_array(ew->page, ew->max * 2 + 16,
+				       sizeof(*grown), GFP_KERNEL);
+		if (!grown)
+			return;
+		ew->page = grown;
+		ew->max = ew->max * 2 + 16;
+	}
+	ew->page[ew->nr++] = addr & PAGE_MASK;
+}
+
+static bool is_exit_write(const struct exit_writes *ew, unsigned long addr)
+{
+	unsigned int i;
+
+	for (i = 0; i < ew->nr; i++)
+		if (ew->page[i] == addr)
+			return true;
+	return false;
+}
+
+static unsigned long read_user_ptr(struct task_struct *task,
+				   unsigned long addr, bool *ok)
+{
+	unsigned long v = 0;
+
+	*ok = access_process_vm(task, addr, &v, sizeof(v), 0) == sizeof(v);
+	return v;
+}
+
+/* Returns false when the lists could not be read (then nothing is kept). */
+static bool collect_exit_writes(struct task_struct *task,
+				struct exit_writes *ew)
+{
+	struct task_struct *t;
+	unsigned long heads[64];
+	unsigned long tids[64];
+	unsigned int nr = 0, i;
+	bool ok = true;
+
+	rcu_read_lock();
+	for_each_thread(task, t) {
+		if (nr == ARRAY_SIZE(heads)) {
+			ok = false;
+			break;
+		}
+		tids[nr] = (unsigned long)t->clear_child_tid;
+		heads[nr++] = (unsigned long)t->robust_list;
+	}
+	rcu_read_unlock();
+	for (i = 0; i < nr && ok; i++) {
+		struct robust_list_head head;
+		unsigned long entry, limit = ROBUST_LIST_LIMIT;
+
+		exit_write(ew, tids[i]);
+		if (!heads[i])
+			continue;
+		if (access_process_vm(task, heads[i], &head, sizeof(head), 0) !=
+		    sizeof(head))
+			return false;
+		entry = (unsigned long)head.list.next & ~1UL;
+		while (entry && entry != heads[i] && limit--) {
+			exit_write(ew, entry + head.futex_offset);
+			entry = read_user_ptr(task, entry, &ok) & ~1UL;
+			if (!ok)
+				return false;
+		}
+		entry = (unsigned long)head.list_op_pending & ~1UL;
+		if (entry)
+			exit_write(ew, entry + head.futex_offset);
+	}
+	return ok;
+}
+
+/* Why the page cannot stay in place, or PPP_KEPT. */
+static u32 keepable(struct page *page, struct vm_area_struct *vma,
+		    unsigned long addr, const struct exit_writes *ew)
+{
+	if (is_exit_write(ew, addr))
+		return PPP_EXIT_WRITE;
+	if (!vma || !vma_is_anonymous(vma) || (vma->vm_flags & VM_SHARED) ||
+	    !PageAnon(page))
+		return PPP_NOT_ANON;
+	if (!in_arena(page_to_pfn(page)))
+		return PPP_NOT_ARENA;
+	if (page_mapcount(page) != 1)
+		return PPP_SHARED;
+	if (xa_load(&pins, page_to_pfn(page)))
+		return PPP_PINNED;
+	return PPP_KEPT;
+}
+
+static long ppp_pin(void __user *arg)
+{
+	struct ppp_pin req;
+	struct ppp_page *out = NULL;
+	struct page **pages = NULL;
+	struct vm_area_struct **vmas = NULL;
+	struct task_struct *task;
+	struct mm_struct *mm;
+	struct exit_writes ew = {};
+	u64 i, kept = 0;
+	long ret = 0;
+	int err = 0;
+
+	if (copy_from_user(&req, arg, sizeof(req)))
+		return -EFAULT;
+	if (!req.tag || !PAGE_ALIGNED(req.start) || !req.nr_pages ||
+	    req.nr_pages > TASK_SIZE_MAX >> PAGE_SHIFT)
+		return -EINVAL;
+	task = find_task(req.pid, true, &err);
+	if (!task)
+		return err;
+	mm = get_task_mm(task);
+	if (!mm) {
+		put_task_struct(task);
+		return -ESRCH;
+	}
+	if (!collect_exit_writes(task, &ew)) {
+		put_task_struct(task);
+		mmput(mm);
+		kfree(ew.page);
+		return -EIO;
+	}
+	put_task_struct(task);
+	out = kvmalloc_array(PPP_BATCH, sizeof(*out), GFP_KERNEL);
+	pages = kvmalloc_array(PPP_BATCH, sizeof(*pages), GFP_KERNEL);
+	vmas = kvmalloc_array(PPP_BATCH, sizeof(*vmas), GFP_KERNEL);
+	if (!out || !pages || !vmas) {
+		ret = -ENOMEM;
+		goto out;
+	}
+
+	mutex_lock(&ppp_lock);
+	if (!arena_pages) {
+		ret = -ENODEV;
+		goto unlock;
+	}
+	if (pin_tag && pin_tag != req.tag) {
+		ret = -EBUSY;
+		goto unlock;
+	}
+	mmap_read_lock(mm);
+	for (i = 0; i < req.nr_pages && !ret; i += PPP_BATCH) {
+		u64 n = min_t(u64, PPP_BATCH, req.nr_pages - i), j = 0;
+
+		while (j < n) {
+			unsigned long addr = req.start + ((i + j) << PAGE_SHIFT);
+			long got = gup_present(mm, addr, n - j, pages + j,
+					       vmas + j);
+			long k;
+
+			if (got <= 0) {
+				/* Not present, or not a page (a PFN mapping). */
+				out[j++] = (struct ppp_page){
+					.why = PPP_NOT_PRESENT,
+				};
+				continue;
+			}
+			for (k = 0; k < got; k++, j++) {
+				struct page *page = pages[j];
+
+				out[j] = (struct ppp_page){
+					.why = keepable(page, vmas[j],
+							addr + (k << PAGE_SHIFT),
+							&ew),
+				};
+				if (!ret && out[j].why == PPP_KEPT)
+					ret = xa_err(xa_store(&pins,
+							      page_to_pfn(page),
+							      page, GFP_KERNEL));
+				if (ret || out[j].why != PPP_KEPT) {
+					put_page(page);
+					continue;
+				}
+				nr_pins++;
+				kept++;
+				pin_tag = req.tag;
+				out[j].pfn = page_to_pfn(page);
+				if (req.flags & PPP_PIN_CRC)
+					out[j].crc = page_crc(page);
+			}
+		}
+		if (!ret && copy_to_user(u64_to_user_ptr(req.pages) +
+					 i * sizeof(*out), out,
+					 n * sizeof(*out)))
+			ret = -EFAULT;
+	}
+	mmap_read_unlock(mm);
+	req.nr_kept = kept;
+	if (!ret && copy_to_user(arg, &req, sizeof(req)))
+		ret = -EFAULT;
+unlock:
+	mutex_unlock(&ppp_lock);
+out:
+	kvfree(vmas);
+	kvfree(pages);
+	kvfree(out);
+	kfree(ew.page);
+	mmput(mm);
+	return ret;
+}
+
+static long ppp_unpin(void __user *arg)
+{
+	struct page *page;
+	unsigned long pfn;
+	u64 tag;
+
+	if (copy_from_user(&tag, arg, sizeof(tag)))
+		return -EFAULT;
+	mutex_lock(&ppp_lock);
+	if (!pin_tag || tag != pin_tag) {
+		mutex_unlock(&ppp_lock);
+		return -ENOENT;
+	}
+	xa_for_each(&pins, pfn, page) {
+		xa_erase(&pins, pfn);
+		put_page(page);
+	}
+	nr_pins = 0;
+	pin_tag = 0;
+	mutex_unlock(&ppp_lock);
+	return 0;
+}
+
+/* What became of one page in map_run(). */
+enum map_result { MAP_INSERTED, MAP_POPULATED, MAP_FAILED };
+
+static void unhold(unsigned long pfn)
+{
+	__clear_bit(pfn - arena_pfn, held);
+	nr_held--;
+}
+
+/*
+ * Inserts the held-back pages pg[0..n) into the holes of [addr, addr + n
+ * pages) of one anonymous VMA; res[i] says what became of page i.
+ */
+static void map_run(struct vm_area_struct *vma, unsigned long addr,
+		    const struct ppp_page *pg, unsigned long n,
+		    unsigned long *src, unsigned long *dst, u8 *res)
+{
+	struct migrate_vma mig = {
+		.vma = vma,
+		.start = addr,
+		.end = addr + (n << PAGE_SHIFT),
+		.src = src,
+		.dst = dst,
+		.flags = MIGRATE_VMA_SELECT_SYSTEM,
+	};
+	unsigned long i;
+
+	memset(dst, 0, n * sizeof(*dst));
+	if (migrate_vma_setup(&mig)) {
+		memset(res, MAP_FAILED, n);
+		return;
+	}
+	for (i = 0; i < n; i++) {
+		struct page *page = pfn_to_page(pg[i].pfn);
+
+		if (!(src[i] & MIGRATE_PFN_MIGRATE)) {
+			res[i] = MAP_FAILED;
+			continue;
+		}
+		/* Populated during the restore: left as it is (dst 0). */
+		if (migrate_pfn_to_page(src[i])) {
+			res[i] = MAP_POPULATED;
+			continue;
+		}
+		/*
+		 * An extra reference: migrate_vma_finalize() drops one of
+		 * every page it was given, inserted or not.
+		 */
+		ClearPageReserved(page);
+		get_page(page);
+		lock_page(page);
+		dst[i] = migrate_pfn(pg[i].pfn);
+		res[i] = MAP_INSERTED;
+	}
+	migrate_vma_pages(&mig);
+	for (i = 0; i < n; i++)
+		if (res[i] == MAP_INSERTED && !(src[i] & MIGRATE_PFN_MIGRATE))
+			res[i] = MAP_FAILED;
+	migrate_vma_finalize(&mig);
+	for (i = 0; i < n; i++) {
+		struct page *page = pfn_to_page(pg[i].pfn);
+
+		if (res[i] == MAP_INSERTED) {
+			/* The mapping's reference is the only one now. */
+			put_page(page);
+			unhold(pg[i].pfn);
+		} else if (dst[i]) {
+			/* Not inserted: held again (one reference, reserved). */
+			SetPageReserved(page);
+		}
+	}
+}
+
+/*
+ * Copies a held-back page into the populated address addr, then gives the
+ * held page to the page allocator.
+ */
+static int copy_into(struct mm_struct *mm, unsigned long addr,
+		     unsigned long pfn)
+{
+	struct page *dst, *page = pfn_to_page(pfn);
+	void *d, *s;
+	long got;
+
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 5, 0)
+	got = get_user_pages_remote(mm, addr, 1, FOLL_WRITE | FOLL_FORCE, &dst,
+				    NULL, NULL);
+#else
+	got = get_user_pages_remote(mm, addr, 1, FOLL_WRITE | FOLL_FORCE, &dst,
+				    NULL);
+#endif
+	if (got != 1)
+		return -EFAULT;
+	d = kmap_local_page(dst);
+	s = kmap_local_page(page);
+	copy_page(d, s);
+	kunmap_local(s);
+	kunmap_local(d);
+	put_page(dst);
+	ClearPageReserved(page);
+	put_page(page);
+	unhold(pfn);
+	return 0;
+}
+
+static long ppp_map(void __user *arg)
+{
+	struct ppp_map req;
+	struct ppp_page *pg = NULL;
+	unsigned long *src = NULL, *dst = NULL;
+	u8 *res = NULL;
+	struct task_struct *task, *t;
+	struct mm_struct *mm;
+	u64 i, j, done = 0, nr_bad = 0;
+	u32 why = PPP_KEPT;
+	long ret = 0;
+	int err = 0;
+
+	if (copy_from_user(&req, arg, sizeof(req)))
+		return -EFAULT;
+	if (!PAGE_ALIGNED(req.start) || !req.nr_pages ||
+	    req.nr_pages > TASK_SIZE_MAX >> PAGE_SHIFT)
+		return -EINVAL;
+	req.nr_mapped = 0;
+	req.nr_copied = 0;
+	req.failed = 0;
+	task = find_task(req.pid, false, &err);
+	if (!task)
+		return err;
+	mm = get_task_mm(task);
+	if (!mm) {
+		put_task_struct(task);
+		return -ESRCH;
+	}
+	pg = kvmalloc_array(PPP_BATCH, sizeof(*pg), GFP_KERNEL);
+	src = kvmalloc_array(PPP_BATCH, sizeof(*src), GFP_KERNEL);
+	dst = kvmalloc_array(PPP_BATCH, sizeof(*dst), GFP_KERNEL);
+	res = kmalloc(PPP_BATCH, GFP_KERNEL);
+	if (!pg || !src || !dst || !res) {
+		ret = -ENOMEM;
+		goto out;
+	}
+
+	mutex_lock(&ppp_lock);
+	/*
+	 * First pass: every page is held back and, if asked, intact. All of
+	 * them are checked, so that the log tells how much was damaged.
+	 */
+	for (i = 0; i < req.nr_pages; i += PPP_BATCH) {
+		u64 n = min_t(u64, PPP_BATCH, req.nr_pages - i);
+
+		if (copy_from_user(pg, u64_to_user_ptr(req.pages) +
+				   i * sizeof(*pg), n * sizeof(*pg))) {
+			ret = -EFAULT;
+			goto unlock;
+		}
+		for (j = 0; j < n; j++) {
+			u32 bad = PPP_KEPT;
+
+			if (!is_held(pg[j].pfn))
+				bad = PPP_NOT_HELD;
+			else if ((req.flags & PPP_MAP_VERIFY) &&
+				 page_crc(pfn_to_page(pg[j].pfn)) != pg[j].crc)
+				bad = PPP_BAD_CRC;
+			if (bad == PPP_KEPT)
+				continue;
+			if (why == PPP_KEPT) {
+				why = bad;
+				done = i + j;
+			}
+			if (++nr_bad <= 8)
+				pr_err("pid %d: page %#llx (PFN %#llx): %s\n",
+				       req.pid, req.start + ((i + j) << PAGE_SHIFT),
+				       pg[j].pfn, bad == PPP_BAD_CRC ?
+				       "CRC mismatch" : "not held back");
+		}
+	}
+	if (nr_bad)
+		pr_err("pid %d: %llu of the %llu pages from %#llx failed the check; none of them was mapped\n",
+		       req.pid, nr_bad, req.nr_pages, req.start);
+	if (why != PPP_KEPT)
+		goto report;
+
+	/* Second pass: insert, one VMA and one batch at a time. */
+	mmap_read_lock(mm);
+	while (done < req.nr_pages && why == PPP_KEPT && !ret) {
+		unsigned long addr = req.start + (done << PAGE_SHIFT);
+		struct vm_area_struct *vma = vma_lookup(mm, addr);
+		u64 n = min_t(u64, PPP_BATCH, req.nr_pages - done);
+
+		if (!vma || !vma_is_anonymous(vma) ||
+		    (vma->vm_flags & VM_SHARED)) {
+			why = PPP_NOT_ANON;
+			break;
+		}
+		n = min_t(u64, n, (vma->vm_end - addr) >> PAGE_SHIFT);
+		if (copy_from_user(pg, u64_to_user_ptr(req.pages) +
+				   done * sizeof(*pg), n * sizeof(*pg))) {
+			ret = -EFAULT;
+			break;
+		}
+		for (j = 0; j < n; j++) {
+			/* A PFN named twice: its first use took it. */
+			if (!is_held(pg[j].pfn)) {
+				n = j;
+				why = PPP_NOT_HELD;
+				break;
+			}
+		}
+		if (n)
+			map_run(vma, addr, pg, n, src, dst, res);
+		for (j = 0; j < n; j++) {
+			if (res[j] == MAP_INSERTED) {
+				req.nr_mapped++;
+				continue;
+			}
+			if (res[j] == MAP_POPULATED &&
+			    !copy_into(mm, addr + (j << PAGE_SHIFT), pg[j].pfn)) {
+				req.nr_copied++;
+				continue;
+			}
+			if (why == PPP_KEPT) {
+				why = PPP_NOT_HOLE;
+				req.failed = done + j;
+			}
+		}
+		done += n;
+	}
+	mmap_read_unlock(mm);
+	/* A copied page may hold a thread's rseq area: refresh its cpu ids. */
+	rcu_read_lock();
+	for_each_thread(task, t)
+		rseq_set_notify_resume(t);
+	rcu_read_unlock();
+report:
+	if (why == PPP_KEPT)
+		req.failed = req.nr_pages;
+	else if (why != PPP_NOT_HOLE)
+		req.failed = done;
+	req.failed_why = why;
+	if (!ret && copy_to_user(arg, &req, sizeof(req)))
+		ret = -EFAULT;
+	if (!ret && why != PPP_KEPT)
+		ret = why == PPP_BAD_CRC ? -EBADMSG : -EINVAL;
+unlock:
+	mutex_unlock(&ppp_lock);
+out:
+	kfree(res);
+	kvfree(dst);
+	kvfree(src);
+	kvfree(pg);
+	mmput(mm);
+	put_task_struct(task);
+	return ret;
+}
+
+static long ppp_release(void)
+{
+	unsigned long bit;
+
+	mutex_lock(&ppp_lock);
+	if (held) {
+		for_each_set_bit(bit, held, arena_pages) {
+			struct page *page = pfn_to_page(arena_pfn + bit);
+
+			/* Already counted as managed when it came online. */
+			ClearPageReserved(page);
+			put_page(page);
+			__clear_bit(bit, held);
+		}
+	}
+	nr_held = 0;
+	mutex_unlock(&ppp_lock);
+	return 0;
+}
+
+static long ppp_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	void __user *uarg = (void __user *)arg;
+
+	if (!capable(CAP_SYS_ADMIN))
+		return -EPERM;
+	switch (cmd) {
+	case PPP_IOC_INFO:
+		return ppp_info(uarg);
+	case PPP_IOC_ATTACH:
+		return ppp_attach(uarg);
+	case PPP_IOC_PIN:
+		return ppp_pin(uarg);
+	case PPP_IOC_UNPIN:
+		return ppp_unpin(uarg);
+	case PPP_IOC_MAP:
+		return ppp_map(uarg);
+	case PPP_IOC_RELEASE:
+		return ppp_release();
+	default:
+		return -ENOTTY;
+	}
+}
+
+static const struct file_operations ppp_fops = {
+	.owner = THIS_MODULE,
+	.unlocked_ioctl = ppp_ioctl,
+	.compat_ioctl = compat_ptr_ioctl,
+	.llseek = noop_llseek,
+};
+
+static struct miscdevice ppp_dev = {
+	.minor = MISC_DYNAMIC_MINOR,
+	.name = PPP_DEVICE_NAME,
+	.fops = &ppp_fops,
+	.mode = 0600,
+};
+
+static int __init ppp_init(void)
+{
+	return misc_register(&ppp_dev);
+}
+
+/* Only before ATTACH: an attached arena holds a reference on the module. */
+static void __exit ppp_exit(void)
+{
+	misc_deregister(&ppp_dev);
+}
+
+module_init(ppp_init);
+module_exit(ppp_exit);
+MODULE_DESCRIPTION("kup: application pages that stay in place across kexec");
+MODULE_LICENSE("GPL");

@@ -1,0 +1,384 @@
+//! PPP, persistent physical pages: the apps' private anonymous pages stay where they are across
+//! kexec instead of being copied into the store and back (kmod/ppp.c, docs/ppp.md).
+//!
+//! The arena is the kernel command line's `memmap=SIZE$START` reservation, hot-added by ppp.ko as
+//! movable memory on every boot (`kup ppp attach`, or `kup resume` on the new kernel). At the
+//! final dump, with the apps frozen, every present page of theirs gets a reference and its PFN and
+//! CRC go into a PFN list per process in the checkpoint ([`write_list`]); pages PPP cannot keep
+//! (outside the arena, shared, not anonymous) go the FOAM way. On the new kernel the arena comes
+//! online with those PFNs held back, and restore maps them into the restored processes before
+//! they run, each checked against its CRC first.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Duration;
+
+use foam_store::manifest::{PppList, PppPages};
+use ppp_abi::{ListEntry, ListHead, Page, Why};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::error::{fail, Result};
+use crate::ppp_dev::Device;
+
+pub const DEVICE: &str = "/dev/kup_ppp";
+/// The module's name (ppp.ko), for modprobe.
+const MODULE: &str = "ppp";
+/// Pages per PIN request.
+const PIN_CHUNK: usize = 1 << 16;
+const PAGE: u64 = 4096;
+
+/// The arena: a `memmap=SIZE$START` reservation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arena {
+    pub start: u64,
+    pub size: u64,
+}
+
+impl std::fmt::Display for Arena {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{:#x}, {:#x}) ({})", self.start, self.start + self.size, crate::report::bytes(self.size))
+    }
+}
+
+impl Arena {
+    /// The one `memmap=SIZE$START` entry of a kernel command line (None without one).
+    pub fn from_cmdline(cmdline: &str) -> Result<Option<Arena>> {
+        let mut found = vec![];
+        for word in cmdline.split_whitespace() {
+            let Some(v) = word.strip_prefix("memmap=") else { continue };
+            for one in v.split(',') {
+                if let Some((size, start)) = one.split_once('$') {
+                    let (size, start) = (memparse(size), memparse(start));
+                    match (size, start) {
+                        (Some(size), Some(start)) if size > 0 => found.push(Arena { start, size }),
+                        _ => return fail(format!("cannot read the arena reservation memmap={one} of the kernel command line (want memmap=SIZE$START, e.g. memmap=2G$4G)")),
+                    }
+                }
+            }
+        }
+        match found.len() {
+            0 => Ok(None),
+            1 => Ok(Some(found[0])),
+            _ => fail(format!("the kernel command line reserves {} memmap=SIZE$START ranges; PPP uses exactly one as its arena", found.len())),
+        }
+    }
+
+    pub fn running() -> Result<Option<Arena>> {
+        let line = std::fs::read_to_string("/proc/cmdline").map_err(|e| format!("/proc/cmdline: {e}"))?;
+        Arena::from_cmdline(&line)
+    }
+
+    fn contains(&self, pfn: u64) -> bool {
+        pfn * PAGE >= self.start && pfn * PAGE < self.start + self.size
+    }
+}
+
+/// The kernel's memparse: a number (decimal or 0x hex) with an optional K/M/G/T suffix.
+fn memparse(s: &str) -> Option<u64> {
+    let (num, shift) = match s.as_bytes().last()? {
+        b'K' | b'k' => (&s[..s.len() - 1], 10),
+        b'M' | b'm' => (&s[..s.len() - 1], 20),
+        b'G' | b'g' => (&s[..s.len() - 1], 30),
+        b'T' | b't' => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let n = match num.strip_prefix("0x").or_else(|| num.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16).ok()?,
+        None => num.parse().ok()?,
+    };
+    n.checked_mul(1 << shift)
+}
+
+/// The module's device, loading the module first when it is not there.
+pub fn open() -> Result<Device> {
+    if !Path::new(DEVICE).exists() {
+        let out = std::process::Command::new("modprobe").arg(MODULE).output();
+        let release = crate::procs::kernel_release();
+        let why = match out {
+            Ok(o) if o.status.success() => None,
+            Ok(o) => Some(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+            Err(e) => Some(format!("cannot run modprobe: {e}")),
+        };
+        if let Some(why) = why {
+            return fail(format!(
+                "no PPP module for kernel {release}: {DEVICE} is missing and `modprobe {MODULE}` failed ({why}); build it with `scripts/kmod/build.sh {release}` (or install kup's DKMS package), or update without --ppp (FOAM)"
+            ));
+        }
+        let waited = std::time::Instant::now();
+        while !Path::new(DEVICE).exists() {
+            if waited.elapsed() > Duration::from_secs(5) {
+                return fail(format!("`modprobe {MODULE}` succeeded but {DEVICE} did not appear"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    Device::open(DEVICE).map_err(|e| format!("{DEVICE}: {e}").into())
+}
+
+/// Hot-adds the arena of the running command line with `held` PFNs kept back, and brings its
+/// memory blocks online as movable memory. An arena already attached is accepted only when it is
+/// the same and nothing has to be held.
+pub fn attach(dev: &Device, arena: Arena, held: &[u64]) -> Result<()> {
+    let info = dev.info().map_err(|e| format!("{DEVICE}: {e}"))?;
+    if info.state & ppp_abi::STATE_ATTACHED != 0 {
+        let now = Arena { start: info.arena_start, size: info.arena_size };
+        if now != arena {
+            return fail(format!("ppp.ko already runs the arena {now}, not {arena}"));
+        }
+        if !held.is_empty() && info.held_pages < held.len() as u64 {
+            return fail(format!(
+                "the arena {arena} came online before the checkpoint's {} pages could be held back: they may have been handed out; restore without PPP is impossible for these pages",
+                held.len()
+            ));
+        }
+        return Ok(());
+    }
+    if let Some(&pfn) = held.iter().find(|&&p| !arena.contains(p)) {
+        return fail(format!("the checkpoint names PFN {pfn:#x}, outside the arena {arena}"));
+    }
+    dev.attach(arena.start, arena.size, held).map_err(|e| match e.raw_os_error() {
+        Some(libc::EADDRINUSE) => format!("the arena {arena} is ordinary RAM on this kernel: it was booted without memmap=SIZE$START (see dmesg)"),
+        Some(libc::ENXIO) => format!("the arena {arena} is not wholly a memmap= reservation on this kernel (see dmesg and /proc/iomem)"),
+        Some(libc::EINVAL) => format!("the arena {arena} is not aligned to the kernel's memory block size ({}), or a held PFN is outside it", crate::report::bytes(info.block_size)),
+        _ => format!("attaching the arena {arena}: {e} (see dmesg)"),
+    })?;
+    online_blocks(arena, info.block_size)
+}
+
+/// Onlines the arena's memory blocks as movable memory, so that only user pages land there.
+fn online_blocks(arena: Arena, block_size: u64) -> Result<()> {
+    for n in arena.start / block_size..(arena.start + arena.size) / block_size {
+        let state = format!("/sys/devices/system/memory/memory{n}/state");
+        let now = std::fs::read_to_string(&state).map_err(|e| format!("{state}: {e}"))?;
+        if now.trim() == "offline" {
+            std::fs::write(&state, "online_movable").map_err(|e| format!("onlining {state}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// `kup ppp attach`: the arena online with nothing held (a boot with no checkpoint to resume;
+/// `kup resume` attaches it with the checkpoint's pages held back instead).
+pub fn attach_at_boot() -> Result<()> {
+    let Some(arena) = Arena::running()? else {
+        return fail("the kernel command line reserves no arena: add memmap=SIZE$START (e.g. memmap=2G$4G; aligned to the memory block size, see docs/ppp.md)");
+    };
+    let dev = open()?;
+    attach(&dev, arena, &[])?;
+    let info = dev.info().map_err(|e| format!("{DEVICE}: {e}"))?;
+    println!("ppp: arena {arena} online as movable memory (memory blocks of {})", crate::report::bytes(info.block_size));
+    Ok(())
+}
+
+/// `kup ppp status`.
+pub fn status(json: bool) -> Result<()> {
+    let arena = Arena::running()?;
+    let info = if Path::new(DEVICE).exists() { Some(Device::open(DEVICE).and_then(|d| d.info()).map_err(|e| format!("{DEVICE}: {e}"))?) } else { None };
+    if json {
+        crate::report::print_json(&serde_json::json!({
+            "arena": arena.map(|a| serde_json::json!({ "start": a.start, "size": a.size })),
+            "module": info.is_some(),
+            "attached": info.is_some_and(|i| i.state & ppp_abi::STATE_ATTACHED != 0),
+            "held_pages": info.map(|i| i.held_pages),
+            "pinned_pages": info.map(|i| i.pinned_pages),
+        }));
+        return Ok(());
+    }
+    println!("arena:  {}", arena.map_or("none (no memmap=SIZE$START on the command line)".into(), |a| a.to_string()));
+    match info {
+        None => println!("module: not loaded ({DEVICE} missing)"),
+        Some(i) => {
+            let attached = i.state & ppp_abi::STATE_ATTACHED != 0;
+            println!("module: ppp.ko ABI {}, memory blocks of {}", i.abi_version, crate::report::bytes(i.block_size));
+            println!("state:  {}", if attached { "attached (the arena is movable memory)" } else { "loaded, arena not attached" });
+            println!("pages:  {} held back for a restore, {} pinned by a checkpoint", i.held_pages, i.pinned_pages);
+        }
+    }
+    Ok(())
+}
+
+/// What PIN kept of one process.
+pub struct Pinned {
+    pub pid: u32,
+    pub entries: Vec<ListEntry>,
+    /// Present pages not kept, by reason.
+    pub not_kept: BTreeMap<Why, u64>,
+}
+
+/// Pins every present page of `pid`'s private mappings (the process must be frozen by CRIU).
+pub fn pin_process(dev: &Device, pid: u32, tag: u64) -> Result<Pinned> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| format!("/proc/{pid}/maps: {e}"))?;
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("/proc/{pid}/pagemap: {e}"))?;
+    let mut out = Pinned { pid, entries: vec![], not_kept: BTreeMap::new() };
+    let mut pages = vec![Page::default(); PIN_CHUNK];
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else { continue };
+        let path = f.nth(3).unwrap_or("");
+        if !perms.ends_with('p') || matches!(path, "[vsyscall]" | "[vdso]" | "[vvar]") {
+            continue;
+        }
+        let Some((s, e)) = range.split_once('-') else { continue };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else { continue };
+        for (run_start, run_pages) in present_runs(&pagemap, pid, start, end)? {
+            let mut done = 0;
+            while done < run_pages {
+                let n = (run_pages - done).min(PIN_CHUNK as u64) as usize;
+                let at = run_start + done * PAGE;
+                dev.pin(pid, tag, at, true, &mut pages[..n]).map_err(|e| match e.raw_os_error() {
+                    Some(libc::EPERM) => format!("pinning process {pid}: it is not stopped by CRIU (only a process being checkpointed can be pinned)"),
+                    Some(libc::EBUSY) => format!("pinning process {pid}: another checkpoint holds pins (`kup ppp status`)"),
+                    Some(libc::ENODEV) => "pinning: the arena is not attached (`kup ppp attach` at boot, before the apps start)".to_string(),
+                    _ => format!("pinning process {pid} at {at:#x}: {e}"),
+                })?;
+                for (i, p) in pages[..n].iter().enumerate() {
+                    match Why::from_raw(p.why) {
+                        Some(Why::Kept) => out.entries.push(ListEntry { vaddr: at + i as u64 * PAGE, pfn: p.pfn, crc: p.crc, flags: 0 }),
+                        Some(w) => *out.not_kept.entry(w).or_default() += 1,
+                        None => return fail(format!("ppp.ko answered an unknown reason {} for page {:#x} of process {pid}", p.why, at + i as u64 * PAGE)),
+                    }
+                }
+                done += n as u64;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Runs of present pages in `[start, end)` per /proc/PID/pagemap (bit 63).
+fn present_runs(pagemap: &std::fs::File, pid: u32, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
+    let mut runs: Vec<(u64, u64)> = vec![];
+    let mut buf = vec![0u8; 8 * 8192];
+    let mut at = start;
+    while at < end {
+        let n = ((end - at) / PAGE).min(8192) as usize;
+        let got = pagemap.read_at(&mut buf[..n * 8], at / PAGE * 8).map_err(|e| format!("/proc/{pid}/pagemap: {e}"))?;
+        if got < n * 8 {
+            return fail(format!("/proc/{pid}/pagemap: short read at {at:#x}"));
+        }
+        for (i, w) in buf[..n * 8].chunks_exact(8).enumerate() {
+            if u64::from_le_bytes(w.try_into().unwrap()) >> 63 == 1 {
+                let va = at + i as u64 * PAGE;
+                match runs.last_mut() {
+                    Some((s, c)) if *s + *c * PAGE == va => *c += 1,
+                    _ => runs.push((va, 1)),
+                }
+            }
+        }
+        at += n as u64 * PAGE;
+    }
+    Ok(runs)
+}
+
+/// A nonzero pin tag for a checkpoint id.
+pub fn tag(id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    h | 1
+}
+
+/// Writes a process's PFN list durably.
+pub fn write_list(path: &Path, arena: Arena, p: &Pinned) -> Result<()> {
+    let body = p.entries.as_bytes();
+    let head = ListHead { magic: ppp_abi::LIST_MAGIC, version: ppp_abi::LIST_VERSION, arena_start: arena.start, arena_size: arena.size, nr_pages: p.entries.len() as u64, pid: p.pid, crc: crc32fast::hash(body) };
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(head.as_bytes()).and_then(|()| f.write_all(body)).and_then(|()| f.sync_all()).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(())
+}
+
+/// Reads a PFN list back, checking its head and CRC.
+pub fn read_list(path: &Path) -> Result<(ListHead, Vec<ListEntry>)> {
+    let mut bytes = vec![];
+    std::fs::File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bad = |why: String| -> Result<(ListHead, Vec<ListEntry>)> { fail(format!("the PFN list {} is damaged ({why}): this checkpoint's pages cannot be put back in place", path.display())) };
+    let Ok((head, rest)) = ListHead::read_from_prefix(&bytes) else { return bad(format!("{} bytes, shorter than its head", bytes.len())) };
+    if head.magic != ppp_abi::LIST_MAGIC || head.version != ppp_abi::LIST_VERSION {
+        return bad(format!("magic {:#x} version {}, want {:#x} version {}", head.magic, head.version, ppp_abi::LIST_MAGIC, ppp_abi::LIST_VERSION));
+    }
+    let want = head.nr_pages as usize * size_of::<ListEntry>();
+    if rest.len() != want {
+        return bad(format!("{} bytes of entries for {} pages, want {want}", rest.len(), head.nr_pages));
+    }
+    if crc32fast::hash(rest) != head.crc {
+        return bad("CRC mismatch".into());
+    }
+    let entries = <[ListEntry]>::ref_from_bytes(rest).map(|e| e.to_vec()).or_else(|_| {
+        // Unaligned: copy entry by entry.
+        Ok::<_, ()>(rest.chunks_exact(size_of::<ListEntry>()).map(|c| ListEntry::read_from_bytes(c).unwrap()).collect())
+    });
+    Ok((head, entries.unwrap_or_default()))
+}
+
+/// Maps a process's kept pages back, CRC first: (pages put in place, pages copied into an address
+/// the restore had populated already). The error names the page.
+pub fn map_process(dev: &Device, app: &str, pid: u32, entries: &[ListEntry], verify: bool) -> Result<(u64, u64)> {
+    let (mut mapped, mut copied) = (0, 0);
+    let mut i = 0;
+    while i < entries.len() {
+        let mut j = i + 1;
+        while j < entries.len() && entries[j].vaddr == entries[j - 1].vaddr + PAGE {
+            j += 1;
+        }
+        let pages: Vec<Page> = entries[i..j].iter().map(|e| Page { pfn: e.pfn, crc: e.crc, why: 0 }).collect();
+        let (m, r) = dev.map(pid, entries[i].vaddr, verify, &pages);
+        mapped += m.nr_mapped;
+        copied += m.nr_copied;
+        if let Err(e) = r {
+            let k = i + (m.failed as usize).min(j - i - 1);
+            let why = Why::from_raw(m.failed_why).map_or_else(|| format!("reason {}", m.failed_why), |w| w.describe().to_string());
+            return fail(format!(
+                "{app}: the page at {:#x} of process {pid} (PFN {:#x}) was not put back: {why} ({e}); nothing of it is mapped where the check failed",
+                entries[k].vaddr, entries[k].pfn
+            ));
+        }
+        i = j;
+    }
+    Ok((mapped, copied))
+}
+
+/// The manifest's record of what PPP kept of an app.
+pub fn summary(arena: Arena, lists: Vec<PppList>, not_kept: &BTreeMap<Why, u64>, pin_ms: f64) -> PppPages {
+    PppPages {
+        arena_start: arena.start,
+        arena_size: arena.size,
+        kept: lists.iter().map(|l| l.pages).sum(),
+        lists,
+        not_kept: not_kept.iter().map(|(w, n)| (w.c_name().trim_start_matches("PPP_").to_ascii_lowercase(), *n)).collect(),
+        pin_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_arena_is_the_one_dollar_reservation() {
+        assert_eq!(Arena::from_cmdline("console=ttyS0 memmap=512M!1G memmap=2G$4G quiet").unwrap(), Some(Arena { start: 4 << 30, size: 2 << 30 }));
+        assert_eq!(Arena::from_cmdline("memmap=512M!1G,0x80000000$0x100000000").unwrap(), Some(Arena { start: 4 << 30, size: 2 << 30 }));
+        assert_eq!(Arena::from_cmdline("memmap=512M!1G").unwrap(), None);
+        assert!(Arena::from_cmdline("memmap=2G$4G memmap=1G$8G").unwrap_err().to_string().contains("exactly one"));
+        assert!(Arena::from_cmdline("memmap=2X$4G").unwrap_err().to_string().contains("memmap=2X$4G"));
+    }
+
+    #[test]
+    fn a_pfn_list_reads_back_and_a_damaged_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("1.pfns");
+        let p = Pinned { pid: 1, entries: (0..100).map(|i| ListEntry { vaddr: 0x7000_0000 + i * PAGE, pfn: 0x10_0000 + i, crc: i as u32, flags: 0 }).collect(), not_kept: BTreeMap::new() };
+        let arena = Arena { start: 4 << 30, size: 2 << 30 };
+        write_list(&path, arena, &p).unwrap();
+        let (head, entries) = read_list(&path).unwrap();
+        assert_eq!((head.pid, head.arena_start, entries), (1, 4 << 30, p.entries.clone()));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[size_of::<ListHead>() + 9] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(read_list(&path).unwrap_err().to_string().contains("CRC mismatch"));
+        std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        assert!(read_list(&path).unwrap_err().to_string().contains("bytes of entries"));
+    }
+}

@@ -1,0 +1,187 @@
+//! The user ABI of ppp.ko, kup's PPP module: the Rust mirror of `kmod/include/uapi/kup_ppp.h`,
+//! the one definition. `tests/header.rs` compiles a C program against that header and checks
+//! every size, offset, constant and request number below against what the C compiler says, so a
+//! change on one side without the other fails `make test`.
+//!
+//! The layouts are the kernel's native ones (`#[repr(C)]`, x86-64 little-endian): the module
+//! copies them with `copy_from_user`/`copy_to_user`, and pointers travel as `u64`.
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+pub const ABI_VERSION: u32 = 1;
+/// The misc device (`/dev/kup_ppp`, root only).
+pub const DEVICE_NAME: &str = "kup_ppp";
+/// The arena's memory in /proc/iomem once hot-added.
+pub const RESOURCE_NAME: &str = "System RAM (kup ppp)";
+
+pub const STATE_ATTACHED: u32 = 1 << 0;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct Info {
+    pub abi_version: u32,
+    pub state: u32,
+    pub arena_start: u64,
+    pub arena_size: u64,
+    pub block_size: u64,
+    pub held_pages: u64,
+    pub pinned_pages: u64,
+    pub pin_tag: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct Attach {
+    pub arena_start: u64,
+    pub arena_size: u64,
+    /// Pointer to `u64 pfn[nr_held]`, ascending.
+    pub held: u64,
+    pub nr_held: u64,
+}
+
+/// Why a page does (KEPT) or does not stay in place.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Why {
+    Kept = 0,
+    NotPresent = 1,
+    NotArena = 2,
+    NotAnon = 3,
+    Shared = 4,
+    Pinned = 5,
+    BadCrc = 6,
+    NotHeld = 7,
+    NotHole = 8,
+    ExitWrite = 9,
+}
+
+impl Why {
+    pub const ALL: [Why; 10] = [Why::Kept, Why::NotPresent, Why::NotArena, Why::NotAnon, Why::Shared, Why::Pinned, Why::BadCrc, Why::NotHeld, Why::NotHole, Why::ExitWrite];
+
+    pub fn from_raw(v: u32) -> Option<Why> {
+        Why::ALL.into_iter().find(|w| *w as u32 == v)
+    }
+
+    /// The header's name of the constant.
+    pub fn c_name(self) -> &'static str {
+        match self {
+            Why::Kept => "PPP_KEPT",
+            Why::NotPresent => "PPP_NOT_PRESENT",
+            Why::NotArena => "PPP_NOT_ARENA",
+            Why::NotAnon => "PPP_NOT_ANON",
+            Why::Shared => "PPP_SHARED",
+            Why::Pinned => "PPP_PINNED",
+            Why::BadCrc => "PPP_BAD_CRC",
+            Why::NotHeld => "PPP_NOT_HELD",
+            Why::NotHole => "PPP_NOT_HOLE",
+            Why::ExitWrite => "PPP_EXIT_WRITE",
+        }
+    }
+
+    /// In words, for kup's messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Why::Kept => "kept in place",
+            Why::NotPresent => "not present",
+            Why::NotArena => "outside the arena",
+            Why::NotAnon => "not private anonymous memory",
+            Why::Shared => "shared copy-on-write with another mapping",
+            Why::Pinned => "already pinned",
+            Why::BadCrc => "its CRC does not match the checkpoint's",
+            Why::NotHeld => "its PFN is not held back by the module",
+            Why::NotHole => "the address cannot take the page",
+            Why::ExitWrite => "written by the kernel when the process exits (clear_child_tid, robust futexes)",
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct Page {
+    pub pfn: u64,
+    pub crc: u32,
+    /// A [`Why`].
+    pub why: u32,
+}
+
+pub const PIN_CRC: u32 = 1 << 0;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct Pin {
+    pub pid: u32,
+    pub flags: u32,
+    pub tag: u64,
+    pub start: u64,
+    pub nr_pages: u64,
+    /// Pointer to `Page[nr_pages]`.
+    pub pages: u64,
+    pub nr_kept: u64,
+}
+
+pub const MAP_VERIFY: u32 = 1 << 0;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct Map {
+    pub pid: u32,
+    pub flags: u32,
+    pub start: u64,
+    pub nr_pages: u64,
+    /// Pointer to `Page[nr_pages]`.
+    pub pages: u64,
+    pub nr_mapped: u64,
+    pub nr_copied: u64,
+    pub failed: u64,
+    pub failed_why: u32,
+    pub pad: u32,
+}
+
+pub const LIST_MAGIC: u32 = 0x4c50_5050;
+pub const LIST_VERSION: u32 = 1;
+
+/// The head of a process's PFN list in the checkpoint (then `nr_pages` [`ListEntry`]s).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct ListHead {
+    pub magic: u32,
+    pub version: u32,
+    pub arena_start: u64,
+    pub arena_size: u64,
+    pub nr_pages: u64,
+    pub pid: u32,
+    /// CRC-32 of the entries' bytes.
+    pub crc: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct ListEntry {
+    pub vaddr: u64,
+    pub pfn: u64,
+    pub crc: u32,
+    pub flags: u32,
+}
+
+pub const IOC_MAGIC: u8 = 0xB7;
+
+/// Linux's `_IOC(dir, type, nr, size)` on x86-64.
+const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | ((IOC_MAGIC as u64) << 8) | nr
+}
+const READ: u64 = 2;
+const WRITE: u64 = 1;
+
+pub const IOC_INFO: u64 = ioc(READ, 0, size_of::<Info>());
+pub const IOC_ATTACH: u64 = ioc(WRITE, 1, size_of::<Attach>());
+pub const IOC_PIN: u64 = ioc(READ | WRITE, 2, size_of::<Pin>());
+pub const IOC_UNPIN: u64 = ioc(WRITE, 3, size_of::<u64>());
+pub const IOC_MAP: u64 = ioc(READ | WRITE, 4, size_of::<Map>());
+pub const IOC_RELEASE: u64 = ioc(0, 5, 0);
+
+/// The header, for the test and for anything that wants to print where the ABI lives.
+pub const HEADER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../kmod/include/uapi/kup_ppp.h");
+
+/// CRC-32 of one page as the module computes it (`~crc32_le(~0, page, 4096)`: IEEE 802.3, the
+/// same as crc32fast's).
+pub const CRC_NAME: &str = "CRC-32 (IEEE 802.3)";

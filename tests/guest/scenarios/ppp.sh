@@ -1,0 +1,60 @@
+# ppp: `kup update --ppp` A -> B with memcached holding PPP_ITEMS items of 64 KiB. On A the arena
+# (memmap=2G$4G) is attached at boot, before memcached starts, so its pages land there; kup pins
+# them while CRIU holds memcached frozen and writes their PFNs into the checkpoint; B attaches the
+# arena with those PFNs held back and `kup resume` maps them into the restored memcached (CRC first)
+# before it runs. Every item must read back, and at least 90% of memcached's pages must be where they
+# were before the update (the same PFN at the same address, from /proc/PID/pagemap).
+
+PPP_ITEMS=4096
+MC_VALUE=65536
+MC_ADDR=127.0.0.1:11211
+
+stage_a() {
+    need rpramfs kup mctool memcached
+    kup ppp attach || fail "kup ppp attach failed"
+    rpramfs mkfs "$REGION" || fail "rpramfs mkfs $REGION failed"
+    rp_mount
+    echo 20000 >/proc/sys/kernel/ns_last_pid
+    mc_start 11211 1400
+    out=$(mctool load --addr $MC_ADDR --items $PPP_ITEMS --value-size $MC_VALUE) || fail "loading memcached: $out"
+    info "$out"
+    mc=$(pidof memcached) || fail "memcached is not running"
+    kup ppp status | sed 's/^/GUEST: INFO ppp: /'
+    out=$(mctool pfns --pid "$mc" --out $MNT/pfns-before) || fail "reading memcached's PFNs: $out"
+    info "before the update: $out"
+    initrd_rebuild
+    cp /boot/initrd $MNT/initrd-a || fail "copying the initrd into the store"
+    rc=0
+    kup update --ppp --kernel /boot/vmlinuz-b --initrd /boot/initrd --append "$(next_cmdline b)" --store ram --pid "$mc" \
+        --old-kernel /boot/vmlinuz-a --old-initrd $MNT/initrd-a --old-append "$(next_cmdline a2)" || rc=$?
+    fail "kup update --ppp returned (exit $rc) instead of switching kernels"
+}
+
+stage_b() {
+    rc=0
+    kup resume || rc=$?
+    [ $rc -eq 0 ] || fail "kup resume exited $rc"
+    kup status | sed 's/^/GUEST: INFO status: /'
+    out=$(mctool verify --addr $MC_ADDR --items $PPP_ITEMS --value-size $MC_VALUE) || fail "after the update: $out"
+    info "$out"
+    keys=$(echo "$out" | sed -n 's/.*keys=\([0-9]*\/[0-9]*\).*/\1/p')
+    figure keys "$keys"
+    [ "$keys" = "$PPP_ITEMS/$PPP_ITEMS" ] || fail "keys=$keys after the update"
+    mc=$(pidof memcached) || fail "memcached is not running on B"
+    out=$(mctool pfns --pid "$mc" --out /tmp/pfns-after) || fail "reading memcached's PFNs on B: $out"
+    in_place=$(mctool pfns-compare $MNT/pfns-before /tmp/pfns-after | sed -n 's/^in_place=//p')
+    figure in_place "$in_place"
+    same=${in_place%/*} total=${in_place#*/}
+    [ $((same * 10)) -ge $((total * 9)) ] || fail "only $in_place of memcached's pages are where they were before the update"
+    # The update record's timeline: from "frozen" to "checkpoint-done" the apps were frozen.
+    frozen=$(kup status | awk '$6 == "frozen" { f = $1 } $6 == "checkpoint-done" { d = $1 } END { if (f != "" && d != "") printf "%d", (d - f) * 1000 }')
+    figure frozen_ms "$frozen"
+    kup ppp status | sed 's/^/GUEST: INFO ppp: /'
+    pass "keys=$keys in_place=$in_place frozen_ms=$frozen"
+}
+
+stage_a2() {
+    kup resume || true
+    kup status
+    fail "kup resume fell back to $(uname -r)"
+}

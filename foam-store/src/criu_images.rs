@@ -20,6 +20,12 @@ const IMG_SERVICE_MAGIC: u32 = 0x5510_5940;
 const PAGEMAP_MAGIC: u32 = 0x5608_4025;
 const STATS_MAGIC: u32 = 0x5709_3306;
 const PSTREE_MAGIC: u32 = 0x5027_3030;
+/// The inventory alone has no common magic before its own.
+const INVENTORY_MAGIC: u32 = 0x5831_3116;
+/// CRIU's CRTOOLS_IMAGES_V1_1.
+const IMAGES_V1_1: u64 = 2;
+/// CRIU's PRE_DUMP_SPLICE.
+const PRE_DUMP_SPLICE: u64 = 1;
 /// A pagemap entry's page count is a u32 in CRIU ≤ 4.1.
 const MAX_ENTRY_PAGES: u64 = 1 << 30;
 const COPY_CHUNK: usize = 1 << 20;
@@ -144,6 +150,22 @@ pub fn write_restore_images(dir: &Path, target: Target, pages_id: u32, foam: Opt
     Ok(stats)
 }
 
+/// Writes the `inventory.img` of a parent images directory that is no real pre-dump: all a final
+/// `criu dump --track-mem --prev-images-dir` reads of it is `dump_uptime` (µs since boot, as
+/// /proc/uptime), to tell a pid that was reused since (a process started after it) from the same
+/// process. With its parent's pages kept elsewhere (PPP), kup points the final dump at this.
+pub fn write_parent_inventory(dir: &Path, dump_uptime_us: u64) -> Result<(), Error> {
+    let mut img = INVENTORY_MAGIC.to_le_bytes().to_vec();
+    let mut e = Vec::new();
+    put_field(&mut e, 1, IMAGES_V1_1);
+    put_field(&mut e, 8, dump_uptime_us);
+    put_field(&mut e, 9, PRE_DUMP_SPLICE);
+    put_record(&mut img, &e);
+    let path = dir.join("inventory.img");
+    let mut f = create_private(&path)?;
+    f.write_all(&img).and_then(|_| f.sync_all()).map_err(|e| Error::io(&path, e))
+}
+
 fn create_private(path: &Path) -> Result<File, Error> {
     std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(path).map_err(|e| Error::io(path, e))
 }
@@ -260,6 +282,24 @@ mod tests {
         // Eager: everything is copied.
         let st = write_restore_images(dir.path(), Target::Pid(9), 1, Some(&foam), &ranges, false).unwrap();
         assert_eq!(st, SynthStats { pages_copied: 3, pages_lazy: 0 });
+    }
+
+    #[test]
+    fn a_parent_inventory_is_laid_out_as_criu_writes_one() {
+        // tests/fixtures/criu-images/inventory.img: from `criu dump` (4.1.1) of a sleeping process.
+        let real = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/criu-images/inventory.img")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        write_parent_inventory(dir.path(), 123_456_789).unwrap();
+        let ours = std::fs::read(dir.path().join("inventory.img")).unwrap();
+        assert_eq!(ours[..4], real[..4], "magic");
+        let record = |img: &[u8]| -> Vec<(u32, u64)> {
+            let len = u32::from_le_bytes(img[4..8].try_into().unwrap()) as usize;
+            assert_eq!(img.len(), 8 + len, "one record");
+            fields(&img[8..]).unwrap().into_iter().filter_map(|(n, f)| if let Field::Varint(v) = f { Some((n, v)) } else { None }).collect()
+        };
+        let real = record(&real);
+        assert_eq!(real.iter().find(|(n, _)| *n == 1), Some(&(1, IMAGES_V1_1)), "img_version");
+        assert_eq!(record(&ours), vec![(1, IMAGES_V1_1), (8, 123_456_789), (9, PRE_DUMP_SPLICE)]);
     }
 
     #[test]

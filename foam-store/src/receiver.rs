@@ -40,6 +40,9 @@ pub struct TargetReport {
     pub ranges: RangeMap,
     pub pages_data: u64,
     pub pages_parent: u64,
+    /// With [`Receiver::parent_elsewhere`]: pages CRIU reported unchanged that no previous pass
+    /// holds (kup keeps them another way, or copies them itself).
+    pub unsent: RangeMap,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -71,6 +74,8 @@ pub struct Receiver<'a> {
     /// The previous pass's ranges: where PE_PARENT holes take their flags from.
     previous: &'a BTreeMap<Target, RangeMap>,
     has_parent: bool,
+    /// PE_PARENT pages need not be in `previous` (see [`Receiver::parent_elsewhere`]).
+    parent_elsewhere: bool,
     /// Counts page bytes as they arrive (progress display).
     pub progress: Option<&'a AtomicU64>,
 }
@@ -248,7 +253,16 @@ fn stopped() -> Error {
 
 impl<'a> Receiver<'a> {
     pub fn new(spaces: &'a Spaces, previous: &'a BTreeMap<Target, RangeMap>, has_parent: bool) -> Receiver<'a> {
-        Receiver { spaces, previous, has_parent, progress: None }
+        Receiver { spaces, previous, has_parent, parent_elsewhere: false, progress: None }
+    }
+
+    /// A final dump whose "parent" is no earlier pass (PPP: the pages stay in the app's memory):
+    /// OPEN2 says a parent exists, and the pages CRIU reports unchanged go into
+    /// [`TargetReport::unsent`] instead of failing the session.
+    pub fn parent_elsewhere(mut self) -> Receiver<'a> {
+        self.has_parent = true;
+        self.parent_elsewhere = true;
+        self
     }
 
     /// Serves one session until CLOSE/FORCE_CLOSE. The written files are synced before the
@@ -322,6 +336,11 @@ impl<'a> Receiver<'a> {
                     } else if flags & PE_PARENT != 0 {
                         // Unchanged since the previous pass: the FOAM file already holds these pages.
                         let prev = self.previous.get(&t).map(|m| m.covered(start, end)).unwrap_or_default();
+                        if self.parent_elsewhere && prev.is_empty() {
+                            tr.unsent.insert(start, end, PE_PRESENT);
+                            tr.pages_parent += h.nr_pages as u64;
+                            continue;
+                        }
                         if prev.iter().map(|r| r.pages()).sum::<u64>() != h.nr_pages as u64 {
                             return Err(Error::ParentMissing { space: t.stem(), vaddr: start, pages: h.nr_pages });
                         }

@@ -62,17 +62,19 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
         return fail("--iterations must be at least 1");
     }
     let procs: Vec<Process> = a.pids.iter().map(|&p| Process::inspect(p)).collect::<Result<_>>()?;
+    let ppp_arena = if a.ppp { Some(ppp_preflight(criu)?) } else { None };
     let store = Store::open(&a.store)?;
     let mode = FileMode::probe(store.root())?;
     let memory: u64 = procs.iter().map(|p| p.memory_bytes()).sum();
-    check_room(&a.store, memory)?;
-    let ppp_arena = if a.ppp { Some(ppp_preflight()?) } else { None };
-    let incremental = a.iterations > 1 && criu.has_dirty_tracking();
+    check_room(&a.store, room_needed(&procs, ppp_arena.as_ref().map(|(_, arena)| *arena))?)?;
+    // PPP needs no pre-dumps: the pages stay where they are, and the final dump sends only those
+    // written since kup reset their soft-dirty bits (see `start_pass`).
+    let incremental = a.iterations > 1 && criu.has_dirty_tracking() && ppp_arena.is_none();
     let passes = if incremental { a.iterations } else { 1 };
     let write_mode = WriteMode::probe(store.root(), crate::direct_writes());
     // Naming the CRC32 implementation also picks it (a timing), before any app is frozen.
     let mut notes = vec![format!("store layout: {}; {}; page CRC32 by the {}, the faster here", mode.describe(), write_mode.describe(), pagecrc::implementation().name())];
-    if a.iterations > 1 && !incremental {
+    if a.iterations > 1 && !incremental && ppp_arena.is_none() {
         notes.push("this kernel has no soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY), so CRIU cannot pre-dump: one full pass while the app is frozen".into());
     }
 
@@ -202,6 +204,9 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
     Ok(manifest)
 }
 
+/// The final dump's parent images directory under PPP, next to `criu/<pass>`: an inventory only.
+const PPP_PARENT: &str = "ppp-parent";
+
 /// Where the post-dump rendezvous sockets live (one root-only directory per kup process).
 const HOOKS_ROOT: &str = "/run/kup/hooks";
 
@@ -326,10 +331,11 @@ fn final_dump(sh: &Shared<'_>, index: usize, p: &Process, name: &str, ps: &Passe
         if let Some(s) = &ps.staging {
             s.persist(&run.rel, &run.store_dir).map_err(|e| format!("{e}; CRIU's images of the final dump stay in {}", run.criu_dir.display()))?;
         }
-        app.spaces = final_image(&ps.spaces, &session)?;
+        let mut session = session;
         if let Some(p) = sh.ppp {
-            app.ppp = Some(pin_app(p, &sh.dir.join(name), &session)?);
+            app.ppp = Some(pin_app(p, &ps.spaces, &sh.dir.join(name), &mut session)?);
         }
+        app.spaces = final_image(&ps.spaces, &session)?;
         Ok(session)
     })();
     let verdict = match &prepared {
@@ -369,7 +375,10 @@ fn final_dump(sh: &Shared<'_>, index: usize, p: &Process, name: &str, ps: &Passe
 }
 
 /// Nothing is frozen unless the module runs the arena of this kernel's command line.
-fn ppp_preflight() -> Result<(crate::ppp_dev::Device, crate::ppp::Arena)> {
+fn ppp_preflight(criu: &Criu) -> Result<(crate::ppp_dev::Device, crate::ppp::Arena)> {
+    if !criu.has_dirty_tracking() {
+        return fail("--ppp: this kernel has no soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY), which keeps the final dump from sending the pages that stay in place; checkpoint without --ppp");
+    }
     let Some(arena) = crate::ppp::Arena::running()? else {
         return fail("--ppp: the kernel command line reserves no arena (memmap=SIZE$START, e.g. memmap=2G$4G; see docs/ppp.md); checkpoint without --ppp");
     };
@@ -384,17 +393,40 @@ fn ppp_preflight() -> Result<(crate::ppp_dev::Device, crate::ppp::Arena)> {
     Ok((dev, arena))
 }
 
-/// Pins every process of a frozen app and writes its PFN lists into the store (durably: they are
-/// part of what the commit makes restorable).
-fn pin_app(p: &PppRun, app_dir: &Path, session: &SessionReport) -> Result<foam_store::manifest::PppPages> {
+/// The store's room a checkpoint needs: the apps' memory, or with PPP only what lies outside the
+/// arena (the pages that go the FOAM way).
+pub fn room_needed(procs: &[Process], ppp: Option<crate::ppp::Arena>) -> Result<u64> {
+    let Some(arena) = ppp else { return Ok(procs.iter().map(|p| p.memory_bytes()).sum()) };
+    let mut outside = 0;
+    for p in procs {
+        for pid in p.tree() {
+            outside += crate::ppp::bytes_outside(pid, arena)?;
+        }
+    }
+    Ok(outside)
+}
+
+/// Pins every process of a frozen app, copies into FOAM the unchanged pages it cannot keep (CRIU
+/// did not send them), and writes the PFN lists into the store (durably: they are part of what
+/// the commit makes restorable).
+fn pin_app(p: &PppRun, spaces: &Spaces, app_dir: &Path, session: &mut SessionReport) -> Result<foam_store::manifest::PppPages> {
     let t = Instant::now();
     let dir = app_dir.join("ppp");
     std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut lists = vec![];
     let mut not_kept = BTreeMap::new();
-    for t in session.targets.keys() {
-        let Target::Pid(pid) = *t else { continue };
+    for (t, tr) in session.targets.iter_mut() {
+        let Target::Pid(pid) = *t else {
+            if !tr.unsent.is_empty() {
+                return fail(format!("PPP: CRIU reported {} pages of shared memory {} unchanged, which PPP does not keep yet; checkpoint without --ppp", tr.unsent.pages(), t.stem()));
+            }
+            continue;
+        };
         let pinned = crate::ppp::pin_process(&p.dev, pid, p.tag)?;
+        let copied = crate::ppp::copy_unkept(pid, &*spaces.get_or_create(*t)?, &tr.unsent, &pinned.entries)?;
+        for r in copied.iter() {
+            tr.ranges.insert(r.start, r.end, r.flags);
+        }
         let file = format!("ppp/{pid}.pfns");
         crate::ppp::write_list(&app_dir.join(&file), p.arena, &pinned)?;
         for (w, n) in &pinned.not_kept {
@@ -470,6 +502,18 @@ fn start_pass(sh: &Shared<'_>, p: &Process, name: &str, ps: &Passes, pass: u32) 
             cmd.args(["--prev-images-dir", &format!("../{}", pass - 1)]);
         }
     }
+    if sh.ppp.is_some() {
+        // The parent of the final dump is the app's own memory: with the soft-dirty bits reset
+        // now, CRIU sends only the pages written from here on and names the others unchanged.
+        // Its pid-reuse check reads the parent's inventory: one written now, after the app started.
+        let base = criu_dir.parent().expect("criu/<pass>").join(PPP_PARENT);
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&base).map_err(|e| format!("{}: {e}", base.display()))?;
+        foam_store::criu_images::write_parent_inventory(&base, crate::ppp::uptime_us()?)?;
+        for pid in p.tree() {
+            std::fs::write(format!("/proc/{pid}/clear_refs"), "4").map_err(|e| format!("resetting the soft-dirty bits of process {pid}: {e}"))?;
+        }
+        cmd.args(["--track-mem", "--prev-images-dir", &format!("../{PPP_PARENT}")]);
+    }
     if kind == PassKind::Dump {
         cmd.arg("--action-script").arg(sh.hooks.action_script(name, &criu_dir)?);
         if sh.a.leave_running {
@@ -504,8 +548,10 @@ impl PassRun {
     /// Serves CRIU's pages until CRIU exits or, for the final dump of app `hold`, reaches the
     /// post-dump action.
     fn serve(&mut self, sh: &Shared<'_>, ps: &Passes, hold: Option<&str>) -> (Session, Result<Waited>) {
-        // Pre-dumps say "has parent" from the second pass on, when CRIU has --prev-images-dir.
+        // Pre-dumps say "has parent" from the second pass on, when CRIU has --prev-images-dir;
+        // under PPP the final dump's parent is the app's memory itself.
         let has_parent = sh.incremental && self.pass > 1;
+        let parent_elsewhere = sh.ppp.is_some() && self.kind == PassKind::Dump;
         let sock = self.ours.take().expect("served once");
         let (child, received, bar) = (&mut self.child, &self.received, &self.bar);
         let (spaces, previous) = (&ps.spaces, &ps.previous);
@@ -513,6 +559,9 @@ impl PassRun {
             let rx = s.spawn(move || {
                 let mut sock = sock;
                 let mut r = Receiver::new(spaces, previous, has_parent);
+                if parent_elsewhere {
+                    r = r.parent_elsewhere();
+                }
                 r.progress = Some(received);
                 let res = r.serve(&mut sock);
                 // On error, closing our end makes CRIU's next write fail, so it aborts and thaws the app.

@@ -213,15 +213,7 @@ pub fn pin_process(dev: &Device, pid: u32, tag: u64) -> Result<Pinned> {
     let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("/proc/{pid}/pagemap: {e}"))?;
     let mut out = Pinned { pid, entries: vec![], not_kept: BTreeMap::new() };
     let mut pages = vec![Page::default(); PIN_CHUNK];
-    for line in maps.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(range), Some(perms)) = (f.next(), f.next()) else { continue };
-        let path = f.nth(3).unwrap_or("");
-        if !perms.ends_with('p') || matches!(path, "[vsyscall]" | "[vdso]" | "[vvar]") {
-            continue;
-        }
-        let Some((s, e)) = range.split_once('-') else { continue };
-        let (Ok(start), Ok(end)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else { continue };
+    for (start, end) in private_mappings(&maps) {
         for (run_start, run_pages) in present_runs(&pagemap, pid, start, end)? {
             let mut done = 0;
             while done < run_pages {
@@ -270,6 +262,76 @@ fn present_runs(pagemap: &std::fs::File, pid: u32, start: u64, end: u64) -> Resu
         at += n as u64 * PAGE;
     }
     Ok(runs)
+}
+
+/// Bytes of `pid`'s present pages outside the arena (what a PPP checkpoint stores of it).
+pub fn bytes_outside(pid: u32, arena: Arena) -> Result<u64> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| format!("/proc/{pid}/maps: {e}"))?;
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("/proc/{pid}/pagemap: {e}"))?;
+    let mut buf = vec![0u8; 8 * 8192];
+    let mut outside = 0;
+    for (start, end) in private_mappings(&maps) {
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) / PAGE).min(8192) as usize;
+            let got = pagemap.read_at(&mut buf[..n * 8], at / PAGE * 8).map_err(|e| format!("/proc/{pid}/pagemap: {e}"))?;
+            for w in buf[..got].chunks_exact(8) {
+                let v = u64::from_le_bytes(w.try_into().unwrap());
+                if v >> 63 == 1 && !arena.contains(v & ((1 << 55) - 1)) {
+                    outside += PAGE;
+                }
+            }
+            at += n as u64 * PAGE;
+        }
+    }
+    Ok(outside)
+}
+
+/// [start, end) of the private mappings of a /proc/PID/maps text, but the kernel's own.
+fn private_mappings(maps: &str) -> Vec<(u64, u64)> {
+    maps.lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let (range, perms) = (f.next()?, f.next()?);
+            let path = f.nth(3).unwrap_or("");
+            if !perms.ends_with('p') || matches!(path, "[vsyscall]" | "[vdso]" | "[vvar]") {
+                return None;
+            }
+            let (s, e) = range.split_once('-')?;
+            Some((u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?))
+        })
+        .collect()
+}
+
+/// Copies into FOAM the pages of `unsent` (unchanged since the soft-dirty reset, so CRIU sent no
+/// data) that PPP did not keep, reading them from the frozen process; returns what it copied.
+pub fn copy_unkept(pid: u32, foam: &foam_store::foam::FoamFile, unsent: &foam_store::ranges::RangeMap, kept: &[ListEntry]) -> Result<foam_store::ranges::RangeMap> {
+    let mut todo = unsent.clone();
+    for e in kept {
+        todo.remove(e.vaddr, e.vaddr + PAGE);
+    }
+    if todo.is_empty() {
+        return Ok(todo);
+    }
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).map_err(|e| format!("/proc/{pid}/mem: {e}"))?;
+    let mut buf = vec![0u8; 1 << 20];
+    for r in todo.iter() {
+        let mut at = r.start;
+        while at < r.end {
+            let len = ((r.end - at) as usize).min(buf.len());
+            mem.read_exact_at(&mut buf[..len], at).map_err(|e| format!("reading {len} bytes at {at:#x} of process {pid}: {e}"))?;
+            foam.write_pages(at, &buf[..len])?;
+            at += len as u64;
+        }
+    }
+    Ok(todo)
+}
+
+/// Microseconds since boot, as CRIU reads /proc/uptime.
+pub fn uptime_us() -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/uptime").map_err(|e| format!("/proc/uptime: {e}"))?;
+    let secs: f64 = text.split_whitespace().next().and_then(|s| s.parse().ok()).ok_or("cannot read /proc/uptime")?;
+    Ok((secs * 1e6) as u64)
 }
 
 /// A nonzero pin tag for a checkpoint id.

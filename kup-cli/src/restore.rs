@@ -101,7 +101,8 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Vec<AppRestore>> {
     }
     // The pages image of an eager restore is a copy of the image, written into the store.
     if mode == Mode::Eager {
-        let need: u64 = m.apps.iter().map(|a| (a.pages() - a.ppp.as_ref().map_or(0, |p| p.kept)) * 4096).sum();
+        // (Under PPP the image names only the pages that went the FOAM way, and a few kept ones.)
+        let need: u64 = m.apps.iter().map(|a| a.pages() * 4096).sum();
         let free = crate::checkpoint::free_bytes(&a.store)?;
         if need > free {
             return fail(format!(

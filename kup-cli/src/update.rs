@@ -86,7 +86,8 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
     let old_initrd = a.old_initrd.clone().or_else(|| Some(PathBuf::from(format!("/boot/initrd.img-{old_release}"))).filter(|p| p.is_file()));
     let procs_: Vec<Process> = a.pids.iter().map(|&p| Process::inspect(p)).collect::<Result<_>>()?;
     let memory: u64 = procs_.iter().map(|p| p.memory_bytes()).sum();
-    let free = checkpoint::check_room(&a.store, memory)?;
+    let arena = if a.ppp { crate::ppp::Arena::running()? } else { None };
+    let free = checkpoint::check_room(&a.store, checkpoint::room_needed(&procs_, arena)?)?;
     let new = Kernel { release: new_release, image: a.kernel.clone(), initrd: a.initrd.clone(), cmdline: new_cmdline };
     let old = Kernel { release: old_release, image: old_image, initrd: old_initrd, cmdline: a.old_append.clone().unwrap_or(current_cmdline) };
     kexec::load(&new)?;

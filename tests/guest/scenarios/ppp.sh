@@ -1,11 +1,11 @@
-# ppp: `kup update --ppp` A -> B with memcached holding PPP_ITEMS items of 64 KiB. On A the arena
+# ppp: `kup update --ppp` A -> B with memcached holding PPP_ITEMS items of 64 KiB (1 GiB, twice the region). On A the arena
 # (memmap=2G$4G) is attached at boot, before memcached starts, so its pages land there; kup pins
 # them while CRIU holds memcached frozen and writes their PFNs into the checkpoint; B attaches the
 # arena with those PFNs held back and `kup resume` maps them into the restored memcached (CRC first)
 # before it runs. Every item must read back, and at least 90% of memcached's pages must be where they
 # were before the update (the same PFN at the same address, from /proc/PID/pagemap).
 
-PPP_ITEMS=4096
+PPP_ITEMS=16384
 MC_VALUE=65536
 MC_ADDR=127.0.0.1:11211
 

@@ -39,7 +39,6 @@
 #include <linux/uaccess.h>
 #include <linux/version.h>
 #include <linux/vmalloc.h>
-#include <linux/xarray.h>
 
 #include "include/uapi/kup_ppp.h"
 
@@ -55,8 +54,8 @@ static unsigned long arena_pages;
 static unsigned long *held;
 static unsigned long nr_held;
 
-/* Pages referenced by PIN (old kernel), indexed by PFN. */
-static DEFINE_XARRAY(pins);
+/* One bit per arena page: referenced by PIN (old kernel). */
+static unsigned long *pinned;
 static unsigned long nr_pins;
 static u64 pin_tag;
 
@@ -160,7 +159,7 @@ static long ppp_attach(void __user *arg)
 {
 	struct ppp_attach req;
 	unsigned long bs = memory_block_size_bytes();
-	unsigned long *bits;
+	unsigned long *bits, *pins = NULL;
 	u64 pa;
 	int ret, nid;
 
@@ -195,14 +194,17 @@ static long ppp_attach(void __user *arg)
 	ret = -ENOMEM;
 	bits = vzalloc(BITS_TO_LONGS(PHYS_PFN(req.arena_size)) *
 		       sizeof(long));
-	if (!bits)
-		goto unlock;
+	pins = vzalloc(BITS_TO_LONGS(PHYS_PFN(req.arena_size)) *
+		       sizeof(long));
+	if (!bits || !pins)
+		goto free_bits;
 	ret = load_held(u64_to_user_ptr(req.held), req.nr_held, bits,
 			PHYS_PFN(req.arena_start), PHYS_PFN(req.arena_size));
 	if (ret)
 		goto free_bits;
 
 	held = bits;
+	pinned = pins;
 	nr_held = req.nr_held;
 	arena_pfn = PHYS_PFN(req.arena_start);
 	arena_pages = PHYS_PFN(req.arena_size);
@@ -238,10 +240,12 @@ static long ppp_attach(void __user *arg)
 
 reset:
 	held = NULL;
+	pinned = NULL;
 	nr_held = 0;
 	arena_pfn = 0;
 	arena_pages = 0;
 free_bits:
+	vfree(pins);
 	vfree(bits);
 unlock:
 	mutex_unlock(&ppp_lock);
@@ -404,12 +408,17 @@ static u32 keepable(struct page *page, struct vm_area_struct *vma,
 		return PPP_NOT_ARENA;
 	if (page_mapcount(page) != 1)
 		return PPP_SHARED;
-	if (xa_load(&pins, page_to_pfn(page)))
+	if (test_bit(page_to_pfn(page) - arena_pfn, pinned))
 		return PPP_PINNED;
 	return PPP_KEPT;
 }
 
-static long ppp_pin(void __user *arg)
+/*
+ * PIN (pin true), or CHECKSUM: the CRC of every present page of a running
+ * process, which takes no reference (the checksums taken before the freeze,
+ * so that the frozen window pays only for the pages written since).
+ */
+static long ppp_pin(void __user *arg, bool pin)
 {
 	struct ppp_pin req;
 	struct ppp_page *out = NULL;
@@ -424,10 +433,10 @@ static long ppp_pin(void __user *arg)
 
 	if (copy_from_user(&req, arg, sizeof(req)))
 		return -EFAULT;
-	if (!req.tag || !PAGE_ALIGNED(req.start) || !req.nr_pages ||
+	if ((pin && !req.tag) || !PAGE_ALIGNED(req.start) || !req.nr_pages ||
 	    req.nr_pages > TASK_SIZE_MAX >> PAGE_SHIFT)
 		return -EINVAL;
-	task = find_task(req.pid, true, &err);
+	task = find_task(req.pid, pin, &err);
 	if (!task)
 		return err;
 	mm = get_task_mm(task);
@@ -435,7 +444,7 @@ static long ppp_pin(void __user *arg)
 		put_task_struct(task);
 		return -ESRCH;
 	}
-	if (!collect_exit_writes(task, &ew)) {
+	if (pin && !collect_exit_writes(task, &ew)) {
 		put_task_struct(task);
 		mmput(mm);
 		kfree(ew.page);
@@ -455,7 +464,7 @@ static long ppp_pin(void __user *arg)
 		ret = -ENODEV;
 		goto unlock;
 	}
-	if (pin_tag && pin_tag != req.tag) {
+	if (pin && pin_tag && pin_tag != req.tag) {
 		ret = -EBUSY;
 		goto unlock;
 	}
@@ -479,19 +488,25 @@ static long ppp_pin(void __user *arg)
 			for (k = 0; k < got; k++, j++) {
 				struct page *page = pages[j];
 
+				if (!pin) {
+					out[j] = (struct ppp_page){
+						.pfn = page_to_pfn(page),
+						.crc = page_crc(page),
+					};
+					put_page(page);
+					continue;
+				}
 				out[j] = (struct ppp_page){
 					.why = keepable(page, vmas[j],
 							addr + (k << PAGE_SHIFT),
 							&ew),
 				};
-				if (!ret && out[j].why == PPP_KEPT)
-					ret = xa_err(xa_store(&pins,
-							      page_to_pfn(page),
-							      page, GFP_KERNEL));
-				if (ret || out[j].why != PPP_KEPT) {
+				if (out[j].why != PPP_KEPT) {
 					put_page(page);
 					continue;
 				}
+				/* The reference GUP took stays until UNPIN. */
+				__set_bit(page_to_pfn(page) - arena_pfn, pinned);
 				nr_pins++;
 				kept++;
 				pin_tag = req.tag;
@@ -522,8 +537,7 @@ out:
 
 static long ppp_unpin(void __user *arg)
 {
-	struct page *page;
-	unsigned long pfn;
+	unsigned long bit;
 	u64 tag;
 
 	if (copy_from_user(&tag, arg, sizeof(tag)))
@@ -533,9 +547,9 @@ static long ppp_unpin(void __user *arg)
 		mutex_unlock(&ppp_lock);
 		return -ENOENT;
 	}
-	xa_for_each(&pins, pfn, page) {
-		xa_erase(&pins, pfn);
-		put_page(page);
+	for_each_set_bit(bit, pinned, arena_pages) {
+		__clear_bit(bit, pinned);
+		put_page(pfn_to_page(arena_pfn + bit));
 	}
 	nr_pins = 0;
 	pin_tag = 0;
@@ -544,7 +558,7 @@ static long ppp_unpin(void __user *arg)
 }
 
 /* What became of one page in map_run(). */
-enum map_result { MAP_INSERTED, MAP_POPULATED, MAP_FAILED };
+enum map_result { MAP_INSERTED, MAP_REPLACED, MAP_POPULATED, MAP_FAILED };
 
 static void unhold(unsigned long pfn)
 {
@@ -577,40 +591,41 @@ static void map_run(struct vm_area_struct *vma, unsigned long addr,
 	}
 	for (i = 0; i < n; i++) {
 		struct page *page = pfn_to_page(pg[i].pfn);
+		bool hole = !migrate_pfn_to_page(src[i]);
 
 		if (!(src[i] & MIGRATE_PFN_MIGRATE)) {
-			res[i] = MAP_FAILED;
-			continue;
-		}
-		/* Populated during the restore: left as it is (dst 0). */
-		if (migrate_pfn_to_page(src[i])) {
-			res[i] = MAP_POPULATED;
+			res[i] = hole ? MAP_FAILED : MAP_POPULATED;
 			continue;
 		}
 		/*
-		 * An extra reference: migrate_vma_finalize() drops one of
-		 * every page it was given, inserted or not.
+		 * A hole takes the page; a page the restore populated (e.g.
+		 * a thread's rseq area, or a whole transparent huge page
+		 * around it) is replaced by it: migrate_vma moves the mapping
+		 * without copying data (MIGRATE_SYNC_NO_COPY), so the content
+		 * is the preserved one. An extra reference: the finalize step
+		 * drops one of every page it was given, moved or not.
 		 */
 		ClearPageReserved(page);
 		get_page(page);
 		lock_page(page);
 		dst[i] = migrate_pfn(pg[i].pfn);
-		res[i] = MAP_INSERTED;
+		res[i] = hole ? MAP_INSERTED : MAP_REPLACED;
 	}
 	migrate_vma_pages(&mig);
 	for (i = 0; i < n; i++)
-		if (res[i] == MAP_INSERTED && !(src[i] & MIGRATE_PFN_MIGRATE))
-			res[i] = MAP_FAILED;
+		if (dst[i] && !(src[i] & MIGRATE_PFN_MIGRATE))
+			res[i] = res[i] == MAP_REPLACED ? MAP_POPULATED :
+							  MAP_FAILED;
 	migrate_vma_finalize(&mig);
 	for (i = 0; i < n; i++) {
 		struct page *page = pfn_to_page(pg[i].pfn);
 
-		if (res[i] == MAP_INSERTED) {
+		if (res[i] == MAP_INSERTED || res[i] == MAP_REPLACED) {
 			/* The mapping's reference is the only one now. */
 			put_page(page);
 			unhold(pg[i].pfn);
 		} else if (dst[i]) {
-			/* Not inserted: held again (one reference, reserved). */
+			/* Not moved in: held again (one reference, reserved). */
 			SetPageReserved(page);
 		}
 	}
@@ -755,7 +770,7 @@ static long ppp_map(void __user *arg)
 		if (n)
 			map_run(vma, addr, pg, n, src, dst, res);
 		for (j = 0; j < n; j++) {
-			if (res[j] == MAP_INSERTED) {
+			if (res[j] == MAP_INSERTED || res[j] == MAP_REPLACED) {
 				req.nr_mapped++;
 				continue;
 			}
@@ -831,7 +846,9 @@ static long ppp_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 	case PPP_IOC_ATTACH:
 		return ppp_attach(uarg);
 	case PPP_IOC_PIN:
-		return ppp_pin(uarg);
+		return ppp_pin(uarg, true);
+	case PPP_IOC_CHECKSUM:
+		return ppp_pin(uarg, false);
 	case PPP_IOC_UNPIN:
 		return ppp_unpin(uarg);
 	case PPP_IOC_MAP:

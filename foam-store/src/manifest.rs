@@ -92,6 +92,12 @@ pub struct PppPages {
     pub not_kept: std::collections::BTreeMap<String, u64>,
     /// Milliseconds the pinning took while the app was frozen.
     pub pin_ms: f64,
+    /// Milliseconds checksumming the app's pages took before the freeze (while it ran).
+    #[serde(default)]
+    pub checksum_ms: f64,
+    /// Kept pages checksummed while the app was frozen: those written since.
+    #[serde(default)]
+    pub crc_frozen: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

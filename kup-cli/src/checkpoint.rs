@@ -197,6 +197,13 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
                 report::bytes(app.pages() * 4096),
                 app.spaces.len()
             );
+            if let Some(p) = &app.ppp {
+                let not: u64 = p.not_kept.values().sum();
+                println!(
+                    "  {}: PPP kept {} pages in place ({} went into the store); CRCs: {:.1} ms while it ran, {} pages written since while frozen; pinning {:.1} ms of the frozen time",
+                    app.name, p.kept, not, p.checksum_ms, p.crc_frozen, p.pin_ms
+                );
+            }
         }
         let fate = if a.leave_running { "left running" } else { "stopped by CRIU after the dump" };
         println!("checkpoint {id}: complete; the apps were {fate}; restore with: kup restore --store {}", a.store.display());
@@ -267,6 +274,9 @@ struct Passes {
     staging: Option<staging::Staging>,
     options: Vec<String>,
     previous: BTreeMap<Target, RangeMap>,
+    /// PPP: each process's page CRCs taken while it ran, and how long that took.
+    ppp_known: BTreeMap<u32, Vec<(u64, u32)>>,
+    ppp_checksum_ms: f64,
 }
 
 /// The app's pre-dumps (it keeps running), then the wait at the final gate.
@@ -280,7 +290,7 @@ fn pre_dumps(sh: &Shared<'_>, p: &Process, name: &str, ticket: &mut Ticket<'_>) 
     }
     options.extend(sh.a.criu_options.iter().cloned());
     let mut app = App { name: name.to_string(), pid: p.pid, comm: p.comm.clone(), criu_options: options.clone(), passes: vec![], spaces: vec![], ppp: None };
-    let mut ps = Passes { spaces, staging, options, previous: BTreeMap::new() };
+    let mut ps = Passes { spaces, staging, options, previous: BTreeMap::new(), ppp_known: BTreeMap::new(), ppp_checksum_ms: 0.0 };
     for pass in 1..sh.passes {
         let mut run = start_pass(sh, p, name, &ps, pass)?;
         let (session, waited) = run.serve(sh, &ps, None);
@@ -290,10 +300,26 @@ fn pre_dumps(sh: &Shared<'_>, p: &Process, name: &str, ticket: &mut Ticket<'_>) 
         app.passes.push(run.record(sh, name, &session, stats));
         ps.previous = session.targets.iter().map(|(t, r)| (*t, r.ranges.clone())).collect();
     }
+    if let Some(ppp) = sh.ppp {
+        ppp_prepass(ppp, p, &mut ps)?;
+    }
     if !ticket.arrive() {
         return fail("not frozen: the checkpoint of another app failed before the final dump, so this app was left running");
     }
     Ok((ps, app))
+}
+
+/// PPP before the freeze, while the app runs: its soft-dirty bits are reset, then every present
+/// page is checksummed. A page written after the reset is sent by the final dump, and only those
+/// are checksummed again while the app is frozen.
+fn ppp_prepass(ppp: &PppRun, p: &Process, ps: &mut Passes) -> Result<()> {
+    let t = Instant::now();
+    for pid in p.tree() {
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "4").map_err(|e| format!("resetting the soft-dirty bits of process {pid}: {e}"))?;
+        ps.ppp_known.insert(pid, crate::ppp::checksum_process(&ppp.dev, pid)?);
+    }
+    ps.ppp_checksum_ms = report::ms(t.elapsed());
+    Ok(())
 }
 
 /// The final dump, held at CRIU's post-dump action until every app's is in the store. The error
@@ -333,7 +359,7 @@ fn final_dump(sh: &Shared<'_>, index: usize, p: &Process, name: &str, ps: &Passe
         }
         let mut session = session;
         if let Some(p) = sh.ppp {
-            app.ppp = Some(pin_app(p, &ps.spaces, &sh.dir.join(name), &mut session)?);
+            app.ppp = Some(pin_app(p, ps, &sh.dir.join(name), &mut session)?);
         }
         app.spaces = final_image(&ps.spaces, &session)?;
         Ok(session)
@@ -409,7 +435,9 @@ pub fn room_needed(procs: &[Process], ppp: Option<crate::ppp::Arena>) -> Result<
 /// Pins every process of a frozen app, copies into FOAM the unchanged pages it cannot keep (CRIU
 /// did not send them), and writes the PFN lists into the store (durably: they are part of what
 /// the commit makes restorable).
-fn pin_app(p: &PppRun, spaces: &Spaces, app_dir: &Path, session: &mut SessionReport) -> Result<foam_store::manifest::PppPages> {
+fn pin_app(p: &PppRun, ps: &Passes, app_dir: &Path, session: &mut SessionReport) -> Result<foam_store::manifest::PppPages> {
+    let spaces = &ps.spaces;
+    let mut crc_frozen = 0;
     let t = Instant::now();
     let dir = app_dir.join("ppp");
     std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -422,7 +450,9 @@ fn pin_app(p: &PppRun, spaces: &Spaces, app_dir: &Path, session: &mut SessionRep
             }
             continue;
         };
-        let pinned = crate::ppp::pin_process(&p.dev, pid, p.tag)?;
+        let known = ps.ppp_known.get(&pid).map_or(&[][..], |v| &v[..]);
+        let pinned = crate::ppp::pin_process(&p.dev, pid, p.tag, known, &tr.ranges)?;
+        crc_frozen += pinned.crc_frozen;
         let copied = crate::ppp::copy_unkept(pid, &*spaces.get_or_create(*t)?, &tr.unsent, &pinned.entries)?;
         for r in copied.iter() {
             tr.ranges.insert(r.start, r.end, r.flags);
@@ -435,7 +465,7 @@ fn pin_app(p: &PppRun, spaces: &Spaces, app_dir: &Path, session: &mut SessionRep
         lists.push(foam_store::manifest::PppList { pid, file, pages: pinned.entries.len() as u64 });
     }
     std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| format!("{}: {e}", dir.display()))?;
-    Ok(crate::ppp::summary(p.arena, lists, &not_kept, report::ms(t.elapsed())))
+    Ok(crate::ppp::summary(p.arena, lists, &not_kept, report::ms(t.elapsed()), ps.ppp_checksum_ms, crc_frozen))
 }
 
 /// Reports an app to the commit gate exactly once.
@@ -504,14 +534,12 @@ fn start_pass(sh: &Shared<'_>, p: &Process, name: &str, ps: &Passes, pass: u32) 
     }
     if sh.ppp.is_some() {
         // The parent of the final dump is the app's own memory: with the soft-dirty bits reset
-        // now, CRIU sends only the pages written from here on and names the others unchanged.
-        // Its pid-reuse check reads the parent's inventory: one written now, after the app started.
+        // before the checksums (`ppp_prepass`), CRIU sends only the pages written since and names
+        // the others unchanged. Its pid-reuse check reads the parent's inventory: one written now,
+        // after the app started.
         let base = criu_dir.parent().expect("criu/<pass>").join(PPP_PARENT);
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&base).map_err(|e| format!("{}: {e}", base.display()))?;
         foam_store::criu_images::write_parent_inventory(&base, crate::ppp::uptime_us()?)?;
-        for pid in p.tree() {
-            std::fs::write(format!("/proc/{pid}/clear_refs"), "4").map_err(|e| format!("resetting the soft-dirty bits of process {pid}: {e}"))?;
-        }
         cmd.args(["--track-mem", "--prev-images-dir", &format!("../{PPP_PARENT}")]);
     }
     if kind == PassKind::Dump {
@@ -709,6 +737,7 @@ pub fn summary_json(m: &Manifest, notes: &[String]) -> serde_json::Value {
             "pid": a.pid,
             "pages": a.pages(),
             "frozen_ms": a.passes.last().and_then(|p| p.criu).map(|c| c.frozen_time_us as f64 / 1e3),
+            "ppp": a.ppp,
             "passes": a.passes.iter().map(|p| serde_json::json!({
                 "kind": p.kind,
                 "pages_sent": p.pages_data,

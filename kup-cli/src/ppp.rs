@@ -205,13 +205,17 @@ pub struct Pinned {
     pub entries: Vec<ListEntry>,
     /// Present pages not kept, by reason.
     pub not_kept: BTreeMap<Why, u64>,
+    /// Kept pages whose CRC was taken while the app was frozen (written since [`checksum_process`]).
+    pub crc_frozen: u64,
 }
 
-/// Pins every present page of `pid`'s private mappings (the process must be frozen by CRIU).
-pub fn pin_process(dev: &Device, pid: u32, tag: u64) -> Result<Pinned> {
+/// The CRC of every present page of `pid`'s private mappings, taken while it runs: (vaddr, crc)
+/// in address order. Taken after the soft-dirty bits were reset, it stays valid for every page
+/// the final dump does not send.
+pub fn checksum_process(dev: &Device, pid: u32) -> Result<Vec<(u64, u32)>> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| format!("/proc/{pid}/maps: {e}"))?;
     let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("/proc/{pid}/pagemap: {e}"))?;
-    let mut out = Pinned { pid, entries: vec![], not_kept: BTreeMap::new() };
+    let mut out = vec![];
     let mut pages = vec![Page::default(); PIN_CHUNK];
     for (start, end) in private_mappings(&maps) {
         for (run_start, run_pages) in present_runs(&pagemap, pid, start, end)? {
@@ -219,20 +223,56 @@ pub fn pin_process(dev: &Device, pid: u32, tag: u64) -> Result<Pinned> {
             while done < run_pages {
                 let n = (run_pages - done).min(PIN_CHUNK as u64) as usize;
                 let at = run_start + done * PAGE;
-                dev.pin(pid, tag, at, true, &mut pages[..n]).map_err(|e| match e.raw_os_error() {
+                dev.checksum(pid, at, &mut pages[..n]).map_err(|e| format!("checksumming process {pid} at {at:#x}: {e}"))?;
+                out.extend(pages[..n].iter().enumerate().filter(|(_, p)| p.why == Why::Kept as u32).map(|(i, p)| (at + i as u64 * PAGE, p.crc)));
+                done += n as u64;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Pins every present page of `pid`'s private mappings (the process must be frozen by CRIU).
+/// `known` holds the CRCs taken before the freeze ([`checksum_process`]); pages in `changed`
+/// (written since) or without one get theirs now.
+pub fn pin_process(dev: &Device, pid: u32, tag: u64, known: &[(u64, u32)], changed: &foam_store::ranges::RangeMap) -> Result<Pinned> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| format!("/proc/{pid}/maps: {e}"))?;
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("/proc/{pid}/pagemap: {e}"))?;
+    let mut out = Pinned { pid, entries: vec![], not_kept: BTreeMap::new(), crc_frozen: 0 };
+    let mut pages = vec![Page::default(); PIN_CHUNK];
+    let known_crc = |va: u64| known.binary_search_by_key(&va, |(a, _)| *a).ok().map(|i| known[i].1);
+    for (start, end) in private_mappings(&maps) {
+        for (run_start, run_pages) in present_runs(&pagemap, pid, start, end)? {
+            // Split the run where "needs a CRC now" changes.
+            let needs = |va: u64| known_crc(va).is_none() || !changed.covered(va, va + PAGE).is_empty();
+            let mut seg = run_start;
+            let run_end = run_start + run_pages * PAGE;
+            while seg < run_end {
+                let crc_now = needs(seg);
+                let mut seg_end = seg + PAGE;
+                while seg_end < run_end && needs(seg_end) == crc_now && seg_end - seg < PIN_CHUNK as u64 * PAGE {
+                    seg_end += PAGE;
+                }
+                let n = ((seg_end - seg) / PAGE) as usize;
+                dev.pin(pid, tag, seg, crc_now, &mut pages[..n]).map_err(|e| match e.raw_os_error() {
                     Some(libc::EPERM) => format!("pinning process {pid}: it is not stopped by CRIU (only a process being checkpointed can be pinned)"),
                     Some(libc::EBUSY) => format!("pinning process {pid}: another checkpoint holds pins (`kup ppp status`)"),
                     Some(libc::ENODEV) => "pinning: the arena is not attached (`kup ppp attach` at boot, before the apps start)".to_string(),
-                    _ => format!("pinning process {pid} at {at:#x}: {e}"),
+                    _ => format!("pinning process {pid} at {seg:#x}: {e}"),
                 })?;
                 for (i, p) in pages[..n].iter().enumerate() {
+                    let va = seg + i as u64 * PAGE;
                     match Why::from_raw(p.why) {
-                        Some(Why::Kept) => out.entries.push(ListEntry { vaddr: at + i as u64 * PAGE, pfn: p.pfn, crc: p.crc, flags: 0 }),
+                        Some(Why::Kept) => {
+                            let crc = if crc_now { p.crc } else { known_crc(va).expect("known") };
+                            out.crc_frozen += crc_now as u64;
+                            out.entries.push(ListEntry { vaddr: va, pfn: p.pfn, crc, flags: 0 });
+                        }
                         Some(w) => *out.not_kept.entry(w).or_default() += 1,
-                        None => return fail(format!("ppp.ko answered an unknown reason {} for page {:#x} of process {pid}", p.why, at + i as u64 * PAGE)),
+                        None => return fail(format!("ppp.ko answered an unknown reason {} for page {va:#x} of process {pid}", p.why)),
                     }
                 }
-                done += n as u64;
+                seg = seg_end;
             }
         }
     }
@@ -403,8 +443,10 @@ pub fn map_process(dev: &Device, app: &str, pid: u32, entries: &[ListEntry], ver
 }
 
 /// The manifest's record of what PPP kept of an app.
-pub fn summary(arena: Arena, lists: Vec<PppList>, not_kept: &BTreeMap<Why, u64>, pin_ms: f64) -> PppPages {
+pub fn summary(arena: Arena, lists: Vec<PppList>, not_kept: &BTreeMap<Why, u64>, pin_ms: f64, checksum_ms: f64, crc_frozen: u64) -> PppPages {
     PppPages {
+        checksum_ms,
+        crc_frozen,
         arena_start: arena.start,
         arena_size: arena.size,
         kept: lists.iter().map(|l| l.pages).sum(),
@@ -431,7 +473,7 @@ mod tests {
     fn a_pfn_list_reads_back_and_a_damaged_one_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("1.pfns");
-        let p = Pinned { pid: 1, entries: (0..100).map(|i| ListEntry { vaddr: 0x7000_0000 + i * PAGE, pfn: 0x10_0000 + i, crc: i as u32, flags: 0 }).collect(), not_kept: BTreeMap::new() };
+        let p = Pinned { pid: 1, crc_frozen: 0, entries: (0..100).map(|i| ListEntry { vaddr: 0x7000_0000 + i * PAGE, pfn: 0x10_0000 + i, crc: i as u32, flags: 0 }).collect(), not_kept: BTreeMap::new() };
         let arena = Arena { start: 4 << 30, size: 2 << 30 };
         write_list(&path, arena, &p).unwrap();
         let (head, entries) = read_list(&path).unwrap();

@@ -53,6 +53,14 @@ impl Device {
         Ok(p.nr_kept)
     }
 
+    /// The CRC of every present page of `[start, start + pages.len() pages)` of a running `pid`.
+    pub fn checksum(&self, pid: u32, start: u64, pages: &mut [Page]) -> io::Result<()> {
+        let mut p = Pin { pid, flags: 0, tag: 0, start, nr_pages: pages.len() as u64, pages: pages.as_mut_ptr() as u64, nr_kept: 0 };
+        // SAFETY: CHECKSUM reads and writes one `Pin` and writes `nr_pages` `Page`s at `pages`,
+        // which borrows `pages` mutably for the call.
+        unsafe { ioctl(&self.file, ppp_abi::IOC_CHECKSUM, &mut p) }
+    }
+
     pub fn unpin(&self, tag: u64) -> io::Result<()> {
         let mut t = tag;
         // SAFETY: UNPIN reads one u64.

@@ -47,11 +47,44 @@ pub struct UpdateRecord {
     #[serde(default)]
     pub last_error: Option<String>,
     pub timeline: Vec<Event>,
+    /// What PPP did, when the update used it (the checkpoint goes once the apps are healthy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ppp: Option<PppFigures>,
+}
+
+/// PPP's part of an update: at checkpoint, and at the last restore.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PppFigures {
+    /// Pages kept in place, and present pages that went into the store instead.
+    pub kept: u64,
+    pub to_store: u64,
+    /// Checksumming before the freeze, the pages checksummed while frozen, and all of pinning.
+    pub checksum_ms: f64,
+    pub crc_frozen: u64,
+    pub pin_ms: f64,
+    /// At the last restore: pages put back in place, copied into populated addresses, and the
+    /// time that took (CRC checks included).
+    pub mapped: Option<u64>,
+    pub copied_in: Option<u64>,
+    pub map_ms: Option<f64>,
+}
+
+impl PppFigures {
+    pub fn line(&self) -> String {
+        let restored = match (self.mapped, self.copied_in, self.map_ms) {
+            (Some(m), Some(c), Some(ms)) => format!("; restore: {m} put back in place, {c} copied into pages the restore had written, {ms:.1} ms with CRC checks"),
+            _ => String::new(),
+        };
+        format!(
+            "ppp: {} pages kept in place, {} into the store; CRCs {:.1} ms while running, {} pages while frozen; pinning {:.1} ms{restored}",
+            self.kept, self.to_store, self.checksum_ms, self.crc_frozen, self.pin_ms
+        )
+    }
 }
 
 impl UpdateRecord {
     pub fn new(old: Kernel, new: Kernel, checkpoint: String, apps: Vec<String>, health_check: Option<String>) -> UpdateRecord {
-        UpdateRecord { version: VERSION, state: State::Switching, old, new, checkpoint, apps, health_check, last_error: None, timeline: vec![] }
+        UpdateRecord { version: VERSION, state: State::Switching, old, new, checkpoint, apps, health_check, last_error: None, timeline: vec![], ppp: None }
     }
 
     pub fn path(store: &Path) -> PathBuf {

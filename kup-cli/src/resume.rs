@@ -117,6 +117,11 @@ pub fn restore_and_check(criu: &Criu, a: &Args, rec: &mut UpdateRecord, json: bo
     if let Some(f) = apps.iter().filter_map(|a| a.fetched_ms).reduce(f64::max) {
         rec.event(Milestone::MemoryFetched, at(f));
     }
+    if let Some(p) = &mut rec.ppp {
+        p.mapped = Some(apps.iter().map(|a| a.pages_in_place).sum());
+        p.copied_in = Some(apps.iter().map(|a| a.pages_copied_in).sum());
+        p.map_ms = Some(apps.iter().map(|a| a.map_ms).fold(0.0, f64::max));
+    }
     health_check(rec, &apps)
 }
 
@@ -237,6 +242,9 @@ pub fn status(store: &Path, json: bool) -> Result<()> {
     println!("  checkpoint {} ({})", rec.checkpoint, rec.apps.join(", "));
     if let Some(e) = &rec.last_error {
         println!("  failed resume: {}", e.replace('\n', "\n    "));
+    }
+    if let Some(p) = &rec.ppp {
+        println!("  {}", p.line());
     }
     for l in rec.timeline_lines() {
         println!("{l}");

@@ -136,6 +136,17 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
     let done = m.finished_unix_ms.unwrap_or_else(report::unix_ms);
     let frozen_ms = m.apps.iter().filter_map(|a| a.passes.last()?.criu.map(|c| c.frozen_time_us / 1000)).max().unwrap_or(0);
     let mut rec = UpdateRecord::new(old, new, m.id.clone(), m.apps.iter().map(|a| a.name.clone()).collect(), a.health_check.clone());
+    if m.apps.iter().any(|a| a.ppp.is_some()) {
+        let ps = || m.apps.iter().filter_map(|a| a.ppp.as_ref());
+        rec.ppp = Some(crate::record::PppFigures {
+            kept: ps().map(|p| p.kept).sum(),
+            to_store: ps().map(|p| p.not_kept.values().sum::<u64>()).sum(),
+            checksum_ms: ps().map(|p| p.checksum_ms).fold(0.0, f64::max),
+            crc_frozen: ps().map(|p| p.crc_frozen).sum(),
+            pin_ms: ps().map(|p| p.pin_ms).fold(0.0, f64::max),
+            ..Default::default()
+        });
+    }
     rec.event(Milestone::CheckpointStart, started);
     rec.event(Milestone::Frozen, done.saturating_sub(frozen_ms));
     rec.event(Milestone::CheckpointDone, done);

@@ -178,6 +178,7 @@ pub const IOC_PIN: u64 = ioc(READ | WRITE, 2, size_of::<Pin>());
 pub const IOC_UNPIN: u64 = ioc(WRITE, 3, size_of::<u64>());
 pub const IOC_MAP: u64 = ioc(READ | WRITE, 4, size_of::<Map>());
 pub const IOC_RELEASE: u64 = ioc(0, 5, 0);
+pub const IOC_CHECKSUM: u64 = ioc(READ | WRITE, 6, size_of::<Pin>());
 
 /// The header, for the test and for anything that wants to print where the ABI lives.
 pub const HEADER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../kmod/include/uapi/kup_ppp.h");

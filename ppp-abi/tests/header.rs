@@ -60,6 +60,7 @@ fn the_rust_abi_matches_the_header() {
         ("PPP_IOC_UNPIN", "PPP_IOC_UNPIN", IOC_UNPIN),
         ("PPP_IOC_MAP", "PPP_IOC_MAP", IOC_MAP),
         ("PPP_IOC_RELEASE", "PPP_IOC_RELEASE", IOC_RELEASE),
+        ("PPP_IOC_CHECKSUM", "PPP_IOC_CHECKSUM", IOC_CHECKSUM),
     ] {
         want.push((n, e.to_string(), v));
     }

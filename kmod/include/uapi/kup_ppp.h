@@ -138,5 +138,12 @@ struct ppp_list_entry {
 #define PPP_IOC_MAP		_IOWR(PPP_IOC_MAGIC, 4, struct ppp_map)
 /* Gives every page still held back to the page allocator. */
 #define PPP_IOC_RELEASE		_IO(PPP_IOC_MAGIC, 5)
+/*
+ * Takes a struct ppp_pin (tag and flags ignored) of a process that may run:
+ * each present page's pfn and crc (why PPP_KEPT) or PPP_NOT_PRESENT; pins
+ * nothing. Checksums taken before the freeze: the frozen window then pays
+ * only for the pages written since.
+ */
+#define PPP_IOC_CHECKSUM	_IOWR(PPP_IOC_MAGIC, 6, struct ppp_pin)
 
 #endif /* _UAPI_KUP_PPP_H */

@@ -50,7 +50,15 @@ stage_b() {
     frozen=$(kup status | awk '$6 == "frozen" { f = $1 } $6 == "checkpoint-done" { d = $1 } END { if (f != "" && d != "") printf "%d", (d - f) * 1000 }')
     figure frozen_ms "$frozen"
     kup ppp status | sed 's/^/GUEST: INFO ppp: /'
-    pass "keys=$keys in_place=$in_place frozen_ms=$frozen"
+    # What verification cost: CRCs taken while memcached ran, and those taken while it was frozen.
+    line=$(kup status | grep '^  ppp: ') || fail "the update record does not say what PPP did"
+    checksum_ms=$(echo "$line" | sed -n 's/.*CRCs \([0-9.]*\) ms while running.*/\1/p')
+    crc_frozen=$(echo "$line" | sed -n 's/.* \([0-9]*\) pages while frozen.*/\1/p')
+    pin_ms=$(echo "$line" | sed -n 's/.*pinning \([0-9.]*\) ms.*/\1/p')
+    figure checksum_ms "$checksum_ms"
+    figure crc_frozen "$crc_frozen"
+    figure pin_ms "$pin_ms"
+    pass "keys=$keys in_place=$in_place frozen_ms=$frozen checksum_ms=$checksum_ms crc_frozen_pages=$crc_frozen pin_ms=$pin_ms"
 }
 
 stage_a2() {

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: demo demo-rpramfs test test-host test-guest msrv build setup install bench bench-foam clean
+.PHONY: demo demo-rpramfs test test-host test-guest msrv lint-kmod build setup install bench bench-foam clean
 
 setup:
 	@scripts/setup-host.sh
@@ -32,10 +32,15 @@ test: test-host test-guest
 # The crash-state replay and the fault tests run again on their own with their output shown: the
 # crash-state count and what each fault left of the apps are part of what `make test` reports.
 SHOWN_TESTS := every_store_prefix_is_a_consistent_state one_failed_final_dump_leaves_every_app_running faults_mid_dump_leave_every_app_running
-test-host: build msrv
+test-host: build msrv lint-kmod
 	KUP_CRIU=$$(scripts/criu-host/install.sh) $(CARGO) test --release --workspace -- --test-threads=2 $(addprefix --skip ,$(SHOWN_TESTS))
 	$(CARGO) test --release -p rpramfs --test crash_states -- --nocapture
 	KUP_CRIU=$$(scripts/criu-host/install.sh) $(CARGO) test --release -p kup-cli --test host_criu -- --test-threads=1 --nocapture --exact $(wordlist 2,3,$(SHOWN_TESTS))
+
+# The kernel module in the kernel's coding style (checkpatch.pl), built with W=1 -Werror against the
+# guest bench's two kernels.
+lint-kmod:
+	scripts/kmod/check.sh
 
 # The workspace's rust-version (Cargo.toml) is checked: clippy's incompatible_msrv lint fails on any std
 # item stabilized after it. Only one toolchain is needed (no build with the old one).
@@ -57,6 +62,7 @@ test-guest: build
 	tests/guest/run update-switch-fails
 	tests/guest/run fallback-fails
 	tests/guest/run ppp
+	tests/guest/run ppp-refuse
 
 bench: build
 	$(CARGO) run --release -p rpramfs --example bench

@@ -17,7 +17,8 @@
  * kernel booted without the memmap= reservation is refused); only held-back
  * PFNs are ever mapped, each at most once, into holes of anonymous VMAs; only
  * processes stopped under ptrace can be pinned; the device is root only.
- * The user ABI is include/uapi/kup_ppp.h.
+ * The user ABI is include/uapi/kup_ppp.h. Written against Linux 6.1 (Debian
+ * bookworm); get_user_pages_remote() lost its vmas argument in 6.5.
  */
 
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
@@ -37,7 +38,6 @@
 #include <linux/sched/signal.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
-#include <linux/version.h>
 #include <linux/vmalloc.h>
 
 #include "include/uapi/kup_ppp.h"
@@ -291,17 +291,8 @@ static long gup_present(struct mm_struct *mm, unsigned long addr,
 			unsigned long n, struct page **pages,
 			struct vm_area_struct **vmas)
 {
-#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 5, 0)
 	return get_user_pages_remote(mm, addr, n, FOLL_NOFAULT, pages, vmas,
 				     NULL);
-#else
-	long i, got = get_user_pages_remote(mm, addr, n, FOLL_NOFAULT, pages,
-					    NULL);
-
-	for (i = 0; i < got; i++)
-		vmas[i] = vma_lookup(mm, addr + (i << PAGE_SHIFT));
-	return got;
-#endif
 }
 
 /*
@@ -642,13 +633,8 @@ static int copy_into(struct mm_struct *mm, unsigned long addr,
 	void *d, *s;
 	long got;
 
-#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 5, 0)
 	got = get_user_pages_remote(mm, addr, 1, FOLL_WRITE | FOLL_FORCE, &dst,
 				    NULL, NULL);
-#else
-	got = get_user_pages_remote(mm, addr, 1, FOLL_WRITE | FOLL_FORCE, &dst,
-				    NULL);
-#endif
 	if (got != 1)
 		return -EFAULT;
 	d = kmap_local_page(dst);

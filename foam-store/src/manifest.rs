@@ -98,6 +98,10 @@ pub struct PppPages {
     /// Kept pages checksummed while the app was frozen: those written since.
     #[serde(default)]
     pub crc_frozen: u64,
+    /// The boot that pinned them (/proc/sys/kernel/random/boot_id): they are kept for the next
+    /// kernel, not for a restore on the same boot.
+    #[serde(default)]
+    pub boot_id: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

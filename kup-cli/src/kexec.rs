@@ -42,7 +42,12 @@ pub fn execute() -> Result<()> {
 
 /// The `memmap=…!…` parameters of a command line: the reserved regions that hold the store.
 pub fn memmap_params(cmdline: &str) -> Vec<String> {
-    cmdline.split_whitespace().filter(|w| w.starts_with("memmap=") && w.contains('!')).map(str::to_string).collect()
+    memmap_entries(cmdline).into_iter().filter(|e| e.contains('!')).map(|e| format!("memmap={e}")).collect()
+}
+
+/// Every entry of every `memmap=` of a command line (`memmap=A,B` has two).
+pub fn memmap_entries(cmdline: &str) -> Vec<&str> {
+    cmdline.split_whitespace().filter_map(|w| w.strip_prefix("memmap=")).flat_map(|v| v.split(',')).collect()
 }
 
 /// Unmounts the store and waits until the rpramfs daemon has written its clean-unmount record
@@ -77,6 +82,8 @@ mod tests {
     #[test]
     fn memmap_params_are_the_reserved_regions() {
         assert_eq!(super::memmap_params("console=ttyS0 memmap=512M!1G quiet memmap=64K$0x1000"), vec!["memmap=512M!1G"]);
+        assert_eq!(super::memmap_params("memmap=512M!1G,2G$4G"), vec!["memmap=512M!1G"]);
+        assert_eq!(super::memmap_entries("memmap=512M!1G,2G$4G quiet memmap=1G!8G"), vec!["512M!1G", "2G$4G", "1G!8G"]);
         assert!(super::memmap_params("quiet").is_empty());
     }
 }

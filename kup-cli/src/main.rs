@@ -119,9 +119,13 @@ enum Cmd {
         /// The command line to boot the running kernel with on fallback (default: the running one)
         #[arg(long)]
         old_append: Option<String>,
-        /// Keep the apps' pages in the PPP arena where they are across the switch (ppp.ko; docs/ppp.md)
-        #[arg(long)]
+        /// Keep the apps' pages in the PPP arena where they are across the switch, or refuse (ppp.ko;
+        /// docs/ppp.md). Default: PPP where the arena and the module are there and its checks pass
+        #[arg(long, conflicts_with = "no_ppp")]
         ppp: bool,
+        /// Copy every page through the store (FOAM) even where PPP is possible
+        #[arg(long)]
+        no_ppp: bool,
         #[command(flatten)]
         ram: RamStore,
     },
@@ -170,6 +174,13 @@ enum PppCmd {
     Status,
     /// Hot-add the command line's arena as movable memory, so that the apps' pages land there
     Attach,
+    /// Pin a process's pages as a checkpoint would, then unpin them (the module refuses a
+    /// process that CRIU does not hold stopped)
+    #[command(hide = true)]
+    Pin {
+        #[arg(long)]
+        pid: u32,
+    },
 }
 
 /// Where `--store ram` lives.
@@ -226,7 +237,7 @@ fn main() {
             restore::run(&c, &a).map(|_| ())
         }),
         Cmd::Inspect { store, verify } => inspect::run(store, *verify, cli.json),
-        Cmd::Update { kernel, initrd, append, store, pids, iterations, health_check, dry_run, old_kernel, old_initrd, old_append, ppp, ram } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
+        Cmd::Update { kernel, initrd, append, store, pids, iterations, health_check, dry_run, old_kernel, old_initrd, old_append, ppp, no_ppp, ram } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
             let (store, region) = ram.resolve(store);
             let a = update::Args {
                 kernel: kernel.clone(),
@@ -242,7 +253,11 @@ fn main() {
                 old_initrd: old_initrd.clone(),
                 old_append: old_append.clone(),
                 json: cli.json,
-                ppp: *ppp,
+                ppp: match (*ppp, *no_ppp) {
+                    (true, _) => update::PppMode::On,
+                    (_, true) => update::PppMode::Off,
+                    _ => update::PppMode::Auto,
+                },
             };
             update::run(&c, &a)
         }),
@@ -254,6 +269,7 @@ fn main() {
         Cmd::Status { store, ram } => resume::status(&ram.resolve(store).0, cli.json),
         Cmd::Ppp { what: PppCmd::Status } => ppp::status(cli.json),
         Cmd::Ppp { what: PppCmd::Attach } => ppp::attach_at_boot(),
+        Cmd::Ppp { what: PppCmd::Pin { pid } } => ppp::pin_for_test(*pid),
         Cmd::CriuStats { dir } => foam_store::criu_images::read_dump_stats(dir).map_err(Into::into).map(|s| report::print_json(&serde_json::json!(s))),
     };
     if let Err(e) = result {

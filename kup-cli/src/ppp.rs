@@ -199,6 +199,115 @@ pub fn status(json: bool) -> Result<()> {
     Ok(())
 }
 
+/// What `kup update` found about PPP before anything stops.
+pub struct Plan {
+    pub arena: Arena,
+    /// ppp.ko for the new kernel.
+    pub module_new: String,
+    /// The apps' present pages inside and outside the arena, and the arena's free pages.
+    pub in_arena: u64,
+    pub outside: u64,
+    pub arena_free: Option<u64>,
+}
+
+impl Plan {
+    pub fn describe(&self) -> String {
+        format!(
+            "PPP: {} of the apps' {} pages lie in the arena {} ({}), and stay in place; {} go into the store; ppp.ko for the new kernel: {}",
+            self.in_arena,
+            self.in_arena + self.outside,
+            self.arena,
+            self.arena_free.map_or("its free pages unknown".into(), |f| format!("{f} pages free")),
+            self.outside,
+            self.module_new
+        )
+    }
+}
+
+/// The preflight of an update with PPP: each error names the problem and the fix.
+pub fn plan_update(new_release: &str, new_cmdline: &str, pids: &[u32]) -> Result<Plan> {
+    let Some(arena) = Arena::running()? else {
+        return fail("the running kernel reserves no PPP arena (memmap=SIZE$START on its command line, e.g. memmap=2G$4G; docs/ppp.md)");
+    };
+    match Arena::from_cmdline(new_cmdline)? {
+        Some(a) if a == arena => {}
+        Some(a) => return fail(format!("the new command line reserves {a} as PPP arena, not the running {arena}: the new kernel would hand out the kept pages; keep the running memmap= in --append")),
+        None => return fail(format!("the new command line has no memmap=SIZE$START: the new kernel would hand out the pages kept in the arena {arena}; keep the running memmap= in --append")),
+    }
+    let dev = open()?;
+    let info = dev.info().map_err(|e| format!("{DEVICE}: {e}"))?;
+    if info.state & ppp_abi::STATE_ATTACHED == 0 {
+        return fail(format!("the arena {arena} is not attached, so no app's pages are in it: run `kup ppp attach` at boot, before the apps start"));
+    }
+    let module_new = module_for(new_release).ok_or_else(|| {
+        format!("no ppp.ko for the new kernel {new_release} (none in /lib/modules/{new_release}/modules.dep): build it with `scripts/kmod/build.sh {new_release}` or install it with DKMS (`dkms autoinstall -k {new_release}`), or update without PPP (--no-ppp)")
+    })?;
+    let (mut in_arena, mut outside) = (0, 0);
+    for &pid in pids {
+        for pid in crate::procs::Process::inspect(pid)?.tree() {
+            let (i, o) = pages_by_place(pid, arena)?;
+            in_arena += i;
+            outside += o;
+        }
+    }
+    let arena_free = movable_free_pages();
+    if in_arena < outside {
+        return fail(format!(
+            "only {in_arena} of the apps' {} pages lie in the arena {arena} ({}): PPP would keep little of them. Start the apps after `kup ppp attach` (or enlarge the arena), or update without PPP (--no-ppp)",
+            in_arena + outside,
+            arena_free.map_or("free pages unknown".into(), |f| format!("{f} pages free"))
+        ));
+    }
+    Ok(Plan { arena, module_new, in_arena, outside, arena_free })
+}
+
+/// Where modprobe finds ppp.ko for kernel `release`, if anywhere.
+fn module_for(release: &str) -> Option<String> {
+    let dir = format!("/lib/modules/{release}");
+    let dep = std::fs::read_to_string(format!("{dir}/modules.dep")).ok()?;
+    dep.lines()
+        .filter_map(|l| l.split(':').next())
+        .filter(|m| m.rsplit('/').next().is_some_and(|f| f == "ppp.ko" || f.starts_with("ppp.ko.")))
+        .map(|m| format!("{dir}/{m}"))
+        .find(|path| Path::new(path).is_file())
+}
+
+/// Free pages of the movable zone (the arena's) from /proc/zoneinfo.
+fn movable_free_pages() -> Option<u64> {
+    let z = std::fs::read_to_string("/proc/zoneinfo").ok()?;
+    let at = z.find("zone  Movable")?;
+    z[at..].lines().find_map(|l| l.trim().strip_prefix("pages free").and_then(|v| v.trim().parse().ok()))
+}
+
+/// (present pages in the arena, outside it) of `pid`'s private mappings.
+fn pages_by_place(pid: u32, arena: Arena) -> Result<(u64, u64)> {
+    let outside = bytes_outside(pid, arena)? / PAGE;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| format!("/proc/{pid}/maps: {e}"))?;
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("/proc/{pid}/pagemap: {e}"))?;
+    let mut present = 0;
+    for (start, end) in private_mappings(&maps) {
+        present += present_runs(&pagemap, pid, start, end)?.iter().map(|(_, n)| n).sum::<u64>();
+    }
+    Ok((present.saturating_sub(outside), outside))
+}
+
+/// `kup ppp pin --pid P`: pins a process's pages as a checkpoint would, and unpins them again;
+/// the module refuses a process that is not stopped by CRIU.
+pub fn pin_for_test(pid: u32) -> Result<()> {
+    let dev = open()?;
+    let tag = tag(&format!("kup ppp pin {pid}"));
+    let pinned = pin_process(&dev, pid, tag, &[], &foam_store::ranges::RangeMap::new());
+    let _ = dev.unpin(tag);
+    let p = pinned?;
+    println!("pinned {} pages of process {pid} (and unpinned them)", p.entries.len());
+    Ok(())
+}
+
+/// This boot's id: PPP pages are kept for the next kernel only.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
 /// What PIN kept of one process.
 pub struct Pinned {
     pub pid: u32,
@@ -445,6 +554,7 @@ pub fn map_process(dev: &Device, app: &str, pid: u32, entries: &[ListEntry], ver
 /// The manifest's record of what PPP kept of an app.
 pub fn summary(arena: Arena, lists: Vec<PppList>, not_kept: &BTreeMap<Why, u64>, pin_ms: f64, checksum_ms: f64, crc_frozen: u64) -> PppPages {
     PppPages {
+        boot_id: boot_id(),
         checksum_ms,
         crc_frozen,
         arena_start: arena.start,

@@ -157,8 +157,15 @@ fn ppp_prepare(dir: &Path, m: &Manifest) -> Result<Option<PppRestore>> {
     let mut lists = BTreeMap::new();
     let mut held = vec![];
     let mut arena = None;
+    let boot = crate::ppp::boot_id();
     for app in &m.apps {
         let Some(p) = &app.ppp else { continue };
+        if p.boot_id == boot {
+            return fail(format!(
+                "checkpoint {} keeps {}'s pages in place for the next kernel; it was taken on this very boot, and PPP cannot restore it before a kexec (the pages are still pinned): switch kernels with kup update, or checkpoint without --ppp to restore on the same boot",
+                m.id, app.name
+            ));
+        }
         let a = crate::ppp::Arena { start: p.arena_start, size: p.arena_size };
         if arena.is_some_and(|b| b != a) {
             return fail(format!("checkpoint {}: its apps' pages lie in different arenas", m.id));

@@ -34,8 +34,17 @@ pub struct Args {
     pub old_initrd: Option<PathBuf>,
     pub old_append: Option<String>,
     pub json: bool,
-    /// Keep the apps' pages in place across the switch (PPP).
-    pub ppp: bool,
+    pub ppp: PppMode,
+}
+
+/// Whether the update keeps the apps' pages in place (PPP) or copies them through the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PppMode {
+    /// PPP where the arena and the module are there and its checks pass, else FOAM (kup says why).
+    Auto,
+    /// PPP or refuse.
+    On,
+    Off,
 }
 
 /// Bytes per second the store takes in 1 MiB writes (32 MiB written, synced, removed).
@@ -68,7 +77,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
     }
     if let Some(region) = &a.region {
         for m in kexec::memmap_params(&current_cmdline) {
-            if !new_cmdline.split_whitespace().any(|w| w == m) {
+            if !kexec::memmap_entries(&new_cmdline).contains(&&m["memmap=".len()..]) {
                 return fail(format!(
                     "the new command line drops {m}, which reserves the region holding the checkpoint; the new kernel would not find it. Add {m} to --append"
                 ));
@@ -86,7 +95,15 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
     let old_initrd = a.old_initrd.clone().or_else(|| Some(PathBuf::from(format!("/boot/initrd.img-{old_release}"))).filter(|p| p.is_file()));
     let procs_: Vec<Process> = a.pids.iter().map(|&p| Process::inspect(p)).collect::<Result<_>>()?;
     let memory: u64 = procs_.iter().map(|p| p.memory_bytes()).sum();
-    let arena = if a.ppp { crate::ppp::Arena::running()? } else { None };
+    let ppp = match a.ppp {
+        PppMode::Off => Err("not asked for (--no-ppp)".to_string()),
+        PppMode::On => Ok(crate::ppp::plan_update(&new_release, &new_cmdline, &a.pids).map_err(|e| format!("--ppp: {e}; nothing was stopped"))?),
+        PppMode::Auto => match crate::ppp::Arena::running()? {
+            None => Err("no arena (memmap=SIZE$START) on the running command line".to_string()),
+            Some(_) => crate::ppp::plan_update(&new_release, &new_cmdline, &a.pids).map_err(|e| e.to_string()),
+        },
+    };
+    let arena = ppp.as_ref().ok().map(|p| p.arena);
     let free = checkpoint::check_room(&a.store, checkpoint::room_needed(&procs_, arena)?)?;
     let new = Kernel { release: new_release, image: a.kernel.clone(), initrd: a.initrd.clone(), cmdline: new_cmdline };
     let old = Kernel { release: old_release, image: old_image, initrd: old_initrd, cmdline: a.old_append.clone().unwrap_or(current_cmdline) };
@@ -97,17 +114,25 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
         println!("  new kernel: {} (initrd {}), command line: {}", new.image.display(), new.initrd.as_ref().map_or("none".into(), |p| p.display().to_string()), new.cmdline);
         println!("  fallback:   {} (initrd {})", old.image.display(), old.initrd.as_ref().map_or("none".into(), |p| p.display().to_string()));
         println!("  apps:       {} ({} of memory) into {}", procs_.iter().map(|p| format!("{}-{}", p.comm, p.pid)).collect::<Vec<_>>().join(", "), report::bytes(memory), a.store.display());
+        match &ppp {
+            Ok(plan) => println!("  memory:     {}", plan.describe()),
+            Err(why) => println!("  memory:     FOAM: every page goes through the store (PPP not used: {why})"),
+        }
     }
     if a.dry_run {
         kexec::unload();
         println!("  store:      {} free for {} of app memory", report::bytes(free), report::bytes(memory));
-        match store_write_rate(&a.store) {
-            Ok(rate) => println!(
+        match (&ppp, store_write_rate(&a.store)) {
+            (Ok(plan), _) => println!(
+                "  estimate:   CRIU's final dump sends only the pages written after kup checksummed them; pinning the {} kept pages and storing the {} others takes the rest of the frozen time; the kernel's boot and the restore come on top",
+                plan.in_arena, plan.outside
+            ),
+            (Err(_), Ok(rate)) => println!(
                 "  estimate:   the final dump takes ~{:.1} s if a tenth of that memory changes during the pre-dump (the store takes {:.0} MiB/s); the kernel's boot and the restore come on top",
                 memory as f64 / 10.0 / rate,
                 rate / 1048576.0
             ),
-            Err(e) => println!("  estimate:   none (measuring the store failed: {e})"),
+            (Err(_), Err(e)) => println!("  estimate:   none (measuring the store failed: {e})"),
         }
         println!("  preflight passed (the new kernel loads, its command line keeps the region, the pids exist, the store has room); nothing was stopped");
         return Ok(());
@@ -123,7 +148,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
         name: Some("update".into()),
         json: a.json,
         criu_options: vec![],
-        ppp: a.ppp,
+        ppp: ppp.is_ok(),
     };
     let m = match checkpoint::run(criu, &ck) {
         Ok(m) => m,

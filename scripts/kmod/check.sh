@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The checks of kmod/ in `make test-host`: the kernel's scripts/checkpatch.pl (the kernel's coding
+# style; any error or warning fails), then a W=1 -Werror build against the two newest Debian 6.1
+# cloud kernels, the guest bench's default A and B (scripts/kmod/build.sh). checkpatch.pl comes from Debian's linux-source-6.1 package (downloaded with
+# apt-get, not installed; its three files are kept in KUP_KMOD_CACHE, default /var/cache/kup-kmod).
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+cache=${KUP_KMOD_CACHE:-/var/cache/kup-kmod}/checkpatch
+die() { printf 'checkpatch: error: %s\n' "$*" >&2; exit 2; }
+
+if [[ ! -s $cache/checkpatch.pl ]]; then
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    (cd "$tmp" && apt-get download linux-source-6.1 >/dev/null 2>&1) \
+        || { apt-get update -qq && (cd "$tmp" && apt-get download linux-source-6.1 >/dev/null); } \
+        || die "apt-get download linux-source-6.1 failed"
+    mkdir -p "$tmp/x"
+    dpkg-deb --fsys-tarfile "$tmp"/linux-source-6.1_*.deb | tar -xO ./usr/src/linux-source-6.1.tar.xz |
+        tar -xJ -C "$tmp/x" linux-source-6.1/scripts/checkpatch.pl linux-source-6.1/scripts/spelling.txt \
+            linux-source-6.1/scripts/const_structs.checkpatch || die "extracting checkpatch.pl failed"
+    mkdir -p "$cache"
+    cp "$tmp"/x/linux-source-6.1/scripts/{spelling.txt,const_structs.checkpatch} "$cache/"
+    cp "$tmp/x/linux-source-6.1/scripts/checkpatch.pl" "$cache/checkpatch.pl"
+fi
+out=$(cd "$repo" && perl "$cache/checkpatch.pl" --no-tree --terse --show-types -f kmod/ppp.c kmod/include/uapi/kup_ppp.h) || true
+echo "$out"
+grep -qE '(ERROR|WARNING):' <<<"$out" && die "kmod/ is not in the kernel's coding style (above)"
+echo "checkpatch: kmod/ppp.c and kmod/include/uapi/kup_ppp.h are clean"
+kernels=$(apt-cache search --names-only '^linux-image-6.1.0-.*-cloud-amd64$' | awk '{print $1}' | sort -V | tail -n 2)
+[[ -n $kernels ]] || die "no linux-image-6.1.0-*-cloud-amd64 in the apt sources (apt-get update?)"
+for k in $kernels; do
+    k=${k#linux-image-}
+    ko=$("$repo/scripts/kmod/build.sh" "$k") || die "building ppp.ko for $k failed"
+    echo "kmod: $ko"
+done

@@ -63,6 +63,8 @@ test-guest: build
 	tests/guest/run fallback-fails
 	tests/guest/run ppp
 	tests/guest/run ppp-refuse
+	tests/guest/run ppp-fallback-app
+	tests/guest/run ppp-fallback-kernel
 
 bench: build
 	$(CARGO) run --release -p rpramfs --example bench

@@ -57,6 +57,9 @@ static unsigned long nr_held;
 /* One bit per arena page: referenced by PIN (old kernel). */
 static unsigned long *pinned;
 static unsigned long nr_pins;
+/* One bit per arena page: mapped, and kept intact until RELEASE (new kernel). */
+static unsigned long *guarded;
+static unsigned long nr_guarded;
 static u64 pin_tag;
 
 static bool in_arena(unsigned long pfn)
@@ -67,6 +70,11 @@ static bool in_arena(unsigned long pfn)
 static bool is_held(unsigned long pfn)
 {
 	return held && in_arena(pfn) && test_bit(pfn - arena_pfn, held);
+}
+
+static bool is_pinned(unsigned long pfn)
+{
+	return pinned && in_arena(pfn) && test_bit(pfn - arena_pfn, pinned);
 }
 
 static u32 page_crc(struct page *page)
@@ -117,6 +125,7 @@ static long ppp_info(void __user *arg)
 	}
 	info.held_pages = nr_held;
 	info.pinned_pages = nr_pins;
+	info.guarded_pages = nr_guarded;
 	info.pin_tag = pin_tag;
 	mutex_unlock(&ppp_lock);
 	return copy_to_user(arg, &info, sizeof(info)) ? -EFAULT : 0;
@@ -159,7 +168,7 @@ static long ppp_attach(void __user *arg)
 {
 	struct ppp_attach req;
 	unsigned long bs = memory_block_size_bytes();
-	unsigned long *bits, *pins = NULL;
+	unsigned long *bits, *pins = NULL, *guards = NULL;
 	u64 pa;
 	int ret, nid;
 
@@ -196,7 +205,9 @@ static long ppp_attach(void __user *arg)
 		       sizeof(long));
 	pins = vzalloc(BITS_TO_LONGS(PHYS_PFN(req.arena_size)) *
 		       sizeof(long));
-	if (!bits || !pins)
+	guards = vzalloc(BITS_TO_LONGS(PHYS_PFN(req.arena_size)) *
+			 sizeof(long));
+	if (!bits || !pins || !guards)
 		goto free_bits;
 	ret = load_held(u64_to_user_ptr(req.held), req.nr_held, bits,
 			PHYS_PFN(req.arena_start), PHYS_PFN(req.arena_size));
@@ -205,6 +216,7 @@ static long ppp_attach(void __user *arg)
 
 	held = bits;
 	pinned = pins;
+	guarded = guards;
 	nr_held = req.nr_held;
 	arena_pfn = PHYS_PFN(req.arena_start);
 	arena_pages = PHYS_PFN(req.arena_size);
@@ -241,10 +253,12 @@ static long ppp_attach(void __user *arg)
 reset:
 	held = NULL;
 	pinned = NULL;
+	guarded = NULL;
 	nr_held = 0;
 	arena_pfn = 0;
 	arena_pages = 0;
 free_bits:
+	vfree(guards);
 	vfree(pins);
 	vfree(bits);
 unlock:
@@ -558,12 +572,15 @@ static void unhold(unsigned long pfn)
 }
 
 /*
- * Inserts the held-back pages pg[0..n) into the holes of [addr, addr + n
- * pages) of one anonymous VMA; res[i] says what became of page i.
+ * Inserts the pages use[0..n) into the holes of [addr, addr + n pages) of one
+ * anonymous VMA; res[i] says what became of page i. use[i] is the held-back
+ * page pg[i].pfn itself, or a fresh copy of a page still pinned by a
+ * checkpoint of this very boot.
  */
 static void map_run(struct vm_area_struct *vma, unsigned long addr,
-		    const struct ppp_page *pg, unsigned long n,
-		    unsigned long *src, unsigned long *dst, u8 *res)
+		    const struct ppp_page *pg, struct page **use,
+		    unsigned long n, unsigned long *src, unsigned long *dst,
+		    u8 *res)
 {
 	struct migrate_vma mig = {
 		.vma = vma,
@@ -581,7 +598,7 @@ static void map_run(struct vm_area_struct *vma, unsigned long addr,
 		return;
 	}
 	for (i = 0; i < n; i++) {
-		struct page *page = pfn_to_page(pg[i].pfn);
+		struct page *page = use[i];
 		bool hole = !migrate_pfn_to_page(src[i]);
 
 		if (!(src[i] & MIGRATE_PFN_MIGRATE)) {
@@ -599,7 +616,7 @@ static void map_run(struct vm_area_struct *vma, unsigned long addr,
 		ClearPageReserved(page);
 		get_page(page);
 		lock_page(page);
-		dst[i] = migrate_pfn(pg[i].pfn);
+		dst[i] = migrate_pfn(page_to_pfn(page));
 		res[i] = hole ? MAP_INSERTED : MAP_REPLACED;
 	}
 	migrate_vma_pages(&mig);
@@ -609,12 +626,16 @@ static void map_run(struct vm_area_struct *vma, unsigned long addr,
 							  MAP_FAILED;
 	migrate_vma_finalize(&mig);
 	for (i = 0; i < n; i++) {
-		struct page *page = pfn_to_page(pg[i].pfn);
+		struct page *page = use[i];
+		bool copy = page_to_pfn(page) != pg[i].pfn;
 
 		if (res[i] == MAP_INSERTED || res[i] == MAP_REPLACED) {
 			/* The mapping's reference is the only one now. */
 			put_page(page);
-			unhold(pg[i].pfn);
+			if (!copy)
+				unhold(pg[i].pfn);
+		} else if (dst[i] && copy) {
+			put_page(page);
 		} else if (dst[i]) {
 			/* Not moved in: held again (one reference, reserved). */
 			SetPageReserved(page);
@@ -624,10 +645,10 @@ static void map_run(struct vm_area_struct *vma, unsigned long addr,
 
 /*
  * Copies a held-back page into the populated address addr, then gives the
- * held page to the page allocator.
+ * held page to the page allocator, unless it is to be kept (guard).
  */
 static int copy_into(struct mm_struct *mm, unsigned long addr,
-		     unsigned long pfn)
+		     unsigned long pfn, bool keep)
 {
 	struct page *dst, *page = pfn_to_page(pfn);
 	void *d, *s;
@@ -643,10 +664,55 @@ static int copy_into(struct mm_struct *mm, unsigned long addr,
 	kunmap_local(s);
 	kunmap_local(d);
 	put_page(dst);
+	if (keep)
+		return 0;
 	ClearPageReserved(page);
 	put_page(page);
 	unhold(pfn);
 	return 0;
+}
+
+/*
+ * Keeps the mapped page at addr as it is until RELEASE: its PTE becomes
+ * read-only and the page no longer exclusive to the process, and the module
+ * takes a reference, so that do_wp_page() copies it on the first write. The
+ * process is stopped and never touched the page since it was mapped, so no
+ * TLB holds a writable entry for it. Returns whether the page is guarded.
+ */
+static bool guard_page(struct mm_struct *mm, unsigned long addr,
+		       unsigned long pfn)
+{
+	pgd_t *pgd = pgd_offset(mm, addr);
+	struct page *page = pfn_to_page(pfn);
+	bool done = false;
+	spinlock_t *ptl;
+	p4d_t *p4d;
+	pud_t *pud;
+	pmd_t *pmd;
+	pte_t *pte;
+
+	if (pgd_none(*pgd) || pgd_bad(*pgd))
+		return false;
+	p4d = p4d_offset(pgd, addr);
+	if (p4d_none(*p4d) || p4d_bad(*p4d))
+		return false;
+	pud = pud_offset(p4d, addr);
+	if (pud_none(*pud) || pud_bad(*pud))
+		return false;
+	pmd = pmd_offset(pud, addr);
+	if (pmd_none(*pmd) || pmd_trans_huge(*pmd) || pmd_bad(*pmd))
+		return false;
+	pte = pte_offset_map_lock(mm, pmd, addr, &ptl);
+	if (pte_present(*pte) && pte_pfn(*pte) == pfn && PageAnon(page)) {
+		ptep_set_wrprotect(mm, addr, pte);
+		ClearPageAnonExclusive(page);
+		get_page(page);
+		__set_bit(pfn - arena_pfn, guarded);
+		nr_guarded++;
+		done = true;
+	}
+	pte_unmap_unlock(pte, ptl);
+	return done;
 }
 
 static long ppp_map(void __user *arg)
@@ -654,6 +720,7 @@ static long ppp_map(void __user *arg)
 	struct ppp_map req;
 	struct ppp_page *pg = NULL;
 	unsigned long *src = NULL, *dst = NULL;
+	struct page **use = NULL;
 	u8 *res = NULL;
 	struct task_struct *task, *t;
 	struct mm_struct *mm;
@@ -669,6 +736,7 @@ static long ppp_map(void __user *arg)
 		return -EINVAL;
 	req.nr_mapped = 0;
 	req.nr_copied = 0;
+	req.nr_guarded = 0;
 	req.failed = 0;
 	task = find_task(req.pid, false, &err);
 	if (!task)
@@ -682,7 +750,8 @@ static long ppp_map(void __user *arg)
 	src = kvmalloc_array(PPP_BATCH, sizeof(*src), GFP_KERNEL);
 	dst = kvmalloc_array(PPP_BATCH, sizeof(*dst), GFP_KERNEL);
 	res = kmalloc(PPP_BATCH, GFP_KERNEL);
-	if (!pg || !src || !dst || !res) {
+	use = kvmalloc_array(PPP_BATCH, sizeof(*use), GFP_KERNEL);
+	if (!pg || !src || !dst || !res || !use) {
 		ret = -ENOMEM;
 		goto out;
 	}
@@ -703,7 +772,7 @@ static long ppp_map(void __user *arg)
 		for (j = 0; j < n; j++) {
 			u32 bad = PPP_KEPT;
 
-			if (!is_held(pg[j].pfn))
+			if (!is_held(pg[j].pfn) && !is_pinned(pg[j].pfn))
 				bad = PPP_NOT_HELD;
 			else if ((req.flags & PPP_MAP_VERIFY) &&
 				 page_crc(pfn_to_page(pg[j].pfn)) != pg[j].crc)
@@ -747,21 +816,38 @@ static long ppp_map(void __user *arg)
 		}
 		for (j = 0; j < n; j++) {
 			/* A PFN named twice: its first use took it. */
-			if (!is_held(pg[j].pfn)) {
+			if (is_held(pg[j].pfn)) {
+				use[j] = pfn_to_page(pg[j].pfn);
+				continue;
+			}
+			/* Pinned on this boot: mapped as a copy. */
+			use[j] = is_pinned(pg[j].pfn) ?
+				 alloc_page(GFP_HIGHUSER_MOVABLE) : NULL;
+			if (!use[j]) {
+				why = is_pinned(pg[j].pfn) ? PPP_NOT_HOLE :
+							     PPP_NOT_HELD;
 				n = j;
-				why = PPP_NOT_HELD;
 				break;
 			}
+			copy_highpage(use[j], pfn_to_page(pg[j].pfn));
 		}
 		if (n)
-			map_run(vma, addr, pg, n, src, dst, res);
+			map_run(vma, addr, pg, use, n, src, dst, res);
 		for (j = 0; j < n; j++) {
 			if (res[j] == MAP_INSERTED || res[j] == MAP_REPLACED) {
 				req.nr_mapped++;
+				if (page_to_pfn(use[j]) != pg[j].pfn)
+					req.nr_copied++;
+				else if ((req.flags & PPP_MAP_GUARD) &&
+					 guard_page(mm, addr + (j << PAGE_SHIFT),
+						    pg[j].pfn))
+					req.nr_guarded++;
 				continue;
 			}
 			if (res[j] == MAP_POPULATED &&
-			    !copy_into(mm, addr + (j << PAGE_SHIFT), pg[j].pfn)) {
+			    !copy_into(mm, addr + (j << PAGE_SHIFT), pg[j].pfn,
+				       (req.flags & PPP_MAP_GUARD) ||
+				       !is_held(pg[j].pfn))) {
 				req.nr_copied++;
 				continue;
 			}
@@ -791,6 +877,7 @@ report:
 unlock:
 	mutex_unlock(&ppp_lock);
 out:
+	kvfree(use);
 	kfree(res);
 	kvfree(dst);
 	kvfree(src);
@@ -816,6 +903,21 @@ static long ppp_release(void)
 		}
 	}
 	nr_held = 0;
+	if (guarded) {
+		for_each_set_bit(bit, guarded, arena_pages) {
+			__clear_bit(bit, guarded);
+			put_page(pfn_to_page(arena_pfn + bit));
+		}
+	}
+	nr_guarded = 0;
+	if (pinned) {
+		for_each_set_bit(bit, pinned, arena_pages) {
+			__clear_bit(bit, pinned);
+			put_page(pfn_to_page(arena_pfn + bit));
+		}
+	}
+	nr_pins = 0;
+	pin_tag = 0;
 	mutex_unlock(&ppp_lock);
 	return 0;
 }

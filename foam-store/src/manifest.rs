@@ -90,8 +90,15 @@ pub struct PppPages {
     pub kept: u64,
     /// Present pages PPP could not keep, by reason: their data went the FOAM way.
     pub not_kept: std::collections::BTreeMap<String, u64>,
-    /// Milliseconds the pinning took while the app was frozen.
+    /// Milliseconds the pinning took while the app was frozen: in all, and its parts (the pins
+    /// themselves, copying the pages PPP does not keep, writing the PFN lists).
     pub pin_ms: f64,
+    #[serde(default)]
+    pub pinning_ms: f64,
+    #[serde(default)]
+    pub copy_ms: f64,
+    #[serde(default)]
+    pub lists_ms: f64,
     /// Milliseconds checksumming the app's pages took before the freeze (while it ran).
     #[serde(default)]
     pub checksum_ms: f64,

@@ -233,7 +233,7 @@ fn main() {
         }),
         Cmd::Restore { store, checkpoint, lazy: _, eager, work_dir, timeout } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
             let mode = if *eager { restore::Mode::Eager } else { restore::Mode::Lazy };
-            let a = restore::Args { store: store.clone(), checkpoint: checkpoint.clone(), mode, json: cli.json, work_root: work_dir.clone(), timeout: std::time::Duration::from_secs(*timeout) };
+            let a = restore::Args { store: store.clone(), checkpoint: checkpoint.clone(), mode, json: cli.json, work_root: work_dir.clone(), timeout: std::time::Duration::from_secs(*timeout), keep_ppp_pages: false };
             restore::run(&c, &a).map(|_| ())
         }),
         Cmd::Inspect { store, verify } => inspect::run(store, *verify, cli.json),

@@ -183,6 +183,7 @@ pub fn status(json: bool) -> Result<()> {
             "attached": info.is_some_and(|i| i.state & ppp_abi::STATE_ATTACHED != 0),
             "held_pages": info.map(|i| i.held_pages),
             "pinned_pages": info.map(|i| i.pinned_pages),
+            "guarded_pages": info.map(|i| i.guarded_pages),
         }));
         return Ok(());
     }
@@ -193,7 +194,7 @@ pub fn status(json: bool) -> Result<()> {
             let attached = i.state & ppp_abi::STATE_ATTACHED != 0;
             println!("module: ppp.ko ABI {}, memory blocks of {}", i.abi_version, crate::report::bytes(i.block_size));
             println!("state:  {}", if attached { "attached (the arena is movable memory)" } else { "loaded, arena not attached" });
-            println!("pages:  {} held back for a restore, {} pinned by a checkpoint", i.held_pages, i.pinned_pages);
+            println!("pages:  {} held back for a restore, {} pinned by a checkpoint, {} kept intact until the apps are healthy", i.held_pages, i.pinned_pages, i.guarded_pages);
         }
     }
     Ok(())
@@ -350,10 +351,12 @@ pub fn pin_process(dev: &Device, pid: u32, tag: u64, known: &[(u64, u32)], chang
     let mut out = Pinned { pid, entries: vec![], not_kept: BTreeMap::new(), crc_frozen: 0 };
     let mut pages = vec![Page::default(); PIN_CHUNK];
     let known_crc = |va: u64| known.binary_search_by_key(&va, |(a, _)| *a).ok().map(|i| known[i].1);
+    let changed: Vec<(u64, u64)> = changed.iter().map(|r| (r.start, r.end)).collect();
+    let in_changed = |va: u64| changed.binary_search_by(|&(s, e)| if e <= va { std::cmp::Ordering::Less } else if s > va { std::cmp::Ordering::Greater } else { std::cmp::Ordering::Equal }).is_ok();
     for (start, end) in private_mappings(&maps) {
         for (run_start, run_pages) in present_runs(&pagemap, pid, start, end)? {
             // Split the run where "needs a CRC now" changes.
-            let needs = |va: u64| known_crc(va).is_none() || !changed.covered(va, va + PAGE).is_empty();
+            let needs = |va: u64| known_crc(va).is_none() || in_changed(va);
             let mut seg = run_start;
             let run_end = run_start + run_pages * PAGE;
             while seg < run_end {
@@ -455,9 +458,30 @@ fn private_mappings(maps: &str) -> Vec<(u64, u64)> {
 /// Copies into FOAM the pages of `unsent` (unchanged since the soft-dirty reset, so CRIU sent no
 /// data) that PPP did not keep, reading them from the frozen process; returns what it copied.
 pub fn copy_unkept(pid: u32, foam: &foam_store::foam::FoamFile, unsent: &foam_store::ranges::RangeMap, kept: &[ListEntry]) -> Result<foam_store::ranges::RangeMap> {
-    let mut todo = unsent.clone();
-    for e in kept {
-        todo.remove(e.vaddr, e.vaddr + PAGE);
+    // unsent minus kept, in one pass over both (kept is in address order).
+    let mut todo = foam_store::ranges::RangeMap::new();
+    let mut k = 0;
+    for r in unsent.iter() {
+        let mut run: Option<u64> = None;
+        let mut va = r.start;
+        while va < r.end {
+            while k < kept.len() && kept[k].vaddr < va {
+                k += 1;
+            }
+            let is_kept = k < kept.len() && kept[k].vaddr == va;
+            match (is_kept, run) {
+                (false, None) => run = Some(va),
+                (true, Some(s)) => {
+                    todo.insert(s, va, foam_store::protocol::PE_PRESENT);
+                    run = None;
+                }
+                _ => {}
+            }
+            va += PAGE;
+        }
+        if let Some(s) = run {
+            todo.insert(s, r.end, foam_store::protocol::PE_PRESENT);
+        }
     }
     if todo.is_empty() {
         return Ok(todo);
@@ -524,10 +548,22 @@ pub fn read_list(path: &Path) -> Result<(ListHead, Vec<ListEntry>)> {
     Ok((head, entries.unwrap_or_default()))
 }
 
-/// Maps a process's kept pages back, CRC first: (pages put in place, pages copied into an address
-/// the restore had populated already). The error names the page.
-pub fn map_process(dev: &Device, app: &str, pid: u32, entries: &[ListEntry], verify: bool) -> Result<(u64, u64)> {
-    let (mut mapped, mut copied) = (0, 0);
+/// What mapping a process's kept pages back did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Mapped {
+    /// Put in place (no copy).
+    pub in_place: u64,
+    /// Copied into an address the restore had populated already.
+    pub copied: u64,
+    /// Kept intact until [`release`] (a write by the app copies the page first).
+    pub guarded: u64,
+}
+
+/// Maps a process's kept pages back, CRC first; with `guard`, the checkpoint's pages stay as they
+/// were until [`release`], for a fallback. The error names the page.
+pub fn map_process(dev: &Device, app: &str, pid: u32, entries: &[ListEntry], verify: bool, guard: bool) -> Result<Mapped> {
+    let mut done = Mapped::default();
+    let flags = if verify { ppp_abi::MAP_VERIFY } else { 0 } | if guard { ppp_abi::MAP_GUARD } else { 0 };
     let mut i = 0;
     while i < entries.len() {
         let mut j = i + 1;
@@ -535,9 +571,10 @@ pub fn map_process(dev: &Device, app: &str, pid: u32, entries: &[ListEntry], ver
             j += 1;
         }
         let pages: Vec<Page> = entries[i..j].iter().map(|e| Page { pfn: e.pfn, crc: e.crc, why: 0 }).collect();
-        let (m, r) = dev.map(pid, entries[i].vaddr, verify, &pages);
-        mapped += m.nr_mapped;
-        copied += m.nr_copied;
+        let (m, r) = dev.map(pid, entries[i].vaddr, flags, &pages);
+        done.in_place += m.nr_mapped;
+        done.copied += m.nr_copied;
+        done.guarded += m.nr_guarded;
         if let Err(e) = r {
             let k = i + (m.failed as usize).min(j - i - 1);
             let why = Why::from_raw(m.failed_why).map_or_else(|| format!("reason {}", m.failed_why), |w| w.describe().to_string());
@@ -548,7 +585,16 @@ pub fn map_process(dev: &Device, app: &str, pid: u32, entries: &[ListEntry], ver
         }
         i = j;
     }
-    Ok((mapped, copied))
+    Ok(done)
+}
+
+/// The checkpoint's pages are no longer needed (the restored apps are healthy): the module gives
+/// the unclaimed held pages to the allocator and drops its guard references.
+pub fn release() -> Result<()> {
+    if !Path::new(DEVICE).exists() {
+        return Ok(());
+    }
+    Device::open(DEVICE).and_then(|d| d.release()).map_err(|e| format!("{DEVICE}: releasing the checkpoint's pages: {e}").into())
 }
 
 /// The manifest's record of what PPP kept of an app.
@@ -563,6 +609,9 @@ pub fn summary(arena: Arena, lists: Vec<PppList>, not_kept: &BTreeMap<Why, u64>,
         lists,
         not_kept: not_kept.iter().map(|(w, n)| (w.c_name().trim_start_matches("PPP_").to_ascii_lowercase(), *n)).collect(),
         pin_ms,
+        pinning_ms: 0.0,
+        copy_ms: 0.0,
+        lists_ms: 0.0,
     }
 }
 
@@ -577,6 +626,37 @@ mod tests {
         assert_eq!(Arena::from_cmdline("memmap=512M!1G").unwrap(), None);
         assert!(Arena::from_cmdline("memmap=2G$4G memmap=1G$8G").unwrap_err().to_string().contains("exactly one"));
         assert!(Arena::from_cmdline("memmap=2X$4G").unwrap_err().to_string().contains("memmap=2X$4G"));
+    }
+
+    #[test]
+    fn the_unchanged_pages_not_kept_are_copied_from_the_process() {
+        // Eight pages of this very process, page-aligned, each filled with its index.
+        let layout = std::alloc::Layout::from_size_align(8 * 4096, 4096).unwrap();
+        // SAFETY: a non-zero size with a valid alignment; freed below with the same layout.
+        let buf = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!buf.is_null());
+        // SAFETY: `buf` is 8 pages long and owned by this test.
+        let pages = unsafe { std::slice::from_raw_parts_mut(buf, 8 * 4096) };
+        for (i, p) in pages.chunks_mut(4096).enumerate() {
+            p.fill(i as u8 + 1);
+        }
+        let base = buf as u64;
+        let dir = tempfile::tempdir().unwrap();
+        let foam = foam_store::foam::FoamFile::create(dir.path(), "1", foam_store::foam::FileMode::probe(dir.path()).unwrap()).unwrap();
+        let mut unsent = foam_store::ranges::RangeMap::new();
+        unsent.insert(base, base + 8 * PAGE, foam_store::protocol::PE_PRESENT);
+        // Pages 1, 2 and 6 stay in place.
+        let kept: Vec<ListEntry> = [1u64, 2, 6].iter().map(|i| ListEntry { vaddr: base + i * PAGE, pfn: 0, crc: 0, flags: 0 }).collect();
+        let copied = copy_unkept(std::process::id(), &foam, &unsent, &kept).unwrap();
+        let runs: Vec<(u64, u64)> = copied.iter().map(|r| ((r.start - base) / PAGE, (r.end - base) / PAGE)).collect();
+        assert_eq!(runs, vec![(0, 1), (3, 6), (7, 8)]);
+        let mut page = vec![0u8; 4096];
+        for i in [0u64, 3, 4, 5, 7] {
+            foam.read_pages(base + i * PAGE, &mut page).unwrap();
+            assert!(page.iter().all(|&b| b == i as u8 + 1), "page {i}");
+        }
+        // SAFETY: allocated above with this layout, not used after.
+        unsafe { std::alloc::dealloc(buf, layout) };
     }
 
     #[test]

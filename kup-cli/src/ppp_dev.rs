@@ -69,8 +69,8 @@ impl Device {
 
     /// Maps held-back pages into holes from `start` on; the answer says how far it got, also when
     /// the call failed.
-    pub fn map(&self, pid: u32, start: u64, verify: bool, pages: &[Page]) -> (Map, io::Result<()>) {
-        let mut m = Map { pid, flags: if verify { ppp_abi::MAP_VERIFY } else { 0 }, start, nr_pages: pages.len() as u64, pages: pages.as_ptr() as u64, ..Map::default() };
+    pub fn map(&self, pid: u32, start: u64, flags: u32, pages: &[Page]) -> (Map, io::Result<()>) {
+        let mut m = Map { pid, flags, start, nr_pages: pages.len() as u64, pages: pages.as_ptr() as u64, ..Map::default() };
         // SAFETY: MAP reads and writes one `Map` and reads `nr_pages` `Page`s at `pages`, which
         // borrows `pages` for the call.
         let r = unsafe { ioctl(&self.file, ppp_abi::IOC_MAP, &mut m) };

@@ -62,22 +62,31 @@ pub struct PppFigures {
     pub checksum_ms: f64,
     pub crc_frozen: u64,
     pub pin_ms: f64,
+    /// Its parts: the pins, copying the pages PPP does not keep, writing the PFN lists.
+    #[serde(default)]
+    pub pin_parts_ms: [f64; 3],
     /// At the last restore: pages put back in place, copied into populated addresses, and the
     /// time that took (CRC checks included).
     pub mapped: Option<u64>,
     pub copied_in: Option<u64>,
     pub map_ms: Option<f64>,
+    /// Mapped pages kept intact (copied on the app's first write) until the apps were healthy.
+    #[serde(default)]
+    pub guarded: Option<u64>,
 }
 
 impl PppFigures {
     pub fn line(&self) -> String {
         let restored = match (self.mapped, self.copied_in, self.map_ms) {
-            (Some(m), Some(c), Some(ms)) => format!("; restore: {m} put back in place, {c} copied into pages the restore had written, {ms:.1} ms with CRC checks"),
+            (Some(m), Some(c), Some(ms)) => format!(
+                "; restore: {m} put back in place, {c} copied into pages the restore had written, {ms:.1} ms with CRC checks; {} kept intact until healthy",
+                self.guarded.unwrap_or(0)
+            ),
             _ => String::new(),
         };
         format!(
-            "ppp: {} pages kept in place, {} into the store; CRCs {:.1} ms while running, {} pages while frozen; pinning {:.1} ms{restored}",
-            self.kept, self.to_store, self.checksum_ms, self.crc_frozen, self.pin_ms
+            "ppp: {} pages kept in place, {} into the store; CRCs {:.1} ms while running, {} pages while frozen; pinning {:.1} ms (pins {:.1}, copies {:.1}, PFN lists {:.1}){restored}",
+            self.kept, self.to_store, self.checksum_ms, self.crc_frozen, self.pin_ms, self.pin_parts_ms[0], self.pin_parts_ms[1], self.pin_parts_ms[2]
         )
     }
 }

@@ -43,6 +43,9 @@ pub struct Args {
     pub work_root: PathBuf,
     /// How long CRIU may take for each step before kup kills it and reports a failure.
     pub timeout: Duration,
+    /// PPP: keep the checkpoint's pages as they were until `ppp::release` (a resume does, once
+    /// the apps are healthy: until then a fallback needs them); else they are released at once.
+    pub keep_ppp_pages: bool,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -63,6 +66,7 @@ pub struct AppRestore {
     /// populated already (e.g. a thread's rseq area), and how long that took.
     pub pages_in_place: u64,
     pub pages_copied_in: u64,
+    pub pages_guarded: u64,
     pub map_ms: f64,
 }
 
@@ -70,6 +74,8 @@ pub struct AppRestore {
 struct PppRestore {
     dev: crate::ppp_dev::Device,
     lists: BTreeMap<(String, u32), Vec<ppp_abi::ListEntry>>,
+    /// The pages are still pinned by this boot's checkpoint: they are copied, not put in place.
+    same_boot: bool,
 }
 
 pub fn run(criu: &Criu, a: &Args) -> Result<Vec<AppRestore>> {
@@ -86,11 +92,15 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Vec<AppRestore>> {
     }
     let ppp = ppp_prepare(&dir, &m)?;
     let mut mode = a.mode;
-    if ppp.is_some() && mode == Mode::Lazy {
+    if let Some(p) = &ppp {
         // Pages are mapped into holes; a lazy VMA (userfaultfd) refuses them.
         mode = Mode::Eager;
         if !a.json {
-            println!("  note: PPP pages are put back in place before the apps run; the rest of their memory is restored eagerly");
+            if p.same_boot {
+                println!("  note: checkpoint {} was taken on this boot: its PPP pages are still pinned and are mapped as copies; the rest of the memory is restored eagerly", m.id);
+            } else {
+                println!("  note: PPP pages are put back in place before the apps run; the rest of their memory is restored eagerly");
+            }
         }
     }
     if mode == Mode::Lazy && !criu.has_lazy_pages() {
@@ -128,9 +138,9 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Vec<AppRestore>> {
             Err(e) => errors.push(format!("{}: {e}", app.name)),
         }
     }
-    if let Some(p) = &ppp {
+    if ppp.is_some() && !a.keep_ppp_pages {
         // Pages no app claimed (a failed restore's) go to the page allocator.
-        if let Err(e) = p.dev.release() {
+        if let Err(e) = crate::ppp::release() {
             eprintln!("kup: warning: the arena's unclaimed held-back pages stay held until the next boot: {e}");
         }
     }
@@ -139,7 +149,10 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Vec<AppRestore>> {
     } else {
         for r in &done {
             let fetched = r.fetched_ms.map(|f| format!(", all memory fetched after {f:.1} ms ({} pages on demand/prefetched)", r.pages_served)).unwrap_or_default();
-            let in_place = if ppp.is_some() { format!(", {} pages put back in place ({} copied into pages the restore had written) in {:.1} ms", r.pages_in_place, r.pages_copied_in, r.map_ms) } else { String::new() };
+            let in_place = if ppp.is_some() { format!(
+                ", {} pages put back in place ({} copied into pages the restore had written, {} kept intact until the apps are healthy) in {:.1} ms",
+                r.pages_in_place, r.pages_copied_in, r.pages_guarded, r.map_ms
+            ) } else { String::new() };
             println!("  {}: running again after {:.1} ms (images {:.1} ms){fetched}{in_place}", r.name, r.running_ms, r.images_ms);
         }
     }
@@ -158,13 +171,13 @@ fn ppp_prepare(dir: &Path, m: &Manifest) -> Result<Option<PppRestore>> {
     let mut held = vec![];
     let mut arena = None;
     let boot = crate::ppp::boot_id();
+    // Taken on this very boot (a switch that failed, or a restore without one): the pages are
+    // still pinned, not held back, and are mapped as copies.
+    let mut same_boot = false;
     for app in &m.apps {
         let Some(p) = &app.ppp else { continue };
         if p.boot_id == boot {
-            return fail(format!(
-                "checkpoint {} keeps {}'s pages in place for the next kernel; it was taken on this very boot, and PPP cannot restore it before a kexec (the pages are still pinned): switch kernels with kup update, or checkpoint without --ppp to restore on the same boot",
-                m.id, app.name
-            ));
+            same_boot = true;
         }
         let a = crate::ppp::Arena { start: p.arena_start, size: p.arena_size };
         if arena.is_some_and(|b| b != a) {
@@ -188,19 +201,32 @@ fn ppp_prepare(dir: &Path, m: &Manifest) -> Result<Option<PppRestore>> {
         return fail(format!("checkpoint {} names PFN {:#x} twice", m.id, w[0]));
     }
     let dev = crate::ppp::open()?;
-    crate::ppp::attach(&dev, arena, &held)?;
-    Ok(Some(PppRestore { dev, lists }))
+    if same_boot {
+        let info = dev.info().map_err(|e| format!("{}: {e}", crate::ppp::DEVICE))?;
+        if info.pinned_pages < held.len() as u64 {
+            return fail(format!(
+                "checkpoint {} was taken on this boot, but only {} of its {} pages are still pinned (a release or another checkpoint let them go): it cannot be restored",
+                m.id,
+                info.pinned_pages,
+                held.len()
+            ));
+        }
+    } else {
+        crate::ppp::attach(&dev, arena, &held)?;
+    }
+    Ok(Some(PppRestore { dev, lists, same_boot }))
 }
 
 /// Puts an app's PPP pages back into its restored, still stopped, processes (CRC first), then lets
 /// them run. On failure the restored tasks are killed: they must not run on missing memory.
-fn ppp_map_and_start(p: &PppRestore, app: &App, out: &mut AppRestore) -> Result<()> {
+fn ppp_map_and_start(p: &PppRestore, app: &App, guard: bool, out: &mut AppRestore) -> Result<()> {
     let t = Instant::now();
     for ((name, pid), entries) in p.lists.range((app.name.clone(), 0)..=(app.name.clone(), u32::MAX)) {
-        match crate::ppp::map_process(&p.dev, name, *pid, entries, true) {
-            Ok((mapped, copied)) => {
-                out.pages_in_place += mapped;
-                out.pages_copied_in += copied;
+        match crate::ppp::map_process(&p.dev, name, *pid, entries, true, guard) {
+            Ok(m) => {
+                out.pages_in_place += m.in_place;
+                out.pages_copied_in += m.copied;
+                out.pages_guarded += m.guarded;
             }
             Err(e) => {
                 kill_tasks(app);
@@ -268,7 +294,7 @@ fn restore_app(criu: &Criu, a: &Args, m: &Manifest, ckpt_dir: &Path, app: &App, 
     restore.arg("restore").arg("-D").arg(&images).arg("-W").arg(&work).args(["-o", "restore.log", "-d"]).args(&app.criu_options);
     restore.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
     let restore_log = work.join("restore.log");
-    let mut out = AppRestore { name: app.name.clone(), pid: app.pid, mode, running_ms: 0.0, images_ms, fetched_ms: None, pages_eager: synth.pages_copied, pages_lazy: synth.pages_lazy, pages_served: 0, pages_in_place: 0, pages_copied_in: 0, map_ms: 0.0 };
+    let mut out = AppRestore { name: app.name.clone(), pid: app.pid, mode, running_ms: 0.0, images_ms, fetched_ms: None, pages_eager: synth.pages_copied, pages_lazy: synth.pages_lazy, pages_served: 0, pages_in_place: 0, pages_copied_in: 0, pages_guarded: 0, map_ms: 0.0 };
     if ppp.is_some() {
         // The tasks wait, stopped, until their pages are back in place.
         restore.arg("--leave-stopped");
@@ -278,7 +304,7 @@ fn restore_app(criu: &Criu, a: &Args, m: &Manifest, ckpt_dir: &Path, app: &App, 
         let child = restore.spawn().map_err(|e| format!("cannot start {}: {e}", criu.path.display()))?;
         criu::finish(child, "criu restore", &restore_log, a.timeout)?;
         if let Some(p) = ppp {
-            ppp_map_and_start(p, app, &mut out)?;
+            ppp_map_and_start(p, app, a.keep_ppp_pages, &mut out)?;
         }
         out.running_ms = report::ms(start.elapsed());
         remove_images(&images);

@@ -110,6 +110,7 @@ pub fn restore_and_check(criu: &Criu, a: &Args, rec: &mut UpdateRecord, json: bo
         json,
         work_root: PathBuf::from("/run/kup"),
         timeout: a.timeout,
+        keep_ppp_pages: true,
     })?;
     // restore::run returns once lazy fetching is done; the apps ran again earlier.
     let at = |ms: f64| restore_start + ms as u64;
@@ -121,8 +122,16 @@ pub fn restore_and_check(criu: &Criu, a: &Args, rec: &mut UpdateRecord, json: bo
         p.mapped = Some(apps.iter().map(|a| a.pages_in_place).sum());
         p.copied_in = Some(apps.iter().map(|a| a.pages_copied_in).sum());
         p.map_ms = Some(apps.iter().map(|a| a.map_ms).fold(0.0, f64::max));
+        p.guarded = Some(apps.iter().map(|a| a.pages_guarded).sum());
     }
-    health_check(rec, &apps)
+    health_check(rec, &apps)?;
+    if rec.ppp.is_some() {
+        // Healthy: a fallback no longer needs the checkpoint's pages as they were.
+        if let Err(e) = crate::ppp::release() {
+            eprintln!("kup: warning: {e}; the checkpoint's pages stay held until the next boot");
+        }
+    }
+    Ok(())
 }
 
 /// Where each app is and the command that brings the apps back, when kup gives up.

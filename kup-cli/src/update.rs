@@ -169,6 +169,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
             checksum_ms: ps().map(|p| p.checksum_ms).fold(0.0, f64::max),
             crc_frozen: ps().map(|p| p.crc_frozen).sum(),
             pin_ms: ps().map(|p| p.pin_ms).fold(0.0, f64::max),
+            pin_parts_ms: ps().map(|p| [p.pinning_ms, p.copy_ms, p.lists_ms]).fold([0.0; 3], |a, b| [a[0].max(b[0]), a[1].max(b[1]), a[2].max(b[2])]),
             ..Default::default()
         });
     }

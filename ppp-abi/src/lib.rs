@@ -26,6 +26,7 @@ pub struct Info {
     pub block_size: u64,
     pub held_pages: u64,
     pub pinned_pages: u64,
+    pub guarded_pages: u64,
     pub pin_tag: u64,
 }
 
@@ -120,6 +121,7 @@ pub struct Pin {
 }
 
 pub const MAP_VERIFY: u32 = 1 << 0;
+pub const MAP_GUARD: u32 = 1 << 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
@@ -132,6 +134,7 @@ pub struct Map {
     pub pages: u64,
     pub nr_mapped: u64,
     pub nr_copied: u64,
+    pub nr_guarded: u64,
     pub failed: u64,
     pub failed_why: u32,
     pub pad: u32,

@@ -39,11 +39,11 @@ macro_rules! layout {
 #[test]
 fn the_rust_abi_matches_the_header() {
     let mut want: Vec<(&str, String, u64)> = vec![];
-    layout!(want, Info, "ppp_info", [abi_version, state, arena_start, arena_size, block_size, held_pages, pinned_pages, pin_tag]);
+    layout!(want, Info, "ppp_info", [abi_version, state, arena_start, arena_size, block_size, held_pages, pinned_pages, guarded_pages, pin_tag]);
     layout!(want, Attach, "ppp_attach", [arena_start, arena_size, held, nr_held]);
     layout!(want, Page, "ppp_page", [pfn, crc, why]);
     layout!(want, Pin, "ppp_pin", [pid, flags, tag, start, nr_pages, pages, nr_kept]);
-    layout!(want, Map, "ppp_map", [pid, flags, start, nr_pages, pages, nr_mapped, nr_copied, failed, failed_why, pad]);
+    layout!(want, Map, "ppp_map", [pid, flags, start, nr_pages, pages, nr_mapped, nr_copied, nr_guarded, failed, failed_why, pad]);
     layout!(want, ListHead, "ppp_list_head", [magic, version, arena_start, arena_size, nr_pages, pid, crc]);
     layout!(want, ListEntry, "ppp_list_entry", [vaddr, pfn, crc, flags]);
     for (n, e, v) in [
@@ -53,6 +53,7 @@ fn the_rust_abi_matches_the_header() {
         ("PPP_STATE_ATTACHED", "PPP_STATE_ATTACHED", STATE_ATTACHED as u64),
         ("PPP_PIN_CRC", "PPP_PIN_CRC", PIN_CRC as u64),
         ("PPP_MAP_VERIFY", "PPP_MAP_VERIFY", MAP_VERIFY as u64),
+        ("PPP_MAP_GUARD", "PPP_MAP_GUARD", MAP_GUARD as u64),
         ("PPP_IOC_MAGIC", "PPP_IOC_MAGIC", IOC_MAGIC as u64),
         ("PPP_IOC_INFO", "PPP_IOC_INFO", IOC_INFO),
         ("PPP_IOC_ATTACH", "PPP_IOC_ATTACH", IOC_ATTACH),

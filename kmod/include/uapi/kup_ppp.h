@@ -33,6 +33,7 @@ struct ppp_info {
 	__u64 block_size;	/* the kernel's memory block size, bytes */
 	__u64 held_pages;	/* preserved pages held back, not yet mapped */
 	__u64 pinned_pages;	/* pages with a checkpoint's reference */
+	__u64 guarded_pages;	/* mapped pages kept intact until RELEASE */
 	__u64 pin_tag;		/* the tag of those references; 0 if none */
 };
 
@@ -83,10 +84,18 @@ struct ppp_pin {
 
 /* ppp_map.flags */
 #define PPP_MAP_VERIFY		(1U << 0)	/* check each page's crc first */
+/*
+ * Keep the checkpoint's pages intact until RELEASE: each page is mapped
+ * read-only and shared, with a reference of the module's, so that the
+ * process's first write to it copies it. A fallback to the old kernel then
+ * finds every page as it was at checkpoint.
+ */
+#define PPP_MAP_GUARD		(1U << 1)
 
 /*
  * Maps held-back pages into holes of [start, start + nr_pages pages) of
- * process pid as its own private anonymous pages (no copy). An address that
+ * process pid as its own private anonymous pages (no copy); a page still
+ * pinned by a checkpoint of this boot is mapped as a copy. An address that
  * is already populated (written during the restore, e.g. a thread's rseq
  * area) gets the page's content copied into it instead. With PPP_MAP_VERIFY
  * nothing is mapped unless every page's CRC matches.
@@ -99,6 +108,7 @@ struct ppp_map {
 	__u64 pages;		/* user pointer to struct ppp_page[nr_pages] */
 	__u64 nr_mapped;	/* out: put in place */
 	__u64 nr_copied;	/* out: copied into a populated address */
+	__u64 nr_guarded;	/* out: PPP_MAP_GUARD: pages guarded */
 	__u64 failed;		/* out: index of the first page not mapped */
 	__u32 failed_why;	/* out: PPP_* reason for that page */
 	__u32 pad;
@@ -136,7 +146,11 @@ struct ppp_list_entry {
 #define PPP_IOC_PIN		_IOWR(PPP_IOC_MAGIC, 2, struct ppp_pin)
 #define PPP_IOC_UNPIN		_IOW(PPP_IOC_MAGIC, 3, __u64)
 #define PPP_IOC_MAP		_IOWR(PPP_IOC_MAGIC, 4, struct ppp_map)
-/* Gives every page still held back to the page allocator. */
+/*
+ * The checkpoint's pages are no longer needed (the restored apps are
+ * healthy): every page still held back goes to the page allocator, and the
+ * guard references of PPP_MAP_GUARD and the pins are dropped.
+ */
 #define PPP_IOC_RELEASE		_IO(PPP_IOC_MAGIC, 5)
 /*
  * Takes a struct ppp_pin (tag and flags ignored) of a process that may run:

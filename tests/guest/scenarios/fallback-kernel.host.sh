@@ -6,12 +6,12 @@ PANICS_EXPECTED=1 # kernel B's, on purpose (an upper bound in run; host_report r
 # B must really have panicked: exactly one panic, by kernel B (its "CPU: ... <release>" line), after kup
 # switched to B and before A booted again, and the PASS line from that second boot of A.
 host_report() {
-    awk -v a="$VER_A" -v b="$VER_B" '
+    awk -v a="$VER_A" -v b="$VER_B" -v s="$SCENARIO" '
         index($0, "kup update: checkpoint ") && index($0, "switching to " b " now") { sw = NR }
         /Kernel panic - not syncing/ { panics++; pl = NR; cpu = 0; next }
         pl && NR <= pl + 3 && / CPU: [0-9]+ PID: / { cpu = index($0, " " b " ") > 0; who = $0 }
         index($0, "KUP: init stage=a kernel=" a " ") { boots++; if (boots == 2) again = NR }
-        index($0, "GUEST: PASS fallback-kernel ") { passl = NR }
+        index($0, "GUEST: PASS " s " ") { passl = NR }
         END {
             if (!sw) { print "fallback-kernel: kup never switched to B (" b ")"; exit 1 }
             if (panics != 1) { printf "fallback-kernel: %d kernel panics, not exactly 1 (B'\''s)\n", panics; exit 1 }

@@ -10,6 +10,11 @@ MC_VALUE=65536
 MC_ADDR=127.0.0.1:11211
 
 stage_a() {
+    ppp_update_from_a
+}
+
+# ppp_update_from_a [KEY=VALUE...]: the PPP update from A, with KEY=VALUE added to B's command line.
+ppp_update_from_a() {
     need rpramfs kup mctool memcached
     kup ppp attach || fail "kup ppp attach failed"
     rpramfs mkfs "$REGION" || fail "rpramfs mkfs $REGION failed"
@@ -25,7 +30,8 @@ stage_a() {
     initrd_rebuild
     cp /boot/initrd $MNT/initrd-a || fail "copying the initrd into the store"
     rc=0
-    kup update --ppp --kernel /boot/vmlinuz-b --initrd /boot/initrd --append "$(next_cmdline b)" --store ram --pid "$mc" \
+    kup update --ppp --kernel /boot/vmlinuz-b --initrd /boot/initrd --append "$(next_cmdline b "$@")" --store ram --pid "$mc" \
+        ${PPP_HEALTH_CHECK:+--health-check "$PPP_HEALTH_CHECK"} \
         --old-kernel /boot/vmlinuz-a --old-initrd $MNT/initrd-a --old-append "$(next_cmdline a2)" || rc=$?
     fail "kup update --ppp returned (exit $rc) instead of switching kernels"
 }
@@ -50,6 +56,9 @@ stage_b() {
     frozen=$(kup status | awk '$6 == "frozen" { f = $1 } $6 == "checkpoint-done" { d = $1 } END { if (f != "" && d != "") printf "%d", (d - f) * 1000 }')
     figure frozen_ms "$frozen"
     kup ppp status | sed 's/^/GUEST: INFO ppp: /'
+    # Healthy: the module let go of the checkpoint's pages.
+    kup ppp status | grep -q ' 0 held back for a restore, 0 pinned by a checkpoint, 0 kept intact' ||
+        fail "the module still keeps checkpoint pages after a healthy resume: $(kup ppp status | tail -n 1)"
     # What verification cost: CRCs taken while memcached ran, and those taken while it was frozen.
     line=$(kup status | grep '^  ppp: ') || fail "the update record does not say what PPP did"
     checksum_ms=$(echo "$line" | sed -n 's/.*CRCs \([0-9.]*\) ms while running.*/\1/p')

@@ -65,6 +65,7 @@ test-guest: build
 	tests/guest/run ppp-refuse
 	tests/guest/run ppp-fallback-app
 	tests/guest/run ppp-fallback-kernel
+	tests/guest/run ppp-switch-fails
 
 bench: build
 	$(CARGO) run --release -p rpramfs --example bench

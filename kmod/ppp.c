@@ -835,10 +835,12 @@ static long ppp_map(void __user *arg)
 			map_run(vma, addr, pg, use, n, src, dst, res);
 		for (j = 0; j < n; j++) {
 			if (res[j] == MAP_INSERTED || res[j] == MAP_REPLACED) {
-				req.nr_mapped++;
-				if (page_to_pfn(use[j]) != pg[j].pfn)
+				if (page_to_pfn(use[j]) != pg[j].pfn) {
 					req.nr_copied++;
-				else if ((req.flags & PPP_MAP_GUARD) &&
+					continue;
+				}
+				req.nr_mapped++;
+				if ((req.flags & PPP_MAP_GUARD) &&
 					 guard_page(mm, addr + (j << PAGE_SHIFT),
 						    pg[j].pfn))
 					req.nr_guarded++;

@@ -553,7 +553,7 @@ pub fn read_list(path: &Path) -> Result<(ListHead, Vec<ListEntry>)> {
 pub struct Mapped {
     /// Put in place (no copy).
     pub in_place: u64,
-    /// Copied into an address the restore had populated already.
+    /// Mapped as copies: pinned on this boot, or into an address the restore had populated.
     pub copied: u64,
     /// Kept intact until [`release`] (a write by the app copies the page first).
     pub guarded: u64,

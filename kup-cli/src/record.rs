@@ -79,7 +79,7 @@ impl PppFigures {
     pub fn line(&self) -> String {
         let restored = match (self.mapped, self.copied_in, self.map_ms) {
             (Some(m), Some(c), Some(ms)) => format!(
-                "; restore: {m} put back in place, {c} copied into pages the restore had written, {ms:.1} ms with CRC checks; {} kept intact until healthy",
+                "; restore: {m} put back in place, {c} copied (pinned on this boot, or into pages the restore had written), {ms:.1} ms with CRC checks; {} kept intact until healthy",
                 self.guarded.unwrap_or(0)
             ),
             _ => String::new(),

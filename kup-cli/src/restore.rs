@@ -150,7 +150,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Vec<AppRestore>> {
         for r in &done {
             let fetched = r.fetched_ms.map(|f| format!(", all memory fetched after {f:.1} ms ({} pages on demand/prefetched)", r.pages_served)).unwrap_or_default();
             let in_place = if ppp.is_some() { format!(
-                ", {} pages put back in place ({} copied into pages the restore had written, {} kept intact until the apps are healthy) in {:.1} ms",
+                ", {} pages put back in place and {} copied (pinned on this boot, or into pages the restore had written), {} of them kept intact until the apps are healthy, in {:.1} ms",
                 r.pages_in_place, r.pages_copied_in, r.pages_guarded, r.map_ms
             ) } else { String::new() };
             println!("  {}: running again after {:.1} ms (images {:.1} ms){fetched}{in_place}", r.name, r.running_ms, r.images_ms);

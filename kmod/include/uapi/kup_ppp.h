@@ -107,7 +107,8 @@ struct ppp_map {
 	__u64 nr_pages;
 	__u64 pages;		/* user pointer to struct ppp_page[nr_pages] */
 	__u64 nr_mapped;	/* out: put in place */
-	__u64 nr_copied;	/* out: copied into a populated address */
+	__u64 nr_copied;	/* out: mapped as copies (pinned on this boot, or */
+				/* into an address the restore had populated) */
 	__u64 nr_guarded;	/* out: PPP_MAP_GUARD: pages guarded */
 	__u64 failed;		/* out: index of the first page not mapped */
 	__u32 failed_why;	/* out: PPP_* reason for that page */

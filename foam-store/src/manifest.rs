@@ -105,10 +105,17 @@ pub struct PppPages {
     /// Kept pages checksummed while the app was frozen: those written since.
     #[serde(default)]
     pub crc_frozen: u64,
-    /// The boot that pinned them (/proc/sys/kernel/random/boot_id): they are kept for the next
-    /// kernel, not for a restore on the same boot.
+    /// The boot that pinned them (/proc/sys/kernel/random/boot_id): on another boot they are held
+    /// back and put in place, on this one they are still pinned and mapped as copies.
     #[serde(default)]
     pub boot_id: String,
+    /// Whether each page's CRC was taken (and so is checked before the restored app can read it).
+    #[serde(default = "yes")]
+    pub crc: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -41,6 +41,8 @@ pub struct Args {
     pub criu_options: Vec<String>,
     /// Keep the apps' pages in place (PPP, ppp.ko) instead of only in the store.
     pub ppp: bool,
+    /// PPP: take each kept page's CRC, so that restore checks it before the app can read it.
+    pub ppp_crc: bool,
 }
 
 /// PPP during one checkpoint: the module, the arena and the checkpoint's pin tag.
@@ -48,6 +50,7 @@ struct PppRun {
     dev: crate::ppp_dev::Device,
     arena: crate::ppp::Arena,
     tag: u64,
+    crc: bool,
 }
 
 /// Room kept free beyond the apps' memory: CRIU's own images and the manifest.
@@ -81,7 +84,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
     let name = a.name.clone().unwrap_or_else(|| procs[0].comm.chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).collect());
     let name = if name.is_empty() { "app".to_string() } else { name };
     let (id, dir) = store.create_checkpoint(&name)?;
-    let ppp = ppp_arena.map(|(dev, arena)| PppRun { dev, arena, tag: crate::ppp::tag(&id) });
+    let ppp = ppp_arena.map(|(dev, arena)| PppRun { dev, arena, tag: crate::ppp::tag(&id), crc: a.ppp_crc });
     if let Some(p) = &ppp {
         notes.push(format!("PPP: pages in the arena {} stay in place (ppp.ko); the others go into the store", p.arena));
     }
@@ -316,7 +319,9 @@ fn ppp_prepass(ppp: &PppRun, p: &Process, ps: &mut Passes) -> Result<()> {
     let t = Instant::now();
     for pid in p.tree() {
         std::fs::write(format!("/proc/{pid}/clear_refs"), "4").map_err(|e| format!("resetting the soft-dirty bits of process {pid}: {e}"))?;
-        ps.ppp_known.insert(pid, crate::ppp::checksum_process(&ppp.dev, pid)?);
+        if ppp.crc {
+            ps.ppp_known.insert(pid, crate::ppp::checksum_process(&ppp.dev, pid)?);
+        }
     }
     ps.ppp_checksum_ms = report::ms(t.elapsed());
     Ok(())
@@ -454,7 +459,7 @@ fn pin_app(p: &PppRun, ps: &Passes, app_dir: &Path, session: &mut SessionReport)
         };
         let known = ps.ppp_known.get(&pid).map_or(&[][..], |v| &v[..]);
         let step = Instant::now();
-        let pinned = crate::ppp::pin_process(&p.dev, pid, p.tag, known, &tr.ranges)?;
+        let pinned = crate::ppp::pin_process(&p.dev, pid, p.tag, p.crc.then_some((known, &tr.ranges)))?;
         parts[0] += report::ms(step.elapsed());
         crc_frozen += pinned.crc_frozen;
         let step = Instant::now();
@@ -475,6 +480,7 @@ fn pin_app(p: &PppRun, ps: &Passes, app_dir: &Path, session: &mut SessionReport)
     std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut summary = crate::ppp::summary(p.arena, lists, &not_kept, report::ms(t.elapsed()), ps.ppp_checksum_ms, crc_frozen);
     [summary.pinning_ms, summary.copy_ms, summary.lists_ms] = parts;
+    summary.crc = p.crc;
     Ok(summary)
 }
 

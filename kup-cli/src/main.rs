@@ -67,6 +67,9 @@ enum Cmd {
         /// Keep the apps' pages in the PPP arena where they are (ppp.ko; docs/ppp.md)
         #[arg(long)]
         ppp: bool,
+        /// PPP: take no page CRCs (restore then cannot check the kept pages; docs/ppp.md)
+        #[arg(long)]
+        no_page_crc: bool,
     },
     /// Restore the apps of a checkpoint (the newest complete one by default)
     Restore {
@@ -126,6 +129,9 @@ enum Cmd {
         /// Copy every page through the store (FOAM) even where PPP is possible
         #[arg(long)]
         no_ppp: bool,
+        /// PPP: take no page CRCs (restore then cannot check the kept pages; docs/ppp.md)
+        #[arg(long)]
+        no_page_crc: bool,
         #[command(flatten)]
         ram: RamStore,
     },
@@ -227,8 +233,8 @@ fn main() {
     let cli = Cli::parse();
 
     let result = match &cli.cmd {
-        Cmd::Checkpoint { pids, store, iterations, leave_running, name, criu_opts, ppp } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
-            let a = checkpoint::Args { pids: pids.clone(), store: store.clone(), iterations: *iterations, leave_running: *leave_running, name: name.clone(), json: cli.json, criu_options: criu_opts.clone(), ppp: *ppp };
+        Cmd::Checkpoint { pids, store, iterations, leave_running, name, criu_opts, ppp, no_page_crc } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
+            let a = checkpoint::Args { pids: pids.clone(), store: store.clone(), iterations: *iterations, leave_running: *leave_running, name: name.clone(), json: cli.json, criu_options: criu_opts.clone(), ppp: *ppp, ppp_crc: !*no_page_crc };
             checkpoint::run(&c, &a).map(|_| ())
         }),
         Cmd::Restore { store, checkpoint, lazy: _, eager, work_dir, timeout } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
@@ -237,7 +243,7 @@ fn main() {
             restore::run(&c, &a).map(|_| ())
         }),
         Cmd::Inspect { store, verify } => inspect::run(store, *verify, cli.json),
-        Cmd::Update { kernel, initrd, append, store, pids, iterations, health_check, dry_run, old_kernel, old_initrd, old_append, ppp, no_ppp, ram } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
+        Cmd::Update { kernel, initrd, append, store, pids, iterations, health_check, dry_run, old_kernel, old_initrd, old_append, ppp, no_ppp, no_page_crc, ram } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
             let (store, region) = ram.resolve(store);
             let a = update::Args {
                 kernel: kernel.clone(),
@@ -258,6 +264,7 @@ fn main() {
                     (_, true) => update::PppMode::Off,
                     _ => update::PppMode::Auto,
                 },
+                ppp_crc: !*no_page_crc,
             };
             update::run(&c, &a)
         }),

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use foam_store::manifest::{PppList, PppPages};
-use ppp_abi::{ListEntry, ListHead, Page, Why};
+use ppp_abi::{ListHead, ListRun, Page, Why};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::error::{fail, Result};
@@ -297,7 +297,7 @@ fn pages_by_place(pid: u32, arena: Arena) -> Result<(u64, u64)> {
 pub fn pin_for_test(pid: u32) -> Result<()> {
     let dev = open()?;
     let tag = tag(&format!("kup ppp pin {pid}"));
-    let pinned = pin_process(&dev, pid, tag, &[], &foam_store::ranges::RangeMap::new());
+    let pinned = pin_process(&dev, pid, tag, None);
     let _ = dev.unpin(tag);
     let p = pinned?;
     println!("pinned {} pages of process {pid} (and unpinned them)", p.entries.len());
@@ -309,10 +309,18 @@ pub fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
+/// One page kept in place: where it is mapped, its frame, its CRC at checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeptPage {
+    pub vaddr: u64,
+    pub pfn: u64,
+    pub crc: u32,
+}
+
 /// What PIN kept of one process.
 pub struct Pinned {
     pub pid: u32,
-    pub entries: Vec<ListEntry>,
+    pub entries: Vec<KeptPage>,
     /// Present pages not kept, by reason.
     pub not_kept: BTreeMap<Why, u64>,
     /// Kept pages whose CRC was taken while the app was frozen (written since [`checksum_process`]).
@@ -343,20 +351,40 @@ pub fn checksum_process(dev: &Device, pid: u32) -> Result<Vec<(u64, u32)>> {
 }
 
 /// Pins every present page of `pid`'s private mappings (the process must be frozen by CRIU).
-/// `known` holds the CRCs taken before the freeze ([`checksum_process`]); pages in `changed`
-/// (written since) or without one get theirs now.
-pub fn pin_process(dev: &Device, pid: u32, tag: u64, known: &[(u64, u32)], changed: &foam_store::ranges::RangeMap) -> Result<Pinned> {
+/// With `crcs`, (known, changed): the CRCs taken before the freeze ([`checksum_process`]), and the
+/// pages written since, which get theirs now, as do pages without one; without, no CRC is taken.
+pub fn pin_process(dev: &Device, pid: u32, tag: u64, crcs: Option<(&[(u64, u32)], &foam_store::ranges::RangeMap)>) -> Result<Pinned> {
+    let empty = foam_store::ranges::RangeMap::new();
+    let want_crc = crcs.is_some();
+    let (known, changed) = crcs.unwrap_or((&[], &empty));
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| format!("/proc/{pid}/maps: {e}"))?;
     let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("/proc/{pid}/pagemap: {e}"))?;
     let mut out = Pinned { pid, entries: vec![], not_kept: BTreeMap::new(), crc_frozen: 0 };
     let mut pages = vec![Page::default(); PIN_CHUNK];
-    let known_crc = |va: u64| known.binary_search_by_key(&va, |(a, _)| *a).ok().map(|i| known[i].1);
     let changed: Vec<(u64, u64)> = changed.iter().map(|r| (r.start, r.end)).collect();
-    let in_changed = |va: u64| changed.binary_search_by(|&(s, e)| if e <= va { std::cmp::Ordering::Less } else if s > va { std::cmp::Ordering::Greater } else { std::cmp::Ordering::Equal }).is_ok();
+    // Cursors into `known` and `changed`: the pages come in ascending address order.
+    let (mut ki, mut ci) = (0, 0);
     for (start, end) in private_mappings(&maps) {
         for (run_start, run_pages) in present_runs(&pagemap, pid, start, end)? {
+            // Each page's CRC taken before the freeze, where it still holds.
+            let before: Vec<Option<u32>> = (0..run_pages)
+                .map(|i| {
+                    let va = run_start + i * PAGE;
+                    if !want_crc {
+                        return None;
+                    }
+                    while ki < known.len() && known[ki].0 < va {
+                        ki += 1;
+                    }
+                    while ci < changed.len() && changed[ci].1 <= va {
+                        ci += 1;
+                    }
+                    let written = ci < changed.len() && changed[ci].0 <= va;
+                    (ki < known.len() && known[ki].0 == va && !written).then(|| known[ki].1)
+                })
+                .collect();
             // Split the run where "needs a CRC now" changes.
-            let needs = |va: u64| known_crc(va).is_none() || in_changed(va);
+            let needs = |va: u64| want_crc && before[((va - run_start) / PAGE) as usize].is_none();
             let mut seg = run_start;
             let run_end = run_start + run_pages * PAGE;
             while seg < run_end {
@@ -376,9 +404,9 @@ pub fn pin_process(dev: &Device, pid: u32, tag: u64, known: &[(u64, u32)], chang
                     let va = seg + i as u64 * PAGE;
                     match Why::from_raw(p.why) {
                         Some(Why::Kept) => {
-                            let crc = if crc_now { p.crc } else { known_crc(va).expect("known") };
+                            let crc = before[((va - run_start) / PAGE) as usize].unwrap_or(p.crc);
                             out.crc_frozen += crc_now as u64;
-                            out.entries.push(ListEntry { vaddr: va, pfn: p.pfn, crc, flags: 0 });
+                            out.entries.push(KeptPage { vaddr: va, pfn: p.pfn, crc });
                         }
                         Some(w) => *out.not_kept.entry(w).or_default() += 1,
                         None => return fail(format!("ppp.ko answered an unknown reason {} for page {va:#x} of process {pid}", p.why)),
@@ -457,7 +485,7 @@ fn private_mappings(maps: &str) -> Vec<(u64, u64)> {
 
 /// Copies into FOAM the pages of `unsent` (unchanged since the soft-dirty reset, so CRIU sent no
 /// data) that PPP did not keep, reading them from the frozen process; returns what it copied.
-pub fn copy_unkept(pid: u32, foam: &foam_store::foam::FoamFile, unsent: &foam_store::ranges::RangeMap, kept: &[ListEntry]) -> Result<foam_store::ranges::RangeMap> {
+pub fn copy_unkept(pid: u32, foam: &foam_store::foam::FoamFile, unsent: &foam_store::ranges::RangeMap, kept: &[KeptPage]) -> Result<foam_store::ranges::RangeMap> {
     // unsent minus kept, in one pass over both (kept is in address order).
     let mut todo = foam_store::ranges::RangeMap::new();
     let mut k = 0;
@@ -516,36 +544,63 @@ pub fn tag(id: &str) -> u64 {
     h | 1
 }
 
-/// Writes a process's PFN list durably.
+/// Writes a process's PFN list durably: runs of pages at consecutive addresses and frames, then
+/// the pages' CRCs (kmod/include/uapi/kup_ppp.h).
 pub fn write_list(path: &Path, arena: Arena, p: &Pinned) -> Result<()> {
-    let body = p.entries.as_bytes();
-    let head = ListHead { magic: ppp_abi::LIST_MAGIC, version: ppp_abi::LIST_VERSION, arena_start: arena.start, arena_size: arena.size, nr_pages: p.entries.len() as u64, pid: p.pid, crc: crc32fast::hash(body) };
+    let mut runs: Vec<ListRun> = vec![];
+    for e in &p.entries {
+        match runs.last_mut() {
+            Some(r) if r.vaddr + r.nr_pages as u64 * PAGE == e.vaddr && r.pfn + r.nr_pages as u64 == e.pfn && r.nr_pages < u32::MAX => r.nr_pages += 1,
+            _ => runs.push(ListRun { vaddr: e.vaddr, pfn: e.pfn, nr_pages: 1, flags: 0 }),
+        }
+    }
+    let mut body = runs.as_bytes().to_vec();
+    body.extend(p.entries.iter().flat_map(|e| e.crc.to_le_bytes()));
+    let head = ListHead {
+        magic: ppp_abi::LIST_MAGIC,
+        version: ppp_abi::LIST_VERSION,
+        arena_start: arena.start,
+        arena_size: arena.size,
+        nr_pages: p.entries.len() as u64,
+        nr_runs: runs.len() as u64,
+        pid: p.pid,
+        crc: crc32fast::hash(&body),
+    };
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    f.write_all(head.as_bytes()).and_then(|()| f.write_all(body)).and_then(|()| f.sync_all()).map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(head.as_bytes()).and_then(|()| f.write_all(&body)).and_then(|()| f.sync_all()).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(())
 }
 
-/// Reads a PFN list back, checking its head and CRC.
-pub fn read_list(path: &Path) -> Result<(ListHead, Vec<ListEntry>)> {
+/// Reads a PFN list back, checking its head, its CRC and that its runs add up.
+pub fn read_list(path: &Path) -> Result<(ListHead, Vec<KeptPage>)> {
     let mut bytes = vec![];
     std::fs::File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(|e| format!("{}: {e}", path.display()))?;
-    let bad = |why: String| -> Result<(ListHead, Vec<ListEntry>)> { fail(format!("the PFN list {} is damaged ({why}): this checkpoint's pages cannot be put back in place", path.display())) };
+    let bad = |why: String| -> Result<(ListHead, Vec<KeptPage>)> { fail(format!("the PFN list {} is damaged ({why}): this checkpoint's pages cannot be put back in place", path.display())) };
     let Ok((head, rest)) = ListHead::read_from_prefix(&bytes) else { return bad(format!("{} bytes, shorter than its head", bytes.len())) };
     if head.magic != ppp_abi::LIST_MAGIC || head.version != ppp_abi::LIST_VERSION {
         return bad(format!("magic {:#x} version {}, want {:#x} version {}", head.magic, head.version, ppp_abi::LIST_MAGIC, ppp_abi::LIST_VERSION));
     }
-    let want = head.nr_pages as usize * size_of::<ListEntry>();
+    let runs_len = head.nr_runs as usize * size_of::<ListRun>();
+    let want = runs_len + head.nr_pages as usize * 4;
     if rest.len() != want {
-        return bad(format!("{} bytes of entries for {} pages, want {want}", rest.len(), head.nr_pages));
+        return bad(format!("{} bytes after the head for {} runs and {} pages, want {want}", rest.len(), head.nr_runs, head.nr_pages));
     }
     if crc32fast::hash(rest) != head.crc {
         return bad("CRC mismatch".into());
     }
-    let entries = <[ListEntry]>::ref_from_bytes(rest).map(|e| e.to_vec()).or_else(|_| {
-        // Unaligned: copy entry by entry.
-        Ok::<_, ()>(rest.chunks_exact(size_of::<ListEntry>()).map(|c| ListEntry::read_from_bytes(c).unwrap()).collect())
-    });
-    Ok((head, entries.unwrap_or_default()))
+    let (runs, crcs) = rest.split_at(runs_len);
+    let mut out = Vec::with_capacity(head.nr_pages as usize);
+    let mut crcs = crcs.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap()));
+    for r in runs.chunks_exact(size_of::<ListRun>()).map(|c| ListRun::read_from_bytes(c).unwrap()) {
+        for i in 0..r.nr_pages as u64 {
+            let Some(crc) = crcs.next() else { return bad("more pages in the runs than CRCs".into()) };
+            out.push(KeptPage { vaddr: r.vaddr + i * PAGE, pfn: r.pfn + i, crc });
+        }
+    }
+    if out.len() as u64 != head.nr_pages || out.windows(2).any(|w| w[1].vaddr <= w[0].vaddr) {
+        return bad(format!("its runs name {} pages, not {} in ascending order", out.len(), head.nr_pages));
+    }
+    Ok((head, out))
 }
 
 /// What mapping a process's kept pages back did.
@@ -561,7 +616,7 @@ pub struct Mapped {
 
 /// Maps a process's kept pages back, CRC first; with `guard`, the checkpoint's pages stay as they
 /// were until [`release`], for a fallback. The error names the page.
-pub fn map_process(dev: &Device, app: &str, pid: u32, entries: &[ListEntry], verify: bool, guard: bool) -> Result<Mapped> {
+pub fn map_process(dev: &Device, app: &str, pid: u32, entries: &[KeptPage], verify: bool, guard: bool) -> Result<Mapped> {
     let mut done = Mapped::default();
     let flags = if verify { ppp_abi::MAP_VERIFY } else { 0 } | if guard { ppp_abi::MAP_GUARD } else { 0 };
     let mut i = 0;
@@ -600,6 +655,7 @@ pub fn release() -> Result<()> {
 /// The manifest's record of what PPP kept of an app.
 pub fn summary(arena: Arena, lists: Vec<PppList>, not_kept: &BTreeMap<Why, u64>, pin_ms: f64, checksum_ms: f64, crc_frozen: u64) -> PppPages {
     PppPages {
+        crc: true,
         boot_id: boot_id(),
         checksum_ms,
         crc_frozen,
@@ -646,7 +702,7 @@ mod tests {
         let mut unsent = foam_store::ranges::RangeMap::new();
         unsent.insert(base, base + 8 * PAGE, foam_store::protocol::PE_PRESENT);
         // Pages 1, 2 and 6 stay in place.
-        let kept: Vec<ListEntry> = [1u64, 2, 6].iter().map(|i| ListEntry { vaddr: base + i * PAGE, pfn: 0, crc: 0, flags: 0 }).collect();
+        let kept: Vec<KeptPage> = [1u64, 2, 6].iter().map(|i| KeptPage { vaddr: base + i * PAGE, pfn: 0, crc: 0 }).collect();
         let copied = copy_unkept(std::process::id(), &foam, &unsent, &kept).unwrap();
         let runs: Vec<(u64, u64)> = copied.iter().map(|r| ((r.start - base) / PAGE, (r.end - base) / PAGE)).collect();
         assert_eq!(runs, vec![(0, 1), (3, 6), (7, 8)]);
@@ -663,16 +719,16 @@ mod tests {
     fn a_pfn_list_reads_back_and_a_damaged_one_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("1.pfns");
-        let p = Pinned { pid: 1, crc_frozen: 0, entries: (0..100).map(|i| ListEntry { vaddr: 0x7000_0000 + i * PAGE, pfn: 0x10_0000 + i, crc: i as u32, flags: 0 }).collect(), not_kept: BTreeMap::new() };
+        let p = Pinned { pid: 1, crc_frozen: 0, entries: (0..100).map(|i| KeptPage { vaddr: 0x7000_0000 + i * PAGE, pfn: 0x10_0000 + i + (i / 10) * 7, crc: i as u32 }).collect(), not_kept: BTreeMap::new() };
         let arena = Arena { start: 4 << 30, size: 2 << 30 };
         write_list(&path, arena, &p).unwrap();
         let (head, entries) = read_list(&path).unwrap();
-        assert_eq!((head.pid, head.arena_start, entries), (1, 4 << 30, p.entries.clone()));
+        assert_eq!((head.pid, head.arena_start, head.nr_runs, entries), (1, 4 << 30, 10, p.entries.clone()));
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[size_of::<ListHead>() + 9] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
         assert!(read_list(&path).unwrap_err().to_string().contains("CRC mismatch"));
         std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
-        assert!(read_list(&path).unwrap_err().to_string().contains("bytes of entries"));
+        assert!(read_list(&path).unwrap_err().to_string().contains("bytes after the head"));
     }
 }

@@ -73,13 +73,17 @@ pub struct PppFigures {
     /// Mapped pages kept intact (copied on the app's first write) until the apps were healthy.
     #[serde(default)]
     pub guarded: Option<u64>,
+    /// Whether page CRCs were taken and checked (`--no-page-crc` turns them off).
+    #[serde(default)]
+    pub no_crc: bool,
 }
 
 impl PppFigures {
     pub fn line(&self) -> String {
         let restored = match (self.mapped, self.copied_in, self.map_ms) {
             (Some(m), Some(c), Some(ms)) => format!(
-                "; restore: {m} put back in place, {c} copied (pinned on this boot, or into pages the restore had written), {ms:.1} ms with CRC checks; {} kept intact until healthy",
+                "; restore: {m} put back in place, {c} copied (pinned on this boot, or into pages the restore had written), {ms:.1} ms {}; {} kept intact until healthy",
+                if self.no_crc { "without CRC checks (--no-page-crc)" } else { "with CRC checks" },
                 self.guarded.unwrap_or(0)
             ),
             _ => String::new(),

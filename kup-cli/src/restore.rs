@@ -73,7 +73,9 @@ pub struct AppRestore {
 /// PPP pages of the checkpoint being restored: the module and every process's PFN list.
 struct PppRestore {
     dev: crate::ppp_dev::Device,
-    lists: BTreeMap<(String, u32), Vec<ppp_abi::ListEntry>>,
+    lists: BTreeMap<(String, u32), Vec<crate::ppp::KeptPage>>,
+    /// Apps whose pages' CRCs were taken at checkpoint (and are checked).
+    crc: BTreeMap<String, bool>,
     /// The pages are still pinned by this boot's checkpoint: they are copied, not put in place.
     same_boot: bool,
 }
@@ -174,6 +176,7 @@ fn ppp_prepare(dir: &Path, m: &Manifest) -> Result<Option<PppRestore>> {
     // Taken on this very boot (a switch that failed, or a restore without one): the pages are
     // still pinned, not held back, and are mapped as copies.
     let mut same_boot = false;
+    let mut crc = BTreeMap::new();
     for app in &m.apps {
         let Some(p) = &app.ppp else { continue };
         if p.boot_id == boot {
@@ -184,6 +187,7 @@ fn ppp_prepare(dir: &Path, m: &Manifest) -> Result<Option<PppRestore>> {
             return fail(format!("checkpoint {}: its apps' pages lie in different arenas", m.id));
         }
         arena = Some(a);
+        crc.insert(app.name.clone(), p.crc);
         for l in &p.lists {
             let (head, entries) = crate::ppp::read_list(&dir.join(&app.name).join(&l.file))?;
             held.extend(entries.iter().map(|e| e.pfn));
@@ -214,7 +218,7 @@ fn ppp_prepare(dir: &Path, m: &Manifest) -> Result<Option<PppRestore>> {
     } else {
         crate::ppp::attach(&dev, arena, &held)?;
     }
-    Ok(Some(PppRestore { dev, lists, same_boot }))
+    Ok(Some(PppRestore { dev, lists, crc, same_boot }))
 }
 
 /// Puts an app's PPP pages back into its restored, still stopped, processes (CRC first), then lets
@@ -222,7 +226,8 @@ fn ppp_prepare(dir: &Path, m: &Manifest) -> Result<Option<PppRestore>> {
 fn ppp_map_and_start(p: &PppRestore, app: &App, guard: bool, out: &mut AppRestore) -> Result<()> {
     let t = Instant::now();
     for ((name, pid), entries) in p.lists.range((app.name.clone(), 0)..=(app.name.clone(), u32::MAX)) {
-        match crate::ppp::map_process(&p.dev, name, *pid, entries, true, guard) {
+        let verify = p.crc.get(name).copied().unwrap_or(true);
+        match crate::ppp::map_process(&p.dev, name, *pid, entries, verify, guard) {
             Ok(m) => {
                 out.pages_in_place += m.in_place;
                 out.pages_copied_in += m.copied;

@@ -35,6 +35,8 @@ pub struct Args {
     pub old_append: Option<String>,
     pub json: bool,
     pub ppp: PppMode,
+    /// PPP: take (and at restore check) each kept page's CRC.
+    pub ppp_crc: bool,
 }
 
 /// Whether the update keeps the apps' pages in place (PPP) or copies them through the store.
@@ -149,6 +151,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
         json: a.json,
         criu_options: vec![],
         ppp: ppp.is_ok(),
+        ppp_crc: a.ppp_crc,
     };
     let m = match checkpoint::run(criu, &ck) {
         Ok(m) => m,
@@ -170,6 +173,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
             crc_frozen: ps().map(|p| p.crc_frozen).sum(),
             pin_ms: ps().map(|p| p.pin_ms).fold(0.0, f64::max),
             pin_parts_ms: ps().map(|p| [p.pinning_ms, p.copy_ms, p.lists_ms]).fold([0.0; 3], |a, b| [a[0].max(b[0]), a[1].max(b[1]), a[2].max(b[2])]),
+            no_crc: ps().any(|p| !p.crc),
             ..Default::default()
         });
     }

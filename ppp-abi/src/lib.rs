@@ -141,9 +141,10 @@ pub struct Map {
 }
 
 pub const LIST_MAGIC: u32 = 0x4c50_5050;
-pub const LIST_VERSION: u32 = 1;
+pub const LIST_VERSION: u32 = 2;
 
-/// The head of a process's PFN list in the checkpoint (then `nr_pages` [`ListEntry`]s).
+/// The head of a process's PFN list in the checkpoint; then `nr_runs` [`ListRun`]s, then one
+/// little-endian u32 CRC per page.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 pub struct ListHead {
@@ -152,17 +153,19 @@ pub struct ListHead {
     pub arena_start: u64,
     pub arena_size: u64,
     pub nr_pages: u64,
+    pub nr_runs: u64,
     pub pid: u32,
-    /// CRC-32 of the entries' bytes.
+    /// CRC-32 of everything after the head.
     pub crc: u32,
 }
 
+/// Pages at consecutive addresses in consecutive frames.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
-pub struct ListEntry {
+pub struct ListRun {
     pub vaddr: u64,
     pub pfn: u64,
-    pub crc: u32,
+    pub nr_pages: u32,
     pub flags: u32,
 }
 

@@ -44,8 +44,8 @@ fn the_rust_abi_matches_the_header() {
     layout!(want, Page, "ppp_page", [pfn, crc, why]);
     layout!(want, Pin, "ppp_pin", [pid, flags, tag, start, nr_pages, pages, nr_kept]);
     layout!(want, Map, "ppp_map", [pid, flags, start, nr_pages, pages, nr_mapped, nr_copied, nr_guarded, failed, failed_why, pad]);
-    layout!(want, ListHead, "ppp_list_head", [magic, version, arena_start, arena_size, nr_pages, pid, crc]);
-    layout!(want, ListEntry, "ppp_list_entry", [vaddr, pfn, crc, flags]);
+    layout!(want, ListHead, "ppp_list_head", [magic, version, arena_start, arena_size, nr_pages, nr_runs, pid, crc]);
+    layout!(want, ListRun, "ppp_list_run", [vaddr, pfn, nr_pages, flags]);
     for (n, e, v) in [
         ("PPP_LIST_MAGIC", "PPP_LIST_MAGIC", LIST_MAGIC as u64),
         ("PPP_LIST_VERSION", "PPP_LIST_VERSION", LIST_VERSION as u64),

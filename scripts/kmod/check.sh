@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The checks of kmod/ in `make test-host`: the kernel's scripts/checkpatch.pl (the kernel's coding
 # style; any error or warning fails), then a W=1 -Werror build against the two newest Debian 6.1
-# cloud kernels, the guest bench's default A and B (scripts/kmod/build.sh). checkpatch.pl comes from Debian's linux-source-6.1 package (downloaded with
+# cloud kernels, the guest bench's default A and B (scripts/kmod/build.sh), then a DKMS build with
+# kmod/dkms.conf as a real host's package would do it (dkms is installed with apt-get if missing;
+# the build runs in a private tree and installs nothing). checkpatch.pl comes from Debian's linux-source-6.1 package (downloaded with
 # apt-get, not installed; its three files are kept in KUP_KMOD_CACHE, default /var/cache/kup-kmod).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -33,3 +35,19 @@ for k in $kernels; do
     ko=$("$repo/scripts/kmod/build.sh" "$k") || die "building ppp.ko for $k failed"
     echo "kmod: $ko"
 done
+
+if ! command -v dkms >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dkms >/dev/null || die "apt-get install dkms failed"
+fi
+name=$(sed -n 's/^PACKAGE_NAME="\(.*\)"$/\1/p' "$repo/kmod/dkms.conf")
+ver=$(sed -n 's/^PACKAGE_VERSION="\(.*\)"$/\1/p' "$repo/kmod/dkms.conf")
+tree=$(mktemp -d)
+trap 'rm -rf "$tree"' EXIT
+mkdir -p "$tree/src/$name-$ver" "$tree/dkms"
+cp -r "$repo/kmod/." "$tree/src/$name-$ver/"
+dkms add --dkmstree "$tree/dkms" --sourcetree "$tree/src" -m "$name" -v "$ver" >"$tree/dkms.log" 2>&1 &&
+    dkms build --dkmstree "$tree/dkms" --sourcetree "$tree/src" -m "$name" -v "$ver" -k "$k" >>"$tree/dkms.log" 2>&1 ||
+    { cat "$tree/dkms.log" >&2; die "the DKMS build of $name $ver for $k failed"; }
+ko=$(find "$tree/dkms/$name/$ver/$k" -name 'ppp.ko*' | head -n 1)
+[[ -n $ko ]] || { cat "$tree/dkms.log" >&2; die "the DKMS build for $k produced no ppp.ko"; }
+echo "dkms: $name $ver builds ppp.ko for $k (kmod/dkms.conf)"

@@ -117,12 +117,13 @@ struct ppp_map {
 
 /*
  * The PFN list kup keeps in the checkpoint for each process: a head, then
- * nr_pages entries in ascending vaddr order. Little-endian, as written on
- * the old kernel and read on the new one. The module never reads it: kup
- * hands its PFNs to ATTACH and its pages to MAP.
+ * nr_runs runs (pages at consecutive addresses in consecutive frames) in
+ * ascending vaddr order, then one __u32 CRC-32 per page in the same order.
+ * Little-endian, as written on the old kernel and read on the new one. The
+ * module never reads it: kup hands its PFNs to ATTACH and its pages to MAP.
  */
 #define PPP_LIST_MAGIC		0x4c505050	/* "PPPL" */
-#define PPP_LIST_VERSION	1
+#define PPP_LIST_VERSION	2
 
 struct ppp_list_head {
 	__u32 magic;		/* PPP_LIST_MAGIC */
@@ -130,14 +131,15 @@ struct ppp_list_head {
 	__u64 arena_start;	/* the arena the PFNs lie in */
 	__u64 arena_size;
 	__u64 nr_pages;
+	__u64 nr_runs;
 	__u32 pid;		/* the process, as CRIU restores it */
-	__u32 crc;		/* CRC-32 of the entries */
+	__u32 crc;		/* CRC-32 of everything after the head */
 };
 
-struct ppp_list_entry {
-	__u64 vaddr;
-	__u64 pfn;
-	__u32 crc;		/* the page's CRC-32 at checkpoint */
+struct ppp_list_run {
+	__u64 vaddr;		/* of the first page */
+	__u64 pfn;		/* of the first page */
+	__u32 nr_pages;
 	__u32 flags;		/* 0 */
 };
 

@@ -4,6 +4,8 @@
 # arena with those PFNs held back and `kup resume` maps them into the restored memcached (CRC first)
 # before it runs. Every item must read back, and at least 90% of memcached's pages must be where they
 # were before the update (the same PFN at the same address, from /proc/PID/pagemap).
+# kup.ppp_opts=OPTION on the kernel command line (KUP_GUEST_APPEND) adds OPTION to kup update, e.g.
+# --no-page-crc to measure what the CRCs cost.
 
 PPP_ITEMS=16384
 MC_VALUE=65536
@@ -31,7 +33,7 @@ ppp_update_from_a() {
     cp /boot/initrd $MNT/initrd-a || fail "copying the initrd into the store"
     rc=0
     kup update --ppp --kernel /boot/vmlinuz-b --initrd /boot/initrd --append "$(next_cmdline b "$@")" --store ram --pid "$mc" \
-        ${PPP_HEALTH_CHECK:+--health-check "$PPP_HEALTH_CHECK"} \
+        ${PPP_HEALTH_CHECK:+--health-check "$PPP_HEALTH_CHECK"} $(cmdline_arg kup.ppp_opts || true) \
         --old-kernel /boot/vmlinuz-a --old-initrd $MNT/initrd-a --old-append "$(next_cmdline a2)" || rc=$?
     fail "kup update --ppp returned (exit $rc) instead of switching kernels"
 }

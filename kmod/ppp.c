@@ -540,9 +540,21 @@ out:
 	return ret;
 }
 
-static long ppp_unpin(void __user *arg)
+/* Drops the reference of every page marked in bits (an arena bitmap). */
+static void put_marked(unsigned long *bits)
 {
 	unsigned long bit;
+
+	if (!bits)
+		return;
+	for_each_set_bit(bit, bits, arena_pages) {
+		__clear_bit(bit, bits);
+		put_page(pfn_to_page(arena_pfn + bit));
+	}
+}
+
+static long ppp_unpin(void __user *arg)
+{
 	u64 tag;
 
 	if (copy_from_user(&tag, arg, sizeof(tag)))
@@ -552,10 +564,7 @@ static long ppp_unpin(void __user *arg)
 		mutex_unlock(&ppp_lock);
 		return -ENOENT;
 	}
-	for_each_set_bit(bit, pinned, arena_pages) {
-		__clear_bit(bit, pinned);
-		put_page(pfn_to_page(arena_pfn + bit));
-	}
+	put_marked(pinned);
 	nr_pins = 0;
 	pin_tag = 0;
 	mutex_unlock(&ppp_lock);
@@ -905,19 +914,9 @@ static long ppp_release(void)
 		}
 	}
 	nr_held = 0;
-	if (guarded) {
-		for_each_set_bit(bit, guarded, arena_pages) {
-			__clear_bit(bit, guarded);
-			put_page(pfn_to_page(arena_pfn + bit));
-		}
-	}
+	put_marked(guarded);
 	nr_guarded = 0;
-	if (pinned) {
-		for_each_set_bit(bit, pinned, arena_pages) {
-			__clear_bit(bit, pinned);
-			put_page(pfn_to_page(arena_pfn + bit));
-		}
-	}
+	put_marked(pinned);
 	nr_pins = 0;
 	pin_tag = 0;
 	mutex_unlock(&ppp_lock);

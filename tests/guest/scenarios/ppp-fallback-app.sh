@@ -24,18 +24,10 @@ stage_a2() {
     kup status | sed 's/^/GUEST: INFO status: /'
     kup status | grep -q 'state: resumed-on-old' || fail "the update record does not say resumed-on-old"
     kup status | grep -q ' fallback ' || fail "the timeline has no fallback"
-    out=$(mctool verify --addr $MC_ADDR --items $PPP_ITEMS --value-size $MC_VALUE) || fail "after the fallback: $out"
-    info "$out"
-    keys=$(echo "$out" | sed -n 's/.*keys=\([0-9]*\/[0-9]*\).*/\1/p')
-    figure keys "$keys"
-    [ "$keys" = "$PPP_ITEMS/$PPP_ITEMS" ] || fail "keys=$keys after the fallback"
+    ppp_keys_back "after the fallback"
     added=$(mctool verify --addr $MC_ADDR --items 256 --value-size $MC_VALUE --seed 7 | sed -n 's/.*keys=\([0-9]*\)\/.*/\1/p')
     figure added_on_b "$added"
     [ "$added" = 0 ] || fail "$added items written on B are in memcached after the fallback"
-    guarded=$(kup status | sed -n 's/.*; \([0-9]*\) kept intact until healthy.*/\1/p')
-    mc=$(pidof memcached) || fail "memcached is not running on A"
-    out=$(mctool pfns --pid "$mc" --out /tmp/pfns-after) || fail "reading memcached's PFNs: $out"
-    in_place=$(mctool pfns-compare $MNT/pfns-before /tmp/pfns-after | sed -n 's/^in_place=//p')
-    figure in_place "$in_place"
+    ppp_in_place "after the fallback"
     pass "fell back to $(uname -r) after a failed health check on $(kver b): keys=$keys added_on_b=$added in_place=$in_place"
 }

@@ -24,15 +24,7 @@ after_reset() {
     [ $rc -eq 0 ] || fail "kup resume on A after the reset exited $rc"
     kup status | sed 's/^/GUEST: INFO status: /'
     kup status | grep -q '^  state: resumed-on-old$' || fail "the update record does not say resumed-on-old: $(kup status | sed -n 2p)"
-    out=$(mctool verify --addr $MC_ADDR --items $PPP_ITEMS --value-size $MC_VALUE) || fail "after the reset: $out"
-    keys=$(echo "$out" | sed -n 's/.*keys=\([0-9]*\/[0-9]*\).*/\1/p')
-    figure keys "$keys"
-    [ "$keys" = "$PPP_ITEMS/$PPP_ITEMS" ] || fail "keys=$keys after the reset"
-    mc=$(pidof memcached) || fail "memcached is not running on A"
-    out=$(mctool pfns --pid "$mc" --out /tmp/pfns-after) || fail "reading memcached's PFNs: $out"
-    in_place=$(mctool pfns-compare $MNT/pfns-before /tmp/pfns-after | sed -n 's/^in_place=//p')
-    figure in_place "$in_place"
-    same=${in_place%/*} total=${in_place#*/}
-    [ $((same * 10)) -ge $((total * 9)) ] || fail "only $in_place of memcached's pages are where they were before the update"
+    ppp_keys_back "after the reset"
+    ppp_in_place "after the reset"
     pass "kernel $(kver b) panicked; back on $(uname -r) after the reset: keys=$keys in_place=$in_place"
 }

@@ -4,9 +4,8 @@
 # pages are still pinned and are mapped as copies (CRC checked); exit 1 naming the failure, every item
 # readable, the record at resumed-on-old, and afterwards no page left pinned or held by the module.
 
+. /bench/scenarios/ppp.sh
 PPP_ITEMS=2048
-MC_VALUE=65536
-MC_ADDR=127.0.0.1:11211
 
 stage_a() {
     need rpramfs kup kup-faults mctool memcached
@@ -27,11 +26,7 @@ stage_a() {
     grep -q "the apps were restored from checkpoint .* and run again on $(uname -r)" /tmp/out || fail "the error does not say the apps were restored here"
     grep -q "taken on this boot: its PPP pages are still pinned and are mapped as copies" /tmp/out || fail "the restore does not say it copies the pinned pages"
     [ "$(pidof memcached)" = "$mc" ] || fail "memcached is not back under its pid $mc"
-    out=$(mctool verify --addr $MC_ADDR --items $PPP_ITEMS --value-size $MC_VALUE) || fail "after the failed switch: $out"
-    info "$out"
-    keys=$(echo "$out" | sed -n 's/.*keys=\([0-9]*\/[0-9]*\).*/\1/p')
-    figure keys "$keys"
-    [ "$keys" = "$PPP_ITEMS/$PPP_ITEMS" ] || fail "keys=$keys after the failed switch"
+    ppp_keys_back "after the failed switch"
     kup status | sed 's/^/GUEST: INFO status: /'
     kup status | grep -q 'state: resumed-on-old' || fail "the update record does not say resumed-on-old"
     kup ppp status | grep -q ' 0 held back for a restore, 0 pinned by a checkpoint, 0 kept intact' ||

@@ -43,17 +43,8 @@ stage_b() {
     kup resume || rc=$?
     [ $rc -eq 0 ] || fail "kup resume exited $rc"
     kup status | sed 's/^/GUEST: INFO status: /'
-    out=$(mctool verify --addr $MC_ADDR --items $PPP_ITEMS --value-size $MC_VALUE) || fail "after the update: $out"
-    info "$out"
-    keys=$(echo "$out" | sed -n 's/.*keys=\([0-9]*\/[0-9]*\).*/\1/p')
-    figure keys "$keys"
-    [ "$keys" = "$PPP_ITEMS/$PPP_ITEMS" ] || fail "keys=$keys after the update"
-    mc=$(pidof memcached) || fail "memcached is not running on B"
-    out=$(mctool pfns --pid "$mc" --out /tmp/pfns-after) || fail "reading memcached's PFNs on B: $out"
-    in_place=$(mctool pfns-compare $MNT/pfns-before /tmp/pfns-after | sed -n 's/^in_place=//p')
-    figure in_place "$in_place"
-    same=${in_place%/*} total=${in_place#*/}
-    [ $((same * 10)) -ge $((total * 9)) ] || fail "only $in_place of memcached's pages are where they were before the update"
+    ppp_keys_back "after the update"
+    ppp_in_place "after the update"
     # The update record's timeline: from "frozen" to "checkpoint-done" the apps were frozen.
     frozen=$(kup status | awk '$6 == "frozen" { f = $1 } $6 == "checkpoint-done" { d = $1 } END { if (f != "" && d != "") printf "%d", (d - f) * 1000 }')
     figure frozen_ms "$frozen"
@@ -70,6 +61,26 @@ stage_b() {
     figure crc_frozen "$crc_frozen"
     figure pin_ms "$pin_ms"
     pass "keys=$keys in_place=$in_place frozen_ms=$frozen checksum_ms=$checksum_ms crc_frozen_pages=$crc_frozen pin_ms=$pin_ms"
+}
+
+# ppp_keys_back WHEN: every item of the checkpoint must read back; sets $keys.
+ppp_keys_back() {
+    out=$(mctool verify --addr $MC_ADDR --items $PPP_ITEMS --value-size $MC_VALUE) || fail "$1: $out"
+    info "$out"
+    keys=$(echo "$out" | sed -n 's/.*keys=\([0-9]*\/[0-9]*\).*/\1/p')
+    figure keys "$keys"
+    [ "$keys" = "$PPP_ITEMS/$PPP_ITEMS" ] || fail "keys=$keys $1"
+}
+
+# ppp_in_place WHEN [MIN%]: memcached's pages with the PFN they had before the update (pagemap) must
+# be at least MIN% (default 90) of them; sets $in_place (P/T).
+ppp_in_place() {
+    mc=$(pidof memcached) || fail "memcached is not running $1"
+    out=$(mctool pfns --pid "$mc" --out /tmp/pfns-after) || fail "reading memcached's PFNs $1: $out"
+    in_place=$(mctool pfns-compare $MNT/pfns-before /tmp/pfns-after | sed -n 's/^in_place=//p')
+    figure in_place "$in_place"
+    same=${in_place%/*} total=${in_place#*/}
+    [ $((same * 100)) -ge $((total * ${2:-90})) ] || fail "only $in_place of memcached's pages are where they were before the update, $1"
 }
 
 stage_a2() {

@@ -179,7 +179,15 @@ enum PppCmd {
     /// The arena of the command line, the module and what it holds
     Status,
     /// Hot-add the command line's arena as movable memory, so that the apps' pages land there
-    Attach,
+    /// (at boot, after `kup resume`, before the apps start)
+    Attach {
+        /// The store whose update record is checked: a PPP update still to resume is refused
+        #[arg(long, default_value = "/kup")]
+        store: PathBuf,
+        /// Do nothing when the command line reserves no arena (for boot scripts)
+        #[arg(long)]
+        if_reserved: bool,
+    },
     /// Pin a process's pages as a checkpoint would, then unpin them (the module refuses a
     /// process that CRIU does not hold stopped)
     #[command(hide = true)]
@@ -275,7 +283,7 @@ fn main() {
         }),
         Cmd::Status { store, ram } => resume::status(&ram.resolve(store).0, cli.json),
         Cmd::Ppp { what: PppCmd::Status } => ppp::status(cli.json),
-        Cmd::Ppp { what: PppCmd::Attach } => ppp::attach_at_boot(),
+        Cmd::Ppp { what: PppCmd::Attach { store, if_reserved } } => ppp::attach_at_boot(store, *if_reserved),
         Cmd::Ppp { what: PppCmd::Pin { pid } } => ppp::pin_for_test(*pid),
         Cmd::CriuStats { dir } => foam_store::criu_images::read_dump_stats(dir).map_err(Into::into).map(|s| report::print_json(&serde_json::json!(s))),
     };

@@ -160,11 +160,26 @@ fn online_blocks(arena: Arena, block_size: u64) -> Result<()> {
 }
 
 /// `kup ppp attach`: the arena online with nothing held (a boot with no checkpoint to resume;
-/// `kup resume` attaches it with the checkpoint's pages held back instead).
-pub fn attach_at_boot() -> Result<()> {
+/// `kup resume` attaches it with the checkpoint's pages held back instead). Refused while the
+/// store (when mounted) records a PPP update still to resume: its pages would be handed out.
+/// `if_reserved`: without an arena on the command line, do nothing (for boot scripts).
+pub fn attach_at_boot(store: &Path, if_reserved: bool) -> Result<()> {
     let Some(arena) = Arena::running()? else {
+        if if_reserved {
+            return Ok(());
+        }
         return fail("the kernel command line reserves no arena: add memmap=SIZE$START (e.g. memmap=2G$4G; aligned to the memory block size, see docs/ppp.md)");
     };
+    if let Some(rec) = crate::record::UpdateRecord::load(store)? {
+        if !rec.state.is_finished() && rec.ppp.is_some() {
+            return fail(format!(
+                "the update to {} in {} keeps its apps' pages in the arena and is not resumed yet ({}): run `kup resume`, which attaches the arena with those pages held back",
+                rec.new.release,
+                store.display(),
+                rec.state.describe()
+            ));
+        }
+    }
     let dev = open()?;
     attach(&dev, arena, &[])?;
     let info = dev.info().map_err(|e| format!("{DEVICE}: {e}"))?;

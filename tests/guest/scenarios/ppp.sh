@@ -42,6 +42,8 @@ stage_b() {
     rc=0
     kup resume || rc=$?
     [ $rc -eq 0 ] || fail "kup resume exited $rc"
+    # What kup-resume.service runs next (kup resume attached the arena already).
+    kup ppp attach --if-reserved || fail "kup ppp attach after the resume failed"
     kup status | sed 's/^/GUEST: INFO status: /'
     ppp_keys_back "after the update"
     ppp_in_place "after the update"

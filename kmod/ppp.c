@@ -13,10 +13,16 @@
  * holes of the restored process with migrate_vma, as ordinary anonymous
  * pages: nothing is copied.
  *
+ * Until the restored applications are healthy (RELEASE), the mapped pages
+ * stay as they were at checkpoint: mapped read-only and shared (GUARD), so a
+ * write copies them, and a fallback to the old kernel finds them unchanged.
+ *
  * Safety: the arena must be a reserved range that is not System RAM (so a
  * kernel booted without the memmap= reservation is refused); only held-back
- * PFNs are ever mapped, each at most once, into holes of anonymous VMAs; only
- * processes stopped under ptrace can be pinned; the device is root only.
+ * PFNs are ever mapped, each at most once, into private anonymous VMAs (a
+ * page the restore populated is replaced without copying data), and pages
+ * still pinned on this boot only as copies; only processes stopped under
+ * ptrace can be pinned; the device is root only.
  * The user ABI is include/uapi/kup_ppp.h. Written against Linux 6.1 (Debian
  * bookworm); get_user_pages_remote() lost its vmas argument in 6.5.
  */
@@ -320,21 +326,23 @@ struct exit_writes {
 	unsigned int nr, max;
 };
 
-static void exit_write(struct exit_writes *ew, unsigned long addr)
+/* Returns false when out of memory (then nothing may be kept). */
+static bool exit_write(struct exit_writes *ew, unsigned long addr)
 {
 	unsigned long *grown;
 
 	if (!addr)
-		return;
+		return true;
 	if (ew->nr == ew->max) {
 		grown = krealloc_array(ew->page, ew->max * 2 + 16,
 				       sizeof(*grown), GFP_KERNEL);
 		if (!grown)
-			return;
+			return false;
 		ew->page = grown;
 		ew->max = ew->max * 2 + 16;
 	}
 	ew->page[ew->nr++] = addr & PAGE_MASK;
+	return true;
 }
 
 static bool is_exit_write(const struct exit_writes *ew, unsigned long addr)
@@ -360,15 +368,22 @@ static unsigned long read_user_ptr(struct task_struct *task,
 static bool collect_exit_writes(struct task_struct *task,
 				struct exit_writes *ew)
 {
+	/* The process is stopped: its threads do not come or go. */
+	unsigned int max = READ_ONCE(task->signal->nr_threads) + 1;
+	unsigned long *heads, *tids;
 	struct task_struct *t;
-	unsigned long heads[64];
-	unsigned long tids[64];
 	unsigned int nr = 0, i;
 	bool ok = true;
 
+	heads = kmalloc_array(max, sizeof(*heads), GFP_KERNEL);
+	tids = kmalloc_array(max, sizeof(*tids), GFP_KERNEL);
+	if (!heads || !tids) {
+		ok = false;
+		goto out;
+	}
 	rcu_read_lock();
 	for_each_thread(task, t) {
-		if (nr == ARRAY_SIZE(heads)) {
+		if (nr == max) {
 			ok = false;
 			break;
 		}
@@ -380,23 +395,30 @@ static bool collect_exit_writes(struct task_struct *task,
 		struct robust_list_head head;
 		unsigned long entry, limit = ROBUST_LIST_LIMIT;
 
-		exit_write(ew, tids[i]);
+		if (!exit_write(ew, tids[i])) {
+			ok = false;
+			break;
+		}
 		if (!heads[i])
 			continue;
 		if (access_process_vm(task, heads[i], &head, sizeof(head), 0) !=
-		    sizeof(head))
-			return false;
+		    sizeof(head)) {
+			ok = false;
+			break;
+		}
 		entry = (unsigned long)head.list.next & ~1UL;
-		while (entry && entry != heads[i] && limit--) {
-			exit_write(ew, entry + head.futex_offset);
-			entry = read_user_ptr(task, entry, &ok) & ~1UL;
-			if (!ok)
-				return false;
+		while (ok && entry && entry != heads[i] && limit--) {
+			ok = exit_write(ew, entry + head.futex_offset);
+			if (ok)
+				entry = read_user_ptr(task, entry, &ok) & ~1UL;
 		}
 		entry = (unsigned long)head.list_op_pending & ~1UL;
-		if (entry)
-			exit_write(ew, entry + head.futex_offset);
+		if (ok && entry)
+			ok = exit_write(ew, entry + head.futex_offset);
 	}
+out:
+	kfree(tids);
+	kfree(heads);
 	return ok;
 }
 

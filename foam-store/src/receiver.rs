@@ -257,12 +257,17 @@ impl<'a> Receiver<'a> {
     }
 
     /// A final dump whose "parent" is no earlier pass (PPP: the pages stay in the app's memory):
-    /// OPEN2 says a parent exists, and the pages CRIU reports unchanged go into
-    /// [`TargetReport::unsent`] instead of failing the session.
+    /// OPEN2 says a parent exists for tasks' address spaces, and the pages CRIU reports unchanged
+    /// go into [`TargetReport::unsent`] instead of failing the session. Shared memory has no such
+    /// parent (its pages are not kept in place), so CRIU sends all of it.
     pub fn parent_elsewhere(mut self) -> Receiver<'a> {
         self.has_parent = true;
         self.parent_elsewhere = true;
         self
+    }
+
+    fn has_parent_for(&self, t: Target) -> bool {
+        self.has_parent && !(self.parent_elsewhere && matches!(t, Target::Shmem(_)))
     }
 
     /// Serves one session until CLOSE/FORCE_CLOSE. The written files are synced before the
@@ -310,12 +315,12 @@ impl<'a> Receiver<'a> {
                     report.targets.entry(t).or_default();
                     self.spaces.get_or_create(t)?;
                     if h.cmd == Cmd::Open2 {
-                        sock.write_all(&[self.has_parent as u8]).map_err(Error::Socket)?;
+                        sock.write_all(&[self.has_parent_for(t) as u8]).map_err(Error::Socket)?;
                     }
                 }
                 Cmd::Parent => {
-                    Target::decode(h.dst_id)?;
-                    sock.write_all(&(self.has_parent as i32).to_le_bytes()).map_err(Error::Socket)?;
+                    let t = Target::decode(h.dst_id)?;
+                    sock.write_all(&(self.has_parent_for(t) as i32).to_le_bytes()).map_err(Error::Socket)?;
                 }
                 Cmd::AddF | Cmd::Add | Cmd::Hole => {
                     let t = Target::decode(h.dst_id)?;

@@ -164,6 +164,32 @@ fn msg(cmd: Cmd, flags: u16, nr_pages: u32, vaddr: u64, target: Target, fill: Op
 }
 
 #[test]
+fn a_final_dump_with_its_parent_elsewhere_records_unchanged_pages_as_unsent() {
+    // PPP: no earlier pass. Tasks get "a parent exists", shared memory does not.
+    let dir = tempfile::tempdir().unwrap();
+    let sp = spaces(dir.path());
+    let (t, shm) = (Target::Pid(77), Target::Shmem(5));
+    let p = PAGE_SIZE;
+    let mut s = msg(Cmd::Open2, 0, 0, 0, t, None);
+    s.extend(msg(Cmd::AddF, PE_PARENT, 6, 0x10 * p, t, None));
+    s.extend(msg(Cmd::AddF, PE_PRESENT, 1, 0x16 * p, t, Some(0xDD)));
+    s.extend(msg(Cmd::AddF, PE_PARENT, 3, 0x17 * p, t, None));
+    s.extend(msg(Cmd::Open2, 0, 0, 0, shm, None));
+    s.extend(msg(Cmd::AddF, PE_PRESENT, 2, 0, shm, Some(0xEE)));
+    s.extend(msg(Cmd::Close, 0, 0, 0, t, None));
+    let none = BTreeMap::new();
+    let mut sock = Duplex::new(s);
+    let r = Receiver::new(&sp, &none, false).parent_elsewhere().serve(&mut sock).unwrap();
+    assert_eq!(sock.output, vec![1, 0, 0, 0, 0, 0]);
+    assert_eq!((r.pages_data, r.pages_parent), (3, 9));
+    let task = &r.targets[&t];
+    let spans = |m: &RangeMap| m.to_vec().iter().map(|r| (r.start / p, r.end / p)).collect::<Vec<_>>();
+    assert_eq!(spans(&task.unsent), vec![(0x10, 0x16), (0x17, 0x1a)]);
+    assert_eq!(spans(&task.ranges), vec![(0x16, 0x17)]);
+    assert!(r.targets[&shm].unsent.is_empty());
+}
+
+#[test]
 fn an_incremental_pass_overwrites_in_place_and_keeps_parent_pages() {
     let dir = tempfile::tempdir().unwrap();
     let sp = spaces(dir.path());

@@ -453,7 +453,8 @@ fn pin_app(p: &PppRun, ps: &Passes, app_dir: &Path, session: &mut SessionReport)
     for (t, tr) in session.targets.iter_mut() {
         let Target::Pid(pid) = *t else {
             if !tr.unsent.is_empty() {
-                return fail(format!("PPP: CRIU reported {} pages of shared memory {} unchanged, which PPP does not keep yet; checkpoint without --ppp", tr.unsent.pages(), t.stem()));
+                // The page server told CRIU shared memory has no parent: it must send all of it.
+                return fail(format!("PPP: CRIU named {} pages of shared memory {} unchanged without sending them, which it was told not to; checkpoint without --ppp", tr.unsent.pages(), t.stem()));
             }
             continue;
         };

@@ -65,6 +65,8 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
         return fail("--iterations must be at least 1");
     }
     let procs: Vec<Process> = a.pids.iter().map(|&p| Process::inspect(p)).collect::<Result<_>>()?;
+    // Processes an operator had stopped stay stopped whatever happens below.
+    let stopped_before: Vec<u32> = procs.iter().flat_map(|p| p.tree()).filter(|&pid| procs::is_stopped(pid)).collect();
     let ppp_arena = if a.ppp { Some(ppp_preflight(criu)?) } else { None };
     let store = Store::open(&a.store)?;
     let mode = FileMode::probe(store.root())?;
@@ -141,6 +143,13 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(AppFailure::before_final("a checkpoint thread panicked".into())))).collect()
     });
 
+    // A CRIU killed or crashed mid-dump may leave its tasks in a group stop (the SIGSTOP it used
+    // while seizing them, delivered once it is gone): an app that was running runs on.
+    for pid in procs.iter().flat_map(|p| p.tree()) {
+        if !stopped_before.contains(&pid) && procs::is_stopped(pid) && !commit_gate.committed() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGCONT);
+        }
+    }
     let mut failures = Vec::new();
     for (p, r) in procs.iter().zip(results) {
         match r {

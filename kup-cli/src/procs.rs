@@ -105,6 +105,11 @@ pub fn exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Whether `pid` is in a group stop (state T in /proc/PID/stat).
+pub fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "T"))).unwrap_or(false)
+}
+
 /// Waits until `pid` no longer exists (its parent reaped it); restore needs the pid free.
 pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
     let start = Instant::now();

@@ -303,6 +303,30 @@ static struct task_struct *find_task(pid_t pid, bool must_be_stopped,
 	return task;
 }
 
+/* The task of pid (as find_task()) and its mm, both with a reference. */
+static struct mm_struct *find_mm(pid_t pid, bool must_be_stopped,
+				 struct task_struct **task, int *err)
+{
+	struct mm_struct *mm;
+
+	*task = find_task(pid, must_be_stopped, err);
+	if (!*task)
+		return NULL;
+	mm = get_task_mm(*task);
+	if (!mm) {
+		put_task_struct(*task);
+		*err = -ESRCH;
+	}
+	return mm;
+}
+
+/* A nonempty, page-aligned range of user addresses. */
+static bool user_range_ok(u64 start, u64 nr_pages)
+{
+	return PAGE_ALIGNED(start) && nr_pages &&
+	       nr_pages <= TASK_SIZE_MAX >> PAGE_SHIFT;
+}
+
 /*
  * References on the present pages from addr on, up to the first one that is
  * not present; returns how many (vmas[i] is page i's VMA).
@@ -460,17 +484,11 @@ static long ppp_pin(void __user *arg, bool pin)
 
 	if (copy_from_user(&req, arg, sizeof(req)))
 		return -EFAULT;
-	if ((pin && !req.tag) || !PAGE_ALIGNED(req.start) || !req.nr_pages ||
-	    req.nr_pages > TASK_SIZE_MAX >> PAGE_SHIFT)
+	if ((pin && !req.tag) || !user_range_ok(req.start, req.nr_pages))
 		return -EINVAL;
-	task = find_task(req.pid, pin, &err);
-	if (!task)
+	mm = find_mm(req.pid, pin, &task, &err);
+	if (!mm)
 		return err;
-	mm = get_task_mm(task);
-	if (!mm) {
-		put_task_struct(task);
-		return -ESRCH;
-	}
 	if (pin && !collect_exit_writes(task, &ew)) {
 		put_task_struct(task);
 		mmput(mm);
@@ -762,21 +780,15 @@ static long ppp_map(void __user *arg)
 
 	if (copy_from_user(&req, arg, sizeof(req)))
 		return -EFAULT;
-	if (!PAGE_ALIGNED(req.start) || !req.nr_pages ||
-	    req.nr_pages > TASK_SIZE_MAX >> PAGE_SHIFT)
+	if (!user_range_ok(req.start, req.nr_pages))
 		return -EINVAL;
 	req.nr_mapped = 0;
 	req.nr_copied = 0;
 	req.nr_guarded = 0;
 	req.failed = 0;
-	task = find_task(req.pid, false, &err);
-	if (!task)
+	mm = find_mm(req.pid, false, &task, &err);
+	if (!mm)
 		return err;
-	mm = get_task_mm(task);
-	if (!mm) {
-		put_task_struct(task);
-		return -ESRCH;
-	}
 	pg = kvmalloc_array(PPP_BATCH, sizeof(*pg), GFP_KERNEL);
 	src = kvmalloc_array(PPP_BATCH, sizeof(*src), GFP_KERNEL);
 	dst = kvmalloc_array(PPP_BATCH, sizeof(*dst), GFP_KERNEL);

@@ -440,7 +440,7 @@ pub fn room_needed(procs: &[Process], ppp: Option<crate::ppp::Arena>) -> Result<
     let mut outside = 0;
     for p in procs {
         for pid in p.tree() {
-            outside += crate::ppp::bytes_outside(pid, arena)?;
+            outside += crate::ppp::pages_by_place(pid, arena)?.1 * 4096;
         }
     }
     Ok(outside)

@@ -296,15 +296,18 @@ fn movable_free_pages() -> Option<u64> {
 }
 
 /// (present pages in the arena, outside it) of `pid`'s private mappings.
-fn pages_by_place(pid: u32, arena: Arena) -> Result<(u64, u64)> {
-    let outside = bytes_outside(pid, arena)? / PAGE;
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| format!("/proc/{pid}/maps: {e}"))?;
-    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("/proc/{pid}/pagemap: {e}"))?;
-    let mut present = 0;
-    for (start, end) in private_mappings(&maps) {
-        present += present_runs(&pagemap, pid, start, end)?.iter().map(|(_, n)| n).sum::<u64>();
-    }
-    Ok((present.saturating_sub(outside), outside))
+pub fn pages_by_place(pid: u32, arena: Arena) -> Result<(u64, u64)> {
+    let (mut inside, mut outside) = (0, 0);
+    each_pagemap_word(pid, |_, _, w| {
+        if w & PM_PRESENT != 0 {
+            if arena.contains(w & PM_PFN) {
+                inside += 1;
+            } else {
+                outside += 1;
+            }
+        }
+    })?;
+    Ok((inside, outside))
 }
 
 /// `kup ppp pin --pid P`: pins a process's pages as a checkpoint would, and unpins them again;
@@ -346,20 +349,16 @@ pub struct Pinned {
 /// in address order. Taken after the soft-dirty bits were reset, it stays valid for every page
 /// the final dump does not send.
 pub fn checksum_process(dev: &Device, pid: u32) -> Result<Vec<(u64, u32)>> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| format!("/proc/{pid}/maps: {e}"))?;
-    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("/proc/{pid}/pagemap: {e}"))?;
     let mut out = vec![];
     let mut pages = vec![Page::default(); PIN_CHUNK];
-    for (start, end) in private_mappings(&maps) {
-        for (run_start, run_pages) in present_runs(&pagemap, pid, start, end)? {
-            let mut done = 0;
-            while done < run_pages {
-                let n = (run_pages - done).min(PIN_CHUNK as u64) as usize;
-                let at = run_start + done * PAGE;
-                dev.checksum(pid, at, &mut pages[..n]).map_err(|e| format!("checksumming process {pid} at {at:#x}: {e}"))?;
-                out.extend(pages[..n].iter().enumerate().filter(|(_, p)| p.why == Why::Kept as u32).map(|(i, p)| (at + i as u64 * PAGE, p.crc)));
-                done += n as u64;
-            }
+    for (run_start, run_pages) in present_runs(pid)? {
+        let mut done = 0;
+        while done < run_pages {
+            let n = (run_pages - done).min(PIN_CHUNK as u64) as usize;
+            let at = run_start + done * PAGE;
+            dev.checksum(pid, at, &mut pages[..n]).map_err(|e| format!("checksumming process {pid} at {at:#x}: {e}"))?;
+            out.extend(pages[..n].iter().enumerate().filter(|(_, p)| p.why == Why::Kept as u32).map(|(i, p)| (at + i as u64 * PAGE, p.crc)));
+            done += n as u64;
         }
     }
     Ok(out)
@@ -372,114 +371,104 @@ pub fn pin_process(dev: &Device, pid: u32, tag: u64, crcs: Option<(&[(u64, u32)]
     let empty = foam_store::ranges::RangeMap::new();
     let want_crc = crcs.is_some();
     let (known, changed) = crcs.unwrap_or((&[], &empty));
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| format!("/proc/{pid}/maps: {e}"))?;
-    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("/proc/{pid}/pagemap: {e}"))?;
     let mut out = Pinned { pid, entries: vec![], not_kept: BTreeMap::new(), crc_frozen: 0 };
     let mut pages = vec![Page::default(); PIN_CHUNK];
     let changed: Vec<(u64, u64)> = changed.iter().map(|r| (r.start, r.end)).collect();
     // Cursors into `known` and `changed`: the pages come in ascending address order.
     let (mut ki, mut ci) = (0, 0);
-    for (start, end) in private_mappings(&maps) {
-        for (run_start, run_pages) in present_runs(&pagemap, pid, start, end)? {
-            // Each page's CRC taken before the freeze, where it still holds.
-            let before: Vec<Option<u32>> = (0..run_pages)
-                .map(|i| {
-                    let va = run_start + i * PAGE;
-                    if !want_crc {
-                        return None;
-                    }
-                    while ki < known.len() && known[ki].0 < va {
-                        ki += 1;
-                    }
-                    while ci < changed.len() && changed[ci].1 <= va {
-                        ci += 1;
-                    }
-                    let written = ci < changed.len() && changed[ci].0 <= va;
-                    (ki < known.len() && known[ki].0 == va && !written).then(|| known[ki].1)
-                })
-                .collect();
-            // Split the run where "needs a CRC now" changes.
-            let needs = |va: u64| want_crc && before[((va - run_start) / PAGE) as usize].is_none();
-            let mut seg = run_start;
-            let run_end = run_start + run_pages * PAGE;
-            while seg < run_end {
-                let crc_now = needs(seg);
-                let mut seg_end = seg + PAGE;
-                while seg_end < run_end && needs(seg_end) == crc_now && seg_end - seg < PIN_CHUNK as u64 * PAGE {
-                    seg_end += PAGE;
+    for (run_start, run_pages) in present_runs(pid)? {
+        // Each page's CRC taken before the freeze, where it still holds.
+        let before: Vec<Option<u32>> = (0..run_pages)
+            .map(|i| {
+                let va = run_start + i * PAGE;
+                if !want_crc {
+                    return None;
                 }
-                let n = ((seg_end - seg) / PAGE) as usize;
-                dev.pin(pid, tag, seg, crc_now, &mut pages[..n]).map_err(|e| match e.raw_os_error() {
-                    Some(libc::EPERM) => format!("pinning process {pid}: it is not stopped by CRIU (only a process being checkpointed can be pinned)"),
-                    Some(libc::EBUSY) => format!("pinning process {pid}: another checkpoint holds pins (`kup ppp status`)"),
-                    Some(libc::ENODEV) => "pinning: the arena is not attached (`kup ppp attach` at boot, before the apps start)".to_string(),
-                    _ => format!("pinning process {pid} at {seg:#x}: {e}"),
-                })?;
-                for (i, p) in pages[..n].iter().enumerate() {
-                    let va = seg + i as u64 * PAGE;
-                    match Why::from_raw(p.why) {
-                        Some(Why::Kept) => {
-                            let crc = before[((va - run_start) / PAGE) as usize].unwrap_or(p.crc);
-                            out.crc_frozen += crc_now as u64;
-                            out.entries.push(KeptPage { vaddr: va, pfn: p.pfn, crc });
-                        }
-                        Some(w) => *out.not_kept.entry(w).or_default() += 1,
-                        None => return fail(format!("ppp.ko answered an unknown reason {} for page {va:#x} of process {pid}", p.why)),
-                    }
+                while ki < known.len() && known[ki].0 < va {
+                    ki += 1;
                 }
-                seg = seg_end;
+                while ci < changed.len() && changed[ci].1 <= va {
+                    ci += 1;
+                }
+                let written = ci < changed.len() && changed[ci].0 <= va;
+                (ki < known.len() && known[ki].0 == va && !written).then(|| known[ki].1)
+            })
+            .collect();
+        // Split the run where "needs a CRC now" changes.
+        let needs = |va: u64| want_crc && before[((va - run_start) / PAGE) as usize].is_none();
+        let mut seg = run_start;
+        let run_end = run_start + run_pages * PAGE;
+        while seg < run_end {
+            let crc_now = needs(seg);
+            let mut seg_end = seg + PAGE;
+            while seg_end < run_end && needs(seg_end) == crc_now && seg_end - seg < PIN_CHUNK as u64 * PAGE {
+                seg_end += PAGE;
             }
+            let n = ((seg_end - seg) / PAGE) as usize;
+            dev.pin(pid, tag, seg, crc_now, &mut pages[..n]).map_err(|e| match e.raw_os_error() {
+                Some(libc::EPERM) => format!("pinning process {pid}: it is not stopped by CRIU (only a process being checkpointed can be pinned)"),
+                Some(libc::EBUSY) => format!("pinning process {pid}: another checkpoint holds pins (`kup ppp status`)"),
+                Some(libc::ENODEV) => "pinning: the arena is not attached (`kup ppp attach` at boot, before the apps start)".to_string(),
+                _ => format!("pinning process {pid} at {seg:#x}: {e}"),
+            })?;
+            for (i, p) in pages[..n].iter().enumerate() {
+                let va = seg + i as u64 * PAGE;
+                match Why::from_raw(p.why) {
+                    Some(Why::Kept) => {
+                        let crc = before[((va - run_start) / PAGE) as usize].unwrap_or(p.crc);
+                        out.crc_frozen += crc_now as u64;
+                        out.entries.push(KeptPage { vaddr: va, pfn: p.pfn, crc });
+                    }
+                    Some(w) => *out.not_kept.entry(w).or_default() += 1,
+                    None => return fail(format!("ppp.ko answered an unknown reason {} for page {va:#x} of process {pid}", p.why)),
+                }
+            }
+            seg = seg_end;
         }
     }
     Ok(out)
 }
 
-/// Runs of present pages in `[start, end)` per /proc/PID/pagemap (bit 63).
-fn present_runs(pagemap: &std::fs::File, pid: u32, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
-    let mut runs: Vec<(u64, u64)> = vec![];
-    let mut buf = vec![0u8; 8 * 8192];
-    let mut at = start;
-    while at < end {
-        let n = ((end - at) / PAGE).min(8192) as usize;
-        let got = pagemap.read_at(&mut buf[..n * 8], at / PAGE * 8).map_err(|e| format!("/proc/{pid}/pagemap: {e}"))?;
-        if got < n * 8 {
-            return fail(format!("/proc/{pid}/pagemap: short read at {at:#x}"));
-        }
-        for (i, w) in buf[..n * 8].chunks_exact(8).enumerate() {
-            if u64::from_le_bytes(w.try_into().unwrap()) >> 63 == 1 {
-                let va = at + i as u64 * PAGE;
-                match runs.last_mut() {
-                    Some((s, c)) if *s + *c * PAGE == va => *c += 1,
-                    _ => runs.push((va, 1)),
-                }
-            }
-        }
-        at += n as u64 * PAGE;
-    }
-    Ok(runs)
-}
+/// /proc/PID/pagemap: a page is present; its frame number (shown to root only).
+const PM_PRESENT: u64 = 1 << 63;
+const PM_PFN: u64 = (1 << 55) - 1;
 
-/// Bytes of `pid`'s present pages outside the arena (what a PPP checkpoint stores of it).
-pub fn bytes_outside(pid: u32, arena: Arena) -> Result<u64> {
+/// Calls `f(mapping, vaddr, pagemap word)` for every page of `pid`'s private mappings, mapping
+/// being the index of its mapping.
+fn each_pagemap_word(pid: u32, mut f: impl FnMut(usize, u64, u64)) -> Result<()> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| format!("/proc/{pid}/maps: {e}"))?;
     let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("/proc/{pid}/pagemap: {e}"))?;
     let mut buf = vec![0u8; 8 * 8192];
-    let mut outside = 0;
-    for (start, end) in private_mappings(&maps) {
+    for (m, (start, end)) in private_mappings(&maps).into_iter().enumerate() {
         let mut at = start;
         while at < end {
             let n = ((end - at) / PAGE).min(8192) as usize;
             let got = pagemap.read_at(&mut buf[..n * 8], at / PAGE * 8).map_err(|e| format!("/proc/{pid}/pagemap: {e}"))?;
-            for w in buf[..got].chunks_exact(8) {
-                let v = u64::from_le_bytes(w.try_into().unwrap());
-                if v >> 63 == 1 && !arena.contains(v & ((1 << 55) - 1)) {
-                    outside += PAGE;
-                }
+            if got < n * 8 {
+                return fail(format!("/proc/{pid}/pagemap: short read at {at:#x}"));
+            }
+            for (i, w) in buf[..n * 8].chunks_exact(8).enumerate() {
+                f(m, at + i as u64 * PAGE, u64::from_le_bytes(w.try_into().unwrap()));
             }
             at += n as u64 * PAGE;
         }
     }
-    Ok(outside)
+    Ok(())
+}
+
+/// Runs (start, pages) of present pages of `pid`'s private mappings, each within one mapping.
+fn present_runs(pid: u32) -> Result<Vec<(u64, u64)>> {
+    let mut runs: Vec<(usize, u64, u64)> = vec![];
+    each_pagemap_word(pid, |m, va, w| {
+        if w & PM_PRESENT == 0 {
+            return;
+        }
+        match runs.last_mut() {
+            Some((rm, s, c)) if *rm == m && *s + *c * PAGE == va => *c += 1,
+            _ => runs.push((m, va, 1)),
+        }
+    })?;
+    Ok(runs.into_iter().map(|(_, s, c)| (s, c)).collect())
 }
 
 /// [start, end) of the private mappings of a /proc/PID/maps text, but the kernel's own.

@@ -188,7 +188,3 @@ pub const IOC_CHECKSUM: u64 = ioc(READ | WRITE, 6, size_of::<Pin>());
 
 /// The header, for the test and for anything that wants to print where the ABI lives.
 pub const HEADER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../kmod/include/uapi/kup_ppp.h");
-
-/// CRC-32 of one page as the module computes it (`~crc32_le(~0, page, 4096)`: IEEE 802.3, the
-/// same as crc32fast's).
-pub const CRC_NAME: &str = "CRC-32 (IEEE 802.3)";

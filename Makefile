@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: demo demo-rpramfs test test-host test-guest msrv lint-kmod build setup install bench bench-foam clean
+.PHONY: demo demo-rpramfs test test-host test-guest msrv lint-kmod build setup install bench bench-foam bench-ppp clean
 
 setup:
 	@scripts/setup-host.sh
@@ -74,6 +74,12 @@ bench: build
 # 10-25 minutes under TCG. KUP_BENCH_SIZES="64 128" KUP_BENCH_DIRTY="10" for a quick run.
 bench-foam: build
 	tests/guest/run foam-bench
+
+# PPP against plain CRIU and FOAM 1/2-pass, frozen time and outage against the working set (the
+# paper's Fig. 7), one real kexec per working set, in a QEMU guest; plots into docs/plots
+# (docs/ppp.md). KUP_BENCH_SIZES="256 512" for a quick run.
+bench-ppp: build
+	tests/guest/run ppp-bench
 
 install: build
 	install -m 0755 target/release/rpramfs /usr/local/sbin/rpramfs

@@ -21,8 +21,10 @@
  * kernel booted without the memmap= reservation is refused); only held-back
  * PFNs are ever mapped, each at most once, into private anonymous VMAs (a
  * page the restore populated is replaced without copying data), and pages
- * still pinned on this boot only as copies; only processes stopped under
- * ptrace can be pinned; the device is root only.
+ * still pinned on this boot only as copies; pins become a checkpoint's only
+ * while the processes are stopped under ptrace (pins taken while they ran
+ * are provisional until CONFIRM, and dropped with the file that took them
+ * otherwise); the device is root only.
  * The user ABI is include/uapi/kup_ppp.h. Written against Linux 6.1 (Debian
  * bookworm); get_user_pages_remote() lost its vmas argument in 6.5.
  */
@@ -43,6 +45,7 @@
 #include <linux/sched/mm.h>
 #include <linux/sched/signal.h>
 #include <linux/slab.h>
+#include <linux/sort.h>
 #include <linux/uaccess.h>
 #include <linux/vmalloc.h>
 
@@ -67,6 +70,14 @@ static unsigned long nr_pins;
 static unsigned long *guarded;
 static unsigned long nr_guarded;
 static u64 pin_tag;
+/*
+ * Pins taken while the processes ran (PPP_PIN_RUNNING): the file that took
+ * them, which drops them when closed unless CONFIRM came first, and the
+ * processes they came from, which CONFIRM finds stopped.
+ */
+static struct file *prov_file;
+static pid_t *prov_pids;
+static unsigned int nr_prov_pids, max_prov_pids;
 
 static bool in_arena(unsigned long pfn)
 {
@@ -133,6 +144,8 @@ static long ppp_info(void __user *arg)
 	info.pinned_pages = nr_pins;
 	info.guarded_pages = nr_guarded;
 	info.pin_tag = pin_tag;
+	if (prov_file)
+		info.state |= PPP_STATE_PROVISIONAL;
 	mutex_unlock(&ppp_lock);
 	return copy_to_user(arg, &info, sizeof(info)) ? -EFAULT : 0;
 }
@@ -369,6 +382,14 @@ static bool exit_write(struct exit_writes *ew, unsigned long addr)
 	return true;
 }
 
+static int cmp_ulong(const void *a, const void *b)
+{
+	unsigned long x = *(const unsigned long *)a;
+	unsigned long y = *(const unsigned long *)b;
+
+	return x < y ? -1 : x > y;
+}
+
 static bool is_exit_write(const struct exit_writes *ew, unsigned long addr)
 {
 	unsigned int i;
@@ -464,12 +485,42 @@ static u32 keepable(struct page *page, struct vm_area_struct *vma,
 	return PPP_KEPT;
 }
 
+/* Records a process pinned while running (CONFIRM finds it stopped). */
+static int note_prov_pid(pid_t pid)
+{
+	pid_t *grown;
+	unsigned int i;
+
+	for (i = 0; i < nr_prov_pids; i++)
+		if (prov_pids[i] == pid)
+			return 0;
+	if (nr_prov_pids == max_prov_pids) {
+		grown = krealloc_array(prov_pids, max_prov_pids * 2 + 16,
+				       sizeof(*grown), GFP_KERNEL);
+		if (!grown)
+			return -ENOMEM;
+		prov_pids = grown;
+		max_prov_pids = max_prov_pids * 2 + 16;
+	}
+	prov_pids[nr_prov_pids++] = pid;
+	return 0;
+}
+
+/* The pins are no longer provisional (or are gone). */
+static void end_provisional(void)
+{
+	kfree(prov_pids);
+	prov_pids = NULL;
+	nr_prov_pids = 0;
+	max_prov_pids = 0;
+	prov_file = NULL;
+}
+
 /*
- * PIN (pin true), or CHECKSUM: the CRC of every present page of a running
- * process, which takes no reference (the checksums taken before the freeze,
- * so that the frozen window pays only for the pages written since).
+ * PIN. With PPP_PIN_RUNNING the process runs, its pins are provisional and
+ * its exit writes are left to the frozen pass (EXIT_WRITES, then REPIN).
  */
-static long ppp_pin(void __user *arg, bool pin)
+static long ppp_pin(struct file *file, void __user *arg)
 {
 	struct ppp_pin req;
 	struct ppp_page *out = NULL;
@@ -479,17 +530,21 @@ static long ppp_pin(void __user *arg, bool pin)
 	struct mm_struct *mm;
 	struct exit_writes ew = {};
 	u64 i, kept = 0;
+	bool running, repin;
 	long ret = 0;
 	int err = 0;
 
 	if (copy_from_user(&req, arg, sizeof(req)))
 		return -EFAULT;
-	if ((pin && !req.tag) || !user_range_ok(req.start, req.nr_pages))
+	if (!req.tag || !user_range_ok(req.start, req.nr_pages) ||
+	    (req.flags & ~(PPP_PIN_CRC | PPP_PIN_RUNNING | PPP_PIN_REPIN)))
 		return -EINVAL;
-	mm = find_mm(req.pid, pin, &task, &err);
+	running = req.flags & PPP_PIN_RUNNING;
+	repin = req.flags & PPP_PIN_REPIN;
+	mm = find_mm(req.pid, !running, &task, &err);
 	if (!mm)
 		return err;
-	if (pin && !collect_exit_writes(task, &ew)) {
+	if (!running && !collect_exit_writes(task, &ew)) {
 		put_task_struct(task);
 		mmput(mm);
 		kfree(ew.page);
@@ -509,9 +564,25 @@ static long ppp_pin(void __user *arg, bool pin)
 		ret = -ENODEV;
 		goto unlock;
 	}
-	if (pin && pin_tag && pin_tag != req.tag) {
+	if (pin_tag && pin_tag != req.tag) {
 		ret = -EBUSY;
 		goto unlock;
+	}
+	if (prov_file && prov_file != file) {
+		ret = -EBUSY;
+		goto unlock;
+	}
+	if (running) {
+		/* Only a checkpoint that has not been confirmed yet. */
+		if (pin_tag && !prov_file) {
+			ret = -EBUSY;
+			goto unlock;
+		}
+		ret = note_prov_pid(req.pid);
+		if (ret)
+			goto unlock;
+		prov_file = file;
+		pin_tag = req.tag;
 	}
 	mmap_read_lock(mm);
 	for (i = 0; i < req.nr_pages && !ret; i += PPP_BATCH) {
@@ -533,19 +604,21 @@ static long ppp_pin(void __user *arg, bool pin)
 			for (k = 0; k < got; k++, j++) {
 				struct page *page = pages[j];
 
-				if (!pin) {
-					out[j] = (struct ppp_page){
-						.pfn = page_to_pfn(page),
-						.crc = page_crc(page),
-					};
-					put_page(page);
-					continue;
-				}
 				out[j] = (struct ppp_page){
 					.why = keepable(page, vmas[j],
 							addr + (k << PAGE_SHIFT),
 							&ew),
 				};
+				if (out[j].why == PPP_PINNED && repin) {
+					/* Pinned before the freeze: kept. */
+					out[j].why = PPP_KEPT;
+					put_page(page);
+					kept++;
+					out[j].pfn = page_to_pfn(page);
+					if (req.flags & PPP_PIN_CRC)
+						out[j].crc = page_crc(page);
+					continue;
+				}
 				if (out[j].why != PPP_KEPT) {
 					put_page(page);
 					continue;
@@ -607,6 +680,146 @@ static long ppp_unpin(void __user *arg)
 	put_marked(pinned);
 	nr_pins = 0;
 	pin_tag = 0;
+	end_provisional();
+	mutex_unlock(&ppp_lock);
+	return 0;
+}
+
+static long ppp_exit_writes(void __user *arg)
+{
+	struct ppp_exit_writes req;
+	struct exit_writes ew = {};
+	struct task_struct *task;
+	unsigned int i, j, nr = 0;
+	long ret = 0;
+	int err = 0;
+
+	if (copy_from_user(&req, arg, sizeof(req)))
+		return -EFAULT;
+	task = find_task(req.pid, true, &err);
+	if (!task)
+		return err;
+	if (!collect_exit_writes(task, &ew)) {
+		ret = -EIO;
+		goto out;
+	}
+	/* Ascending, each page once. */
+	sort(ew.page, ew.nr, sizeof(*ew.page), cmp_ulong, NULL);
+	for (i = 0; i < ew.nr; i = j) {
+		for (j = i + 1; j < ew.nr && ew.page[j] == ew.page[i]; j++)
+			;
+		if (nr < req.nr &&
+		    put_user((u64)ew.page[i],
+			     (u64 __user *)u64_to_user_ptr(req.addrs) + nr)) {
+			ret = -EFAULT;
+			goto out;
+		}
+		nr++;
+	}
+	if (nr > req.nr)
+		ret = -ENOSPC;
+	req.nr = nr;
+	if (copy_to_user(arg, &req, sizeof(req)))
+		ret = -EFAULT;
+out:
+	kfree(ew.page);
+	put_task_struct(task);
+	return ret;
+}
+
+static long ppp_confirm(void __user *arg)
+{
+	struct ppp_confirm req;
+	pid_t *pids = NULL;
+	u64 *drop = NULL;
+	unsigned int i, j;
+	long ret = 0;
+	u64 k;
+
+	if (copy_from_user(&req, arg, sizeof(req)))
+		return -EFAULT;
+	mutex_lock(&ppp_lock);
+	if (!pin_tag || req.tag != pin_tag) {
+		ret = -ENOENT;
+		goto unlock;
+	}
+	if (req.nr_drop > nr_pins || req.nr_pids > nr_prov_pids) {
+		ret = -EINVAL;
+		goto unlock;
+	}
+	pids = kmalloc_array(max_t(u32, req.nr_pids, 1), sizeof(*pids),
+			     GFP_KERNEL);
+	drop = kvmalloc_array(max_t(u64, req.nr_drop, 1), sizeof(*drop),
+			      GFP_KERNEL);
+	if (!pids || !drop) {
+		ret = -ENOMEM;
+		goto unlock;
+	}
+	if (copy_from_user(pids, u64_to_user_ptr(req.pids),
+			   req.nr_pids * sizeof(*pids)) ||
+	    copy_from_user(drop, u64_to_user_ptr(req.drop),
+			   req.nr_drop * sizeof(*drop))) {
+		ret = -EFAULT;
+		goto unlock;
+	}
+	/* Each must have been pinned while running, and be stopped now. */
+	for (i = 0; i < req.nr_pids; i++) {
+		struct task_struct *task;
+		int err = 0;
+
+		for (j = 0; j < nr_prov_pids && prov_pids[j] != pids[i]; j++)
+			;
+		if (j == nr_prov_pids) {
+			ret = -EINVAL;
+			goto unlock;
+		}
+		task = find_task(pids[i], true, &err);
+		if (!task) {
+			ret = err;
+			goto unlock;
+		}
+		put_task_struct(task);
+	}
+	/* All or nothing: every PFN must be pinned, each named once. */
+	for (k = 0; k < req.nr_drop; k++) {
+		if (!is_pinned(drop[k]))
+			break;
+		__clear_bit(drop[k] - arena_pfn, pinned);
+	}
+	if (k < req.nr_drop) {
+		while (k--)
+			__set_bit(drop[k] - arena_pfn, pinned);
+		ret = -EINVAL;
+		goto unlock;
+	}
+	for (k = 0; k < req.nr_drop; k++)
+		put_page(pfn_to_page(drop[k]));
+	nr_pins -= req.nr_drop;
+	for (i = 0; i < req.nr_pids; i++) {
+		for (j = 0; j < nr_prov_pids && prov_pids[j] != pids[i]; j++)
+			;
+		if (j < nr_prov_pids)
+			prov_pids[j] = prov_pids[--nr_prov_pids];
+	}
+	if (!nr_prov_pids)
+		end_provisional();
+unlock:
+	mutex_unlock(&ppp_lock);
+	kvfree(drop);
+	kfree(pids);
+	return ret;
+}
+
+/* A provisional checkpoint ends with the file that took its pins. */
+static int ppp_file_release(struct inode *inode, struct file *file)
+{
+	mutex_lock(&ppp_lock);
+	if (prov_file == file) {
+		put_marked(pinned);
+		nr_pins = 0;
+		pin_tag = 0;
+		end_provisional();
+	}
 	mutex_unlock(&ppp_lock);
 	return 0;
 }
@@ -953,6 +1166,7 @@ static long ppp_release(void)
 	put_marked(pinned);
 	nr_pins = 0;
 	pin_tag = 0;
+	end_provisional();
 	mutex_unlock(&ppp_lock);
 	return 0;
 }
@@ -969,15 +1183,17 @@ static long ppp_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 	case PPP_IOC_ATTACH:
 		return ppp_attach(uarg);
 	case PPP_IOC_PIN:
-		return ppp_pin(uarg, true);
-	case PPP_IOC_CHECKSUM:
-		return ppp_pin(uarg, false);
+		return ppp_pin(file, uarg);
 	case PPP_IOC_UNPIN:
 		return ppp_unpin(uarg);
 	case PPP_IOC_MAP:
 		return ppp_map(uarg);
 	case PPP_IOC_RELEASE:
 		return ppp_release();
+	case PPP_IOC_EXIT_WRITES:
+		return ppp_exit_writes(uarg);
+	case PPP_IOC_CONFIRM:
+		return ppp_confirm(uarg);
 	default:
 		return -ENOTTY;
 	}
@@ -986,6 +1202,7 @@ static long ppp_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 static const struct file_operations ppp_fops = {
 	.owner = THIS_MODULE,
 	.unlocked_ioctl = ppp_ioctl,
+	.release = ppp_file_release,
 	.compat_ioctl = compat_ptr_ioctl,
 	.llseek = noop_llseek,
 };

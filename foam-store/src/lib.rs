@@ -48,6 +48,9 @@ pub enum Error {
     NoCheckpoint(String),
     #[error("{0}")]
     Unsupported(String),
+    /// The caller's [`receiver::Receiver::before_open`] refused a stream.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl Error {

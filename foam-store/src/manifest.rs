@@ -99,7 +99,7 @@ pub struct PppPages {
     pub copy_ms: f64,
     #[serde(default)]
     pub lists_ms: f64,
-    /// Milliseconds checksumming the app's pages took before the freeze (while it ran).
+    /// Milliseconds pinning and checksumming the app's pages took before the freeze (while it ran).
     #[serde(default)]
     pub checksum_ms: f64,
     /// Kept pages checksummed while the app was frozen: those written since.

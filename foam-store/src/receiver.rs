@@ -78,7 +78,13 @@ pub struct Receiver<'a> {
     parent_elsewhere: bool,
     /// Counts page bytes as they arrive (progress display).
     pub progress: Option<&'a AtomicU64>,
+    /// Runs when CRIU opens a task's pages stream, before the reply: CRIU has the task frozen
+    /// and has not read its pagemap yet.
+    before_open: Option<&'a OpenHook<'a>>,
 }
+
+/// See [`Receiver::before_open`].
+pub type OpenHook<'a> = dyn Fn(Target) -> Result<(), String> + Sync + 'a;
 
 /// Contiguous pages of one address space on their way to the store.
 struct Run {
@@ -253,7 +259,15 @@ fn stopped() -> Error {
 
 impl<'a> Receiver<'a> {
     pub fn new(spaces: &'a Spaces, previous: &'a BTreeMap<Target, RangeMap>, has_parent: bool) -> Receiver<'a> {
-        Receiver { spaces, previous, has_parent, parent_elsewhere: false, progress: None }
+        Receiver { spaces, previous, has_parent, parent_elsewhere: false, progress: None, before_open: None }
+    }
+
+    /// `f` runs when CRIU opens the pages stream of a task (OPEN2 of a pid), before the reply: the
+    /// task is frozen and CRIU reads its pagemap only after the reply. An error ends the session
+    /// (CRIU then fails the dump).
+    pub fn before_open(mut self, f: &'a OpenHook<'a>) -> Receiver<'a> {
+        self.before_open = Some(f);
+        self
     }
 
     /// A final dump whose "parent" is no earlier pass (PPP: the pages stay in the app's memory):
@@ -314,6 +328,9 @@ impl<'a> Receiver<'a> {
                     current = Some(t);
                     report.targets.entry(t).or_default();
                     self.spaces.get_or_create(t)?;
+                    if let (Some(f), Target::Pid(_)) = (self.before_open, t) {
+                        f(t).map_err(Error::Refused)?;
+                    }
                     if h.cmd == Cmd::Open2 {
                         sock.write_all(&[self.has_parent_for(t) as u8]).map_err(Error::Socket)?;
                     }

@@ -212,7 +212,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
             if let Some(p) = &app.ppp {
                 let not: u64 = p.not_kept.values().sum();
                 println!(
-                    "  {}: PPP kept {} pages in place ({} went into the store); CRCs: {:.1} ms while it ran, {} pages written since while frozen; pinning {:.1} ms of the frozen time (pins {:.1}, copies {:.1}, PFN lists {:.1})",
+                    "  {}: PPP kept {} pages in place ({} went into the store); pinned and checksummed in {:.1} ms while it ran, {} pages written since while frozen; {:.1} ms of the frozen time (pins {:.1}, copies {:.1}, PFN lists {:.1})",
                     app.name, p.kept, not, p.checksum_ms, p.crc_frozen, p.pin_ms, p.pinning_ms, p.copy_ms, p.lists_ms
                 );
             }
@@ -286,8 +286,14 @@ struct Passes {
     staging: Option<staging::Staging>,
     options: Vec<String>,
     previous: BTreeMap<Target, RangeMap>,
-    /// PPP: each process's page CRCs taken while it ran, and how long that took.
-    ppp_known: BTreeMap<u32, Vec<(u64, u32)>>,
+    /// PPP: each process's pins taken while it ran (the frozen pass takes them over), and how
+    /// long those and their CRCs took.
+    ppp_pre: parking_lot::Mutex<BTreeMap<u32, crate::ppp::PinState>>,
+    /// PPP: each process's pages written since its pins, found (and their soft-dirty bits
+    /// reset, so that CRIU sends none of them) when the final dump opens its pages stream.
+    ppp_dirty: parking_lot::Mutex<BTreeMap<u32, RangeMap>>,
+    /// PPP: the pages it cannot keep, copied into FOAM while the app ran.
+    ppp_precopied: BTreeMap<u32, foam_store::ranges::RangeMap>,
     ppp_checksum_ms: f64,
 }
 
@@ -302,7 +308,7 @@ fn pre_dumps(sh: &Shared<'_>, p: &Process, name: &str, ticket: &mut Ticket<'_>) 
     }
     options.extend(sh.a.criu_options.iter().cloned());
     let mut app = App { name: name.to_string(), pid: p.pid, comm: p.comm.clone(), criu_options: options.clone(), passes: vec![], spaces: vec![], ppp: None };
-    let mut ps = Passes { spaces, staging, options, previous: BTreeMap::new(), ppp_known: BTreeMap::new(), ppp_checksum_ms: 0.0 };
+    let mut ps = Passes { spaces, staging, options, previous: BTreeMap::new(), ppp_pre: Default::default(), ppp_dirty: Default::default(), ppp_precopied: BTreeMap::new(), ppp_checksum_ms: 0.0 };
     for pass in 1..sh.passes {
         let mut run = start_pass(sh, p, name, &ps, pass)?;
         let (session, waited) = run.serve(sh, &ps, None);
@@ -322,15 +328,19 @@ fn pre_dumps(sh: &Shared<'_>, p: &Process, name: &str, ticket: &mut Ticket<'_>) 
 }
 
 /// PPP before the freeze, while the app runs: its soft-dirty bits are reset, then every present
-/// page is checksummed. A page written after the reset is sent by the final dump, and only those
-/// are checksummed again while the app is frozen.
+/// page is pinned (provisionally) and checksummed, and those it cannot keep are copied into FOAM.
+/// The final dump's frozen pass pins and checksums again the pages written since the reset (CRIU
+/// sends none of them: see `PassRun::serve`). No second pass while the app runs: reading the
+/// soft-dirty bits and resetting them are two steps, and a page first written between them would
+/// be missed.
 fn ppp_prepass(ppp: &PppRun, p: &Process, ps: &mut Passes) -> Result<()> {
     let t = Instant::now();
     for pid in p.tree() {
         std::fs::write(format!("/proc/{pid}/clear_refs"), "4").map_err(|e| format!("resetting the soft-dirty bits of process {pid}: {e}"))?;
-        if ppp.crc {
-            ps.ppp_known.insert(pid, crate::ppp::checksum_process(&ppp.dev, pid)?);
-        }
+        let st = crate::ppp::PinState::running(&ppp.dev, pid, ppp.tag, ppp.crc)?;
+        let foam = ps.spaces.get_or_create(Target::Pid(pid))?;
+        ps.ppp_precopied.insert(pid, crate::ppp::copy_pages(pid, &foam, &crate::ppp::refused_ranges(&st.pins), true)?);
+        ps.ppp_pre.get_mut().insert(pid, st);
     }
     ps.ppp_checksum_ms = report::ms(t.elapsed());
     Ok(())
@@ -459,6 +469,17 @@ fn pin_app(p: &PppRun, ps: &Passes, app_dir: &Path, session: &mut SessionReport)
     std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut lists = vec![];
     let mut not_kept = BTreeMap::new();
+    // The PFNs pinned while the app ran that it no longer maps (none, for a process the final dump
+    // did not name).
+    let mut stale: Vec<u64> = vec![];
+    let mut pre_pins = std::mem::take(&mut *ps.ppp_pre.lock());
+    let pids: Vec<u32> = pre_pins.keys().copied().collect();
+    let named: Vec<u32> = session.targets.keys().filter_map(|t| if let Target::Pid(pid) = t { Some(*pid) } else { None }).collect();
+    for (pid, pre) in &pre_pins {
+        if !named.contains(pid) {
+            stale.extend(pre.every_pfn());
+        }
+    }
     for (t, tr) in session.targets.iter_mut() {
         let Target::Pid(pid) = *t else {
             if !tr.unsent.is_empty() {
@@ -467,13 +488,23 @@ fn pin_app(p: &PppRun, ps: &Passes, app_dir: &Path, session: &mut SessionReport)
             }
             continue;
         };
-        let known = ps.ppp_known.get(&pid).map_or(&[][..], |v| &v[..]);
         let step = Instant::now();
-        let pinned = crate::ppp::pin_process(&p.dev, pid, p.tag, p.crc.then_some((known, &tr.ranges)))?;
+        let pre = pre_pins.remove(&pid).ok_or_else(|| format!("PPP: CRIU dumped process {pid}, which was not pinned before the freeze (did the app fork?)"))?;
+        let mut changed = ps.ppp_dirty.lock().remove(&pid).ok_or_else(|| format!("PPP: the final dump of process {pid} did not open its pages stream"))?;
+        for r in tr.ranges.iter() {
+            changed.insert(r.start, r.end, r.flags);
+        }
+        let (pinned, gone) = pre.settle(&p.dev, p.tag, p.crc, &tr.unsent, &changed)?;
+        stale.extend(gone);
         parts[0] += report::ms(step.elapsed());
         crc_frozen += pinned.crc_frozen;
         let step = Instant::now();
-        let copied = crate::ppp::copy_unkept(pid, &*spaces.get_or_create(*t)?, &tr.unsent, &pinned.entries)?;
+        // A page copied while the app ran and written since is copied again.
+        let mut precopied = ps.ppp_precopied.get(&pid).cloned().unwrap_or_default();
+        for r in changed.iter() {
+            precopied.remove(r.start, r.end);
+        }
+        let copied = crate::ppp::copy_unkept(pid, &*spaces.get_or_create(*t)?, &tr.unsent, &pinned.entries, &precopied)?;
         for r in copied.iter() {
             tr.ranges.insert(r.start, r.end, r.flags);
         }
@@ -482,11 +513,18 @@ fn pin_app(p: &PppRun, ps: &Passes, app_dir: &Path, session: &mut SessionReport)
         let file = format!("ppp/{pid}.pfns");
         crate::ppp::write_list(&app_dir.join(&file), p.arena, &pinned)?;
         parts[2] += report::ms(step.elapsed());
-        for (w, n) in &pinned.not_kept {
-            *not_kept.entry(*w).or_insert(0) += n;
+        for (w, n) in pinned.not_kept() {
+            *not_kept.entry(w).or_insert(0) += n;
         }
         lists.push(foam_store::manifest::PppList { pid, file, pages: pinned.entries.len() as u64 });
     }
+    let step = Instant::now();
+    p.dev.confirm(p.tag, &pids, &stale).map_err(|e| match e.raw_os_error() {
+        Some(libc::EPERM) => "PPP: a process pinned before the freeze is no longer stopped by CRIU".to_string(),
+        Some(libc::ESRCH) => "PPP: a process pinned before the freeze has exited".to_string(),
+        _ => format!("PPP: confirming the pins (letting go of {} no longer mapped): {e}", stale.len()),
+    })?;
+    parts[0] += report::ms(step.elapsed());
     std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut summary = crate::ppp::summary(p.arena, lists, &not_kept, report::ms(t.elapsed()), ps.ppp_checksum_ms, crc_frozen);
     [summary.pinning_ms, summary.copy_ms, summary.lists_ms] = parts;
@@ -609,12 +647,26 @@ impl PassRun {
         let sock = self.ours.take().expect("served once");
         let (child, received, bar) = (&mut self.child, &self.received, &self.bar);
         let (spaces, previous) = (&ps.spaces, &ps.previous);
+        // PPP: the pages written since the pins are found and their soft-dirty bits reset before
+        // CRIU reads the pagemap, so CRIU sends no page data: the pins keep every page.
+        let dirty_pages = &ps.ppp_dirty;
+        let take_dirty = |t: Target| -> std::result::Result<(), String> {
+            let Target::Pid(pid) = t else { return Ok(()) };
+            let dirty = crate::ppp::take_soft_dirty(pid).map_err(|e| e.0)?;
+            // Should CRIU open a process's stream twice, the second finds the bits reset.
+            let mut all = dirty_pages.lock();
+            let seen = all.entry(pid).or_default();
+            for r in dirty.iter() {
+                seen.insert(r.start, r.end, r.flags);
+            }
+            Ok(())
+        };
         let (session, waited) = std::thread::scope(|s| {
             let rx = s.spawn(move || {
                 let mut sock = sock;
                 let mut r = Receiver::new(spaces, previous, has_parent);
                 if parent_elsewhere {
-                    r = r.parent_elsewhere();
+                    r = r.parent_elsewhere().before_open(&take_dirty);
                 }
                 r.progress = Some(received);
                 let res = r.serve(&mut sock);

@@ -65,7 +65,7 @@ pub fn run(store_dir: &Path, verify: bool, json: bool) -> Result<()> {
                 if let Some(p) = &a.ppp {
                     let not: Vec<String> = p.not_kept.iter().map(|(w, n)| format!("{n} {w}")).collect();
                     println!(
-                        "    PPP: {} pages kept in place; checksummed in {:.1} ms while running, then {} written since checksummed and all pinned in {:.1} ms while frozen; not kept: {}",
+                        "    PPP: {} pages kept in place; pinned and checksummed in {:.1} ms while running, then {} written since checksummed and all settled in {:.1} ms while frozen; not kept: {}",
                         p.kept,
                         p.checksum_ms,
                         p.crc_frozen,

@@ -189,11 +189,15 @@ enum PppCmd {
         if_reserved: bool,
     },
     /// Pin a process's pages as a checkpoint would, then unpin them (the module refuses a
-    /// process that CRIU does not hold stopped)
+    /// process that CRIU does not hold stopped); with --running, pin it provisionally as the
+    /// passes before the freeze do, then try to confirm those pins (refused while it runs; the
+    /// module drops them as kup exits)
     #[command(hide = true)]
     Pin {
         #[arg(long)]
         pid: u32,
+        #[arg(long)]
+        running: bool,
     },
 }
 
@@ -284,7 +288,7 @@ fn main() {
         Cmd::Status { store, ram } => resume::status(&ram.resolve(store).0, cli.json),
         Cmd::Ppp { what: PppCmd::Status } => ppp::status(cli.json),
         Cmd::Ppp { what: PppCmd::Attach { store, if_reserved } } => ppp::attach_at_boot(store, *if_reserved),
-        Cmd::Ppp { what: PppCmd::Pin { pid } } => ppp::pin_for_test(*pid),
+        Cmd::Ppp { what: PppCmd::Pin { pid, running } } => ppp::pin_for_test(*pid, *running),
         Cmd::CriuStats { dir } => foam_store::criu_images::read_dump_stats(dir).map_err(Into::into).map(|s| report::print_json(&serde_json::json!(s))),
     };
     if let Err(e) = result {

@@ -2,10 +2,12 @@
 //! kexec instead of being copied into the store and back (kmod/ppp.c, docs/ppp.md).
 //!
 //! The arena is the kernel command line's `memmap=SIZE$START` reservation, hot-added by ppp.ko as
-//! movable memory on every boot (`kup ppp attach`, or `kup resume` on the new kernel). At the
-//! final dump, with the apps frozen, every present page of theirs gets a reference and its PFN and
-//! CRC go into a PFN list per process in the checkpoint ([`write_list`]); pages PPP cannot keep
-//! (outside the arena, shared, not anonymous) go the FOAM way. On the new kernel the arena comes
+//! movable memory on every boot (`kup ppp attach`, or `kup resume` on the new kernel). Before the
+//! final dump, while the apps run, every present page of theirs gets a provisional reference and
+//! a CRC ([`PinState::running`]); with the apps frozen, the pages written since get theirs again
+//! ([`PinState::settle`]), and every kept page's PFN and CRC go into a PFN list per process in the
+//! checkpoint ([`write_list`]); pages PPP cannot keep (outside the arena, shared, not anonymous)
+//! go the FOAM way. On the new kernel the arena comes
 //! online with those PFNs held back, and restore maps them into the restored processes before
 //! they run, each checked against its CRC first.
 
@@ -198,6 +200,7 @@ pub fn status(json: bool) -> Result<()> {
             "attached": info.is_some_and(|i| i.state & ppp_abi::STATE_ATTACHED != 0),
             "held_pages": info.map(|i| i.held_pages),
             "pinned_pages": info.map(|i| i.pinned_pages),
+            "provisional": info.is_some_and(|i| i.state & ppp_abi::STATE_PROVISIONAL != 0),
             "guarded_pages": info.map(|i| i.guarded_pages),
         }));
         return Ok(());
@@ -209,7 +212,8 @@ pub fn status(json: bool) -> Result<()> {
             let attached = i.state & ppp_abi::STATE_ATTACHED != 0;
             println!("module: ppp.ko ABI {}, memory blocks of {}", i.abi_version, crate::report::bytes(i.block_size));
             println!("state:  {}", if attached { "attached (the arena is movable memory)" } else { "loaded, arena not attached" });
-            println!("pages:  {} held back for a restore, {} pinned by a checkpoint, {} kept intact until the apps are healthy", i.held_pages, i.pinned_pages, i.guarded_pages);
+            let provisional = if i.state & ppp_abi::STATE_PROVISIONAL != 0 { " (provisionally: its apps still run)" } else { "" };
+            println!("pages:  {} held back for a restore, {} pinned by a checkpoint{provisional}, {} kept intact until the apps are healthy", i.held_pages, i.pinned_pages, i.guarded_pages);
         }
     }
     Ok(())
@@ -311,11 +315,23 @@ pub fn pages_by_place(pid: u32, arena: Arena) -> Result<(u64, u64)> {
 }
 
 /// `kup ppp pin --pid P`: pins a process's pages as a checkpoint would, and unpins them again;
-/// the module refuses a process that is not stopped by CRIU.
-pub fn pin_for_test(pid: u32) -> Result<()> {
+/// the module refuses a process that is not stopped by CRIU. With `running`, pins it
+/// provisionally (as the passes before the freeze do) and then asks to confirm those pins, which
+/// the module refuses unless the process is stopped; it drops them when kup exits.
+pub fn pin_for_test(pid: u32, running: bool) -> Result<()> {
     let dev = open()?;
     let tag = tag(&format!("kup ppp pin {pid}"));
-    let pinned = pin_process(&dev, pid, tag, None);
+    if running {
+        let st = PinState::running(&dev, pid, tag, false)?;
+        println!("pinned {} pages of the running process {pid} provisionally", st.pins.entries.len());
+        return dev.confirm(tag, &[pid], &[]).map_err(|e| match e.raw_os_error() {
+            Some(libc::EPERM) => format!("confirming the pins of process {pid}: it is not stopped by CRIU (only a process being checkpointed can be pinned); the module drops them as kup exits").into(),
+            _ => format!("confirming the pins of process {pid}: {e}").into(),
+        });
+    }
+    let mut pinned = Pinned { pid, ..Pinned::default() };
+    let runs: Vec<(u64, u64)> = present_runs(pid)?.into_iter().map(|(s, n)| (s, s + n * PAGE)).collect();
+    let pinned = pin_ranges(&dev, pid, tag, 0, &runs, &mut pinned).map(|()| pinned);
     let _ = dev.unpin(tag);
     let p = pinned?;
     println!("pinned {} pages of process {pid} (and unpinned them)", p.entries.len());
@@ -336,97 +352,186 @@ pub struct KeptPage {
 }
 
 /// What PIN kept of one process.
+#[derive(Default)]
 pub struct Pinned {
     pub pid: u32,
+    /// In address order.
     pub entries: Vec<KeptPage>,
-    /// Present pages not kept, by reason.
-    pub not_kept: BTreeMap<Why, u64>,
-    /// Kept pages whose CRC was taken while the app was frozen (written since [`checksum_process`]).
+    /// Present pages not kept: (vaddr, reason), in address order.
+    pub refused: Vec<(u64, Why)>,
+    /// Kept pages whose CRC was taken while the app was frozen (written since the pins).
     pub crc_frozen: u64,
 }
 
-/// The CRC of every present page of `pid`'s private mappings, taken while it runs: (vaddr, crc)
-/// in address order. Taken after the soft-dirty bits were reset, it stays valid for every page
-/// the final dump does not send.
-pub fn checksum_process(dev: &Device, pid: u32) -> Result<Vec<(u64, u32)>> {
-    let mut out = vec![];
-    let mut pages = vec![Page::default(); PIN_CHUNK];
-    for (run_start, run_pages) in present_runs(pid)? {
-        let mut done = 0;
-        while done < run_pages {
-            let n = (run_pages - done).min(PIN_CHUNK as u64) as usize;
-            let at = run_start + done * PAGE;
-            dev.checksum(pid, at, &mut pages[..n]).map_err(|e| format!("checksumming process {pid} at {at:#x}: {e}"))?;
-            out.extend(pages[..n].iter().enumerate().filter(|(_, p)| p.why == Why::Kept as u32).map(|(i, p)| (at + i as u64 * PAGE, p.crc)));
-            done += n as u64;
+impl Pinned {
+    /// Present pages not kept, by reason.
+    pub fn not_kept(&self) -> BTreeMap<Why, u64> {
+        let mut m = BTreeMap::new();
+        for (_, w) in &self.refused {
+            *m.entry(*w).or_default() += 1;
         }
+        m
     }
-    Ok(out)
 }
 
-/// Pins every present page of `pid`'s private mappings (the process must be frozen by CRIU).
-/// With `crcs`, (known, changed): the CRCs taken before the freeze ([`checksum_process`]), and the
-/// pages written since, which get theirs now, as do pages without one; without, no CRC is taken.
-pub fn pin_process(dev: &Device, pid: u32, tag: u64, crcs: Option<(&[(u64, u32)], &foam_store::ranges::RangeMap)>) -> Result<Pinned> {
-    let empty = foam_store::ranges::RangeMap::new();
-    let want_crc = crcs.is_some();
-    let (known, changed) = crcs.unwrap_or((&[], &empty));
-    let mut out = Pinned { pid, entries: vec![], not_kept: BTreeMap::new(), crc_frozen: 0 };
+/// Pins every present page of `pid`'s private mappings in `[start, end)` ranges (`ranges`, or all
+/// present runs), with `flags` (ppp_abi::PIN_*), appending to `out`.
+fn pin_ranges(dev: &Device, pid: u32, tag: u64, flags: u32, ranges: &[(u64, u64)], out: &mut Pinned) -> Result<()> {
     let mut pages = vec![Page::default(); PIN_CHUNK];
-    let changed: Vec<(u64, u64)> = changed.iter().map(|r| (r.start, r.end)).collect();
-    // Cursors into `known` and `changed`: the pages come in ascending address order.
-    let (mut ki, mut ci) = (0, 0);
-    for (run_start, run_pages) in present_runs(pid)? {
-        // Each page's CRC taken before the freeze, where it still holds.
-        let before: Vec<Option<u32>> = (0..run_pages)
-            .map(|i| {
-                let va = run_start + i * PAGE;
-                if !want_crc {
-                    return None;
-                }
-                while ki < known.len() && known[ki].0 < va {
-                    ki += 1;
-                }
-                while ci < changed.len() && changed[ci].1 <= va {
-                    ci += 1;
-                }
-                let written = ci < changed.len() && changed[ci].0 <= va;
-                (ki < known.len() && known[ki].0 == va && !written).then(|| known[ki].1)
-            })
-            .collect();
-        // Split the run where "needs a CRC now" changes.
-        let needs = |va: u64| want_crc && before[((va - run_start) / PAGE) as usize].is_none();
-        let mut seg = run_start;
-        let run_end = run_start + run_pages * PAGE;
-        while seg < run_end {
-            let crc_now = needs(seg);
-            let mut seg_end = seg + PAGE;
-            while seg_end < run_end && needs(seg_end) == crc_now && seg_end - seg < PIN_CHUNK as u64 * PAGE {
-                seg_end += PAGE;
-            }
-            let n = ((seg_end - seg) / PAGE) as usize;
-            dev.pin(pid, tag, seg, crc_now, &mut pages[..n]).map_err(|e| match e.raw_os_error() {
+    for &(start, end) in ranges {
+        let mut at = start;
+        while at < end {
+            let n = (((end - at) / PAGE) as usize).min(PIN_CHUNK);
+            dev.pin(pid, tag, at, flags, &mut pages[..n]).map_err(|e| match e.raw_os_error() {
                 Some(libc::EPERM) => format!("pinning process {pid}: it is not stopped by CRIU (only a process being checkpointed can be pinned)"),
                 Some(libc::EBUSY) => format!("pinning process {pid}: another checkpoint holds pins (`kup ppp status`)"),
                 Some(libc::ENODEV) => "pinning: the arena is not attached (`kup ppp attach` at boot, before the apps start)".to_string(),
-                _ => format!("pinning process {pid} at {seg:#x}: {e}"),
+                _ => format!("pinning process {pid} at {at:#x}: {e}"),
             })?;
             for (i, p) in pages[..n].iter().enumerate() {
-                let va = seg + i as u64 * PAGE;
+                let va = at + i as u64 * PAGE;
                 match Why::from_raw(p.why) {
-                    Some(Why::Kept) => {
-                        let crc = before[((va - run_start) / PAGE) as usize].unwrap_or(p.crc);
-                        out.crc_frozen += crc_now as u64;
-                        out.entries.push(KeptPage { vaddr: va, pfn: p.pfn, crc });
-                    }
-                    Some(w) => *out.not_kept.entry(w).or_default() += 1,
+                    Some(Why::Kept) => out.entries.push(KeptPage { vaddr: va, pfn: p.pfn, crc: p.crc }),
+                    Some(Why::NotPresent) if flags & ppp_abi::PIN_REPIN != 0 => {}
+                    Some(w) => out.refused.push((va, w)),
                     None => return fail(format!("ppp.ko answered an unknown reason {} for page {va:#x} of process {pid}", p.why)),
                 }
             }
-            seg = seg_end;
+            at += n as u64 * PAGE;
         }
     }
-    Ok(out)
+    Ok(())
+}
+
+/// A checkpoint's pins of one process, from its first pass (while it runs) to the frozen one.
+pub struct PinState {
+    pub pins: Pinned,
+    /// PFNs whose entries were dropped (written or unmapped since); still pinned.
+    dropped: Vec<u64>,
+    /// PFNs pinned again by a later pass, and where: such a PFN may be both dropped (at its old
+    /// address) and kept (mremap moved it).
+    again: std::collections::HashMap<u64, Vec<u64>>,
+}
+
+impl PinState {
+    /// Pins every present page of `pid`'s private mappings while it runs, after its soft-dirty
+    /// bits were reset (with their CRCs when `crc`). The pins are provisional: the module drops
+    /// them all if kup ends before [`Device::confirm`].
+    pub fn running(dev: &Device, pid: u32, tag: u64, crc: bool) -> Result<PinState> {
+        let mut pins = Pinned { pid, ..Pinned::default() };
+        let runs: Vec<(u64, u64)> = present_runs(pid)?.into_iter().map(|(s, n)| (s, s + n * PAGE)).collect();
+        pin_ranges(dev, pid, tag, ppp_abi::PIN_RUNNING | crc_flag(crc), &runs, &mut pins)?;
+        Ok(PinState { pins, dropped: vec![], again: Default::default() })
+    }
+
+    /// The final pass, with the process frozen: the pages the final dump found present
+    /// (`unsent`: CRIU sent no data for them) keep their pins unless `written` since the last
+    /// pass, or the kernel writes them at exit; those are pinned again now, with their CRCs.
+    /// Returns the pins and the PFNs no longer wanted, for [`Device::confirm`].
+    pub fn settle(mut self, dev: &Device, tag: u64, crc: bool, unsent: &foam_store::ranges::RangeMap, written: &foam_store::ranges::RangeMap) -> Result<(Pinned, Vec<u64>)> {
+        let pid = self.pins.pid;
+        let exit = dev.exit_writes(pid).map_err(|e| match e.raw_os_error() {
+            Some(libc::EPERM) => format!("pinning process {pid}: it is not stopped by CRIU"),
+            _ => format!("process {pid}: reading the addresses its threads' exit writes: {e}"),
+        })?;
+        let mut changed = written.clone();
+        for a in &exit {
+            changed.insert(*a, a + PAGE, 0);
+        }
+        let changed: Vec<(u64, u64)> = changed.iter().map(|r| (r.start, r.end)).collect();
+        let crc_frozen = self.pass(dev, tag, ppp_abi::PIN_REPIN | crc_flag(crc), unsent, &changed)?;
+        self.pins.crc_frozen = if crc { crc_frozen } else { 0 };
+        let stale = self.stale();
+        Ok((self.pins, stale))
+    }
+
+    /// Pins `changed` again with `flags` and merges them in; returns how many it kept.
+    fn pass(&mut self, dev: &Device, tag: u64, flags: u32, present: &foam_store::ranges::RangeMap, changed: &[(u64, u64)]) -> Result<u64> {
+        let mut now = Pinned { pid: self.pins.pid, ..Pinned::default() };
+        pin_ranges(dev, self.pins.pid, tag, flags, changed, &mut now)?;
+        for e in &now.entries {
+            self.again.entry(e.pfn).or_default().push(e.vaddr);
+        }
+        let kept = now.entries.len() as u64;
+        let pins = std::mem::take(&mut self.pins);
+        let (pins, dropped) = merge_pins(pins, now, present, changed);
+        self.pins = pins;
+        self.dropped.extend(dropped);
+        Ok(kept)
+    }
+
+    /// Every PFN it pins (for a process the final dump did not name).
+    pub fn every_pfn(&self) -> Vec<u64> {
+        let mut all: Vec<u64> = self.pins.entries.iter().map(|e| e.pfn).chain(self.dropped.iter().copied()).collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
+    /// The dropped PFNs that no entry keeps (one pinned again elsewhere is kept).
+    fn stale(&self) -> Vec<u64> {
+        let entries = &self.pins.entries;
+        let kept_at = |pfn: u64, va: u64| entries.binary_search_by_key(&va, |e| e.vaddr).is_ok_and(|i| entries[i].pfn == pfn);
+        let mut stale: Vec<u64> = self.dropped.iter().copied().filter(|pfn| !self.again.get(pfn).is_some_and(|vas| vas.iter().any(|va| kept_at(*pfn, *va)))).collect();
+        stale.sort_unstable();
+        stale.dedup();
+        stale
+    }
+}
+
+fn crc_flag(crc: bool) -> u32 {
+    if crc {
+        ppp_abi::PIN_CRC
+    } else {
+        0
+    }
+}
+
+/// A pass's bookkeeping: `pre`'s pages in `present` and outside `changed`, with `now`'s (both
+/// in address order), and the PFNs of the entries it dropped. In place and linear: it runs while
+/// the app is frozen, over every page it has.
+fn merge_pins(mut pre: Pinned, now: Pinned, present: &foam_store::ranges::RangeMap, changed: &[(u64, u64)]) -> (Pinned, Vec<u64>) {
+    let present: Vec<(u64, u64)> = present.iter().map(|r| (r.start, r.end)).collect();
+    // Whether each address (ascending) lies in sorted, disjoint [start, end) ranges.
+    struct Cursor<'a>(&'a [(u64, u64)], usize);
+    impl Cursor<'_> {
+        fn has(&mut self, va: u64) -> bool {
+            while self.1 < self.0.len() && self.0[self.1].1 <= va {
+                self.1 += 1;
+            }
+            self.1 < self.0.len() && self.0[self.1].0 <= va
+        }
+    }
+    let mut dropped = vec![];
+    let (mut u, mut c) = (Cursor(&present, 0), Cursor(changed, 0));
+    pre.entries.retain(|e| {
+        let still = u.has(e.vaddr) && !c.has(e.vaddr);
+        if !still {
+            dropped.push(e.pfn);
+        }
+        still
+    });
+    let (mut u, mut c) = (Cursor(&present, 0), Cursor(changed, 0));
+    pre.refused.retain(|(va, _)| u.has(*va) && !c.has(*va));
+    merge_into(&mut pre.entries, now.entries, |e| e.vaddr);
+    merge_into(&mut pre.refused, now.refused, |r| r.0);
+    (pre, dropped)
+}
+
+/// Merges `b` into `a`, both in ascending `key` order, from the back: no copy of `a`.
+fn merge_into<T: Copy>(a: &mut Vec<T>, b: Vec<T>, key: impl Fn(&T) -> u64) {
+    let n = a.len();
+    a.extend_from_slice(&b);
+    let (mut i, mut j) = (n, b.len());
+    while j > 0 {
+        if i > 0 && key(&a[i - 1]) > key(&b[j - 1]) {
+            a[i + j - 1] = a[i - 1];
+            i -= 1;
+        } else {
+            a[i + j - 1] = b[j - 1];
+            j -= 1;
+        }
+    }
 }
 
 /// /proc/PID/pagemap: a page is present; its frame number (shown to root only).
@@ -454,6 +559,33 @@ fn each_pagemap_word(pid: u32, mut f: impl FnMut(usize, u64, u64)) -> Result<()>
         }
     }
     Ok(())
+}
+
+/// /proc/PID/pagemap: the page was written since the soft-dirty bits were last reset.
+const PM_SOFT_DIRTY: u64 = 1 << 55;
+
+/// The present pages of `pid`'s private mappings written since its soft-dirty bits were last
+/// reset, which it then resets (the process must not run in between, or a write is missed).
+pub fn take_soft_dirty(pid: u32) -> Result<foam_store::ranges::RangeMap> {
+    let mut dirty = foam_store::ranges::RangeMap::new();
+    let mut run: Option<(u64, u64)> = None;
+    each_pagemap_word(pid, |_, va, w| {
+        if w & PM_PRESENT != 0 && w & PM_SOFT_DIRTY != 0 {
+            match &mut run {
+                Some((_, end)) if *end == va => *end += PAGE,
+                _ => {
+                    if let Some((s, e)) = run.replace((va, va + PAGE)) {
+                        dirty.insert(s, e, foam_store::protocol::PE_PRESENT);
+                    }
+                }
+            }
+        }
+    })?;
+    if let Some((s, e)) = run {
+        dirty.insert(s, e, foam_store::protocol::PE_PRESENT);
+    }
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "4").map_err(|e| format!("resetting the soft-dirty bits of process {pid}: {e}"))?;
+    Ok(dirty)
 }
 
 /// Runs (start, pages) of present pages of `pid`'s private mappings, each within one mapping.
@@ -488,10 +620,11 @@ fn private_mappings(maps: &str) -> Vec<(u64, u64)> {
 }
 
 /// Copies into FOAM the pages of `unsent` (unchanged since the soft-dirty reset, so CRIU sent no
-/// data) that PPP did not keep, reading them from the frozen process; returns what it copied.
-pub fn copy_unkept(pid: u32, foam: &foam_store::foam::FoamFile, unsent: &foam_store::ranges::RangeMap, kept: &[KeptPage]) -> Result<foam_store::ranges::RangeMap> {
+/// data) that PPP did not keep, reading them from the frozen process, but those `precopied` while
+/// it ran (unchanged since, they are in FOAM already); returns every such page, now in FOAM.
+pub fn copy_unkept(pid: u32, foam: &foam_store::foam::FoamFile, unsent: &foam_store::ranges::RangeMap, kept: &[KeptPage], precopied: &foam_store::ranges::RangeMap) -> Result<foam_store::ranges::RangeMap> {
     // unsent minus kept, in one pass over both (kept is in address order).
-    let mut todo = foam_store::ranges::RangeMap::new();
+    let mut unkept = foam_store::ranges::RangeMap::new();
     let mut k = 0;
     for r in unsent.iter() {
         let mut run: Option<u64> = None;
@@ -504,7 +637,7 @@ pub fn copy_unkept(pid: u32, foam: &foam_store::foam::FoamFile, unsent: &foam_st
             match (is_kept, run) {
                 (false, None) => run = Some(va),
                 (true, Some(s)) => {
-                    todo.insert(s, va, foam_store::protocol::PE_PRESENT);
+                    unkept.insert(s, va, foam_store::protocol::PE_PRESENT);
                     run = None;
                 }
                 _ => {}
@@ -512,24 +645,52 @@ pub fn copy_unkept(pid: u32, foam: &foam_store::foam::FoamFile, unsent: &foam_st
             va += PAGE;
         }
         if let Some(s) = run {
-            todo.insert(s, r.end, foam_store::protocol::PE_PRESENT);
+            unkept.insert(s, r.end, foam_store::protocol::PE_PRESENT);
         }
     }
-    if todo.is_empty() {
-        return Ok(todo);
+    let mut todo = unkept.clone();
+    for r in precopied.iter() {
+        todo.remove(r.start, r.end);
+    }
+    copy_pages(pid, foam, &todo, false)?;
+    Ok(unkept)
+}
+
+/// Copies `ranges` of `pid`'s memory into FOAM; returns what it copied. While the process runs,
+/// a range it unmaps meanwhile is left out instead of failing the copy.
+pub fn copy_pages(pid: u32, foam: &foam_store::foam::FoamFile, ranges: &foam_store::ranges::RangeMap, running: bool) -> Result<foam_store::ranges::RangeMap> {
+    let mut copied = foam_store::ranges::RangeMap::new();
+    if ranges.is_empty() {
+        return Ok(copied);
     }
     let mem = std::fs::File::open(format!("/proc/{pid}/mem")).map_err(|e| format!("/proc/{pid}/mem: {e}"))?;
     let mut buf = vec![0u8; 1 << 20];
-    for r in todo.iter() {
+    for r in ranges.iter() {
         let mut at = r.start;
         while at < r.end {
             let len = ((r.end - at) as usize).min(buf.len());
-            mem.read_exact_at(&mut buf[..len], at).map_err(|e| format!("reading {len} bytes at {at:#x} of process {pid}: {e}"))?;
+            match mem.read_exact_at(&mut buf[..len], at) {
+                Ok(()) => {}
+                Err(_) if running => break,
+                Err(e) => return fail(format!("reading {len} bytes at {at:#x} of process {pid}: {e}")),
+            }
             foam.write_pages(at, &buf[..len])?;
+            copied.insert(at, at + len as u64, r.flags);
             at += len as u64;
         }
     }
-    Ok(todo)
+    Ok(copied)
+}
+
+/// The present pages PIN refused (outside the arena, shared, ...), as ranges.
+pub fn refused_ranges(p: &Pinned) -> foam_store::ranges::RangeMap {
+    let mut m = foam_store::ranges::RangeMap::new();
+    for (va, w) in &p.refused {
+        if *w != Why::NotPresent {
+            m.insert(*va, va + PAGE, foam_store::protocol::PE_PRESENT);
+        }
+    }
+    m
 }
 
 /// Microseconds since boot, as CRIU reads /proc/uptime.
@@ -707,7 +868,12 @@ mod tests {
         unsent.insert(base, base + 8 * PAGE, foam_store::protocol::PE_PRESENT);
         // Pages 1, 2 and 6 stay in place.
         let kept: Vec<KeptPage> = [1u64, 2, 6].iter().map(|i| KeptPage { vaddr: base + i * PAGE, pfn: 0, crc: 0 }).collect();
-        let copied = copy_unkept(std::process::id(), &foam, &unsent, &kept).unwrap();
+        // Page 4 was copied while the process ran; it is not copied again.
+        let mut early = foam_store::ranges::RangeMap::new();
+        early.insert(base + 4 * PAGE, base + 5 * PAGE, foam_store::protocol::PE_PRESENT);
+        assert_eq!(copy_pages(std::process::id(), &foam, &early, true).unwrap().pages(), 1);
+        pages[4 * 4096..5 * 4096].fill(0xee);
+        let copied = copy_unkept(std::process::id(), &foam, &unsent, &kept, &early).unwrap();
         let runs: Vec<(u64, u64)> = copied.iter().map(|r| ((r.start - base) / PAGE, (r.end - base) / PAGE)).collect();
         assert_eq!(runs, vec![(0, 1), (3, 6), (7, 8)]);
         let mut page = vec![0u8; 4096];
@@ -723,7 +889,7 @@ mod tests {
     fn a_pfn_list_reads_back_and_a_damaged_one_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("1.pfns");
-        let p = Pinned { pid: 1, crc_frozen: 0, entries: (0..100).map(|i| KeptPage { vaddr: 0x7000_0000 + i * PAGE, pfn: 0x10_0000 + i + (i / 10) * 7, crc: i as u32 }).collect(), not_kept: BTreeMap::new() };
+        let p = Pinned { pid: 1, crc_frozen: 0, entries: (0..100).map(|i| KeptPage { vaddr: 0x7000_0000 + i * PAGE, pfn: 0x10_0000 + i + (i / 10) * 7, crc: i as u32 }).collect(), refused: vec![] };
         let arena = Arena { start: 4 << 30, size: 2 << 30 };
         write_list(&path, arena, &p).unwrap();
         let (head, entries) = read_list(&path).unwrap();
@@ -734,5 +900,39 @@ mod tests {
         assert!(read_list(&path).unwrap_err().to_string().contains("CRC mismatch"));
         std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
         assert!(read_list(&path).unwrap_err().to_string().contains("bytes after the head"));
+    }
+
+    #[test]
+    fn the_frozen_pins_keep_the_unchanged_pages_and_let_go_of_the_others() {
+        let va = |i: u64| 0x7000_0000 + i * PAGE;
+        let kept = |i: u64, pfn: u64, crc: u32| KeptPage { vaddr: va(i), pfn, crc };
+        // Pinned while running: pages 0..8, page 8 not in the arena.
+        let pre = Pinned { pid: 7, entries: (0..8).map(|i| kept(i, 100 + i, i as u32)).collect(), refused: vec![(va(8), Why::NotArena)], crc_frozen: 0 };
+        let mut st = PinState { pins: pre, dropped: vec![], again: Default::default() };
+        // The final dump: pages 0, 1, 6, 8 and 9 present; 2, 3 and 9 written since (mremap moved
+        // page 7 to 9, frame and all); 4, 5 and 7 unmapped; page 0 is where a thread's exit writes go.
+        let mut unsent = foam_store::ranges::RangeMap::new();
+        unsent.insert(va(0), va(4), 0);
+        unsent.insert(va(6), va(7), 0);
+        unsent.insert(va(8), va(10), 0);
+        let changed = [(va(0), va(1)), (va(2), va(4)), (va(9), va(10))];
+        // Pinned again while frozen: page 2 in place (a new CRC), 3 in a new frame, 9 the frame
+        // pinned as page 7 (kept without another reference), 0 refused.
+        let now = Pinned { pid: 7, entries: vec![kept(2, 102, 0xa2), kept(3, 200, 0xa3), kept(9, 107, 7)], refused: vec![(va(0), Why::ExitWrite)], crc_frozen: 3 };
+        for e in &now.entries {
+            st.again.entry(e.pfn).or_default().push(e.vaddr);
+        }
+        let (pins, dropped) = merge_pins(std::mem::take(&mut st.pins), now, &unsent, &changed);
+        st.pins = pins;
+        st.dropped.extend(dropped);
+        assert_eq!(st.pins.entries, vec![kept(1, 101, 1), kept(2, 102, 0xa2), kept(3, 200, 0xa3), kept(6, 106, 6), kept(9, 107, 7)]);
+        assert_eq!(st.pins.refused, vec![(va(0), Why::ExitWrite), (va(8), Why::NotArena)]);
+        // Page 0 (exit writes), page 3's old frame and the unmapped 4 and 5; not 102 (written in
+        // place) or 107 (moved to page 9).
+        assert_eq!(st.stale(), vec![100, 103, 104, 105]);
+        assert_eq!(st.every_pfn(), vec![100, 101, 102, 103, 104, 105, 106, 107, 200]);
+        let mut a = vec![1, 4, 6, 9];
+        merge_into(&mut a, vec![0, 5, 10], |x| *x);
+        assert_eq!(a, vec![0, 1, 4, 5, 6, 9, 10]);
     }
 }

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
-use ppp_abi::{Attach, Info, Map, Page, Pin};
+use ppp_abi::{Attach, Confirm, ExitWrites, Info, Map, Page, Pin};
 
 pub struct Device {
     file: File,
@@ -44,21 +44,42 @@ impl Device {
         unsafe { ioctl(&self.file, ppp_abi::IOC_ATTACH, &mut a) }
     }
 
-    /// Pins the present pages of `[start, start + pages.len() pages)` of `pid`; fills `pages`.
-    pub fn pin(&self, pid: u32, tag: u64, start: u64, crc: bool, pages: &mut [Page]) -> io::Result<u64> {
-        let mut p = Pin { pid, flags: if crc { ppp_abi::PIN_CRC } else { 0 }, tag, start, nr_pages: pages.len() as u64, pages: pages.as_mut_ptr() as u64, nr_kept: 0 };
+    /// Pins the present pages of `[start, start + pages.len() pages)` of `pid` (`flags`:
+    /// ppp_abi::PIN_*); fills `pages`.
+    pub fn pin(&self, pid: u32, tag: u64, start: u64, flags: u32, pages: &mut [Page]) -> io::Result<u64> {
+        let mut p = Pin { pid, flags, tag, start, nr_pages: pages.len() as u64, pages: pages.as_mut_ptr() as u64, nr_kept: 0 };
         // SAFETY: PIN reads and writes one `Pin` and writes `nr_pages` `Page`s at `pages`, which
         // borrows `pages` mutably for the call.
         unsafe { ioctl(&self.file, ppp_abi::IOC_PIN, &mut p) }?;
         Ok(p.nr_kept)
     }
 
-    /// The CRC of every present page of `[start, start + pages.len() pages)` of a running `pid`.
-    pub fn checksum(&self, pid: u32, start: u64, pages: &mut [Page]) -> io::Result<()> {
-        let mut p = Pin { pid, flags: 0, tag: 0, start, nr_pages: pages.len() as u64, pages: pages.as_mut_ptr() as u64, nr_kept: 0 };
-        // SAFETY: CHECKSUM reads and writes one `Pin` and writes `nr_pages` `Page`s at `pages`,
-        // which borrows `pages` mutably for the call.
-        unsafe { ioctl(&self.file, ppp_abi::IOC_CHECKSUM, &mut p) }
+    /// The page addresses the kernel writes into when the threads of the stopped `pid` exit.
+    pub fn exit_writes(&self, pid: u32) -> io::Result<Vec<u64>> {
+        let mut room = 64;
+        loop {
+            let mut addrs = vec![0u64; room];
+            let mut e = ExitWrites { pid, nr: room as u32, addrs: addrs.as_mut_ptr() as u64 };
+            // SAFETY: EXIT_WRITES reads and writes one `ExitWrites` and writes at most `nr` u64s
+            // at `addrs`, which borrows `addrs` mutably for the call.
+            match unsafe { ioctl(&self.file, ppp_abi::IOC_EXIT_WRITES, &mut e) } {
+                Ok(()) => {
+                    addrs.truncate(e.nr as usize);
+                    return Ok(addrs);
+                }
+                Err(err) if err.raw_os_error() == Some(libc::ENOSPC) && e.nr as usize > room => room = e.nr as usize,
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// Makes the provisional pins of the (stopped) `pids` the checkpoint's, letting go of those
+    /// of `drop` (PFNs).
+    pub fn confirm(&self, tag: u64, pids: &[u32], drop: &[u64]) -> io::Result<()> {
+        let mut c = Confirm { tag, pids: pids.as_ptr() as u64, drop: drop.as_ptr() as u64, nr_drop: drop.len() as u64, nr_pids: pids.len() as u32, pad: 0 };
+        // SAFETY: CONFIRM reads one `Confirm`, `nr_pids` u32s at `pids` and `nr_drop` u64s at
+        // `drop`, which borrow `pids` and `drop`.
+        unsafe { ioctl(&self.file, ppp_abi::IOC_CONFIRM, &mut c) }
     }
 
     pub fn unpin(&self, tag: u64) -> io::Result<()> {

@@ -58,7 +58,8 @@ pub struct PppFigures {
     /// Pages kept in place, and present pages that went into the store instead.
     pub kept: u64,
     pub to_store: u64,
-    /// Checksumming before the freeze, the pages checksummed while frozen, and all of pinning.
+    /// Pins and CRCs before the freeze, the pages checksummed while frozen (written since), and
+    /// PPP's part of the frozen time.
     pub checksum_ms: f64,
     pub crc_frozen: u64,
     pub pin_ms: f64,
@@ -89,7 +90,7 @@ impl PppFigures {
             _ => String::new(),
         };
         format!(
-            "ppp: {} pages kept in place, {} into the store; CRCs {:.1} ms while running, {} pages while frozen; pinning {:.1} ms (pins {:.1}, copies {:.1}, PFN lists {:.1}){restored}",
+            "ppp: {} pages kept in place, {} into the store; pins and CRCs {:.1} ms while running, {} pages while frozen; frozen part {:.1} ms (pins {:.1}, copies {:.1}, PFN lists {:.1}){restored}",
             self.kept, self.to_store, self.checksum_ms, self.crc_frozen, self.pin_ms, self.pin_parts_ms[0], self.pin_parts_ms[1], self.pin_parts_ms[2]
         )
     }

@@ -8,13 +8,15 @@
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 /// The misc device (`/dev/kup_ppp`, root only).
 pub const DEVICE_NAME: &str = "kup_ppp";
 /// The arena's memory in /proc/iomem once hot-added.
 pub const RESOURCE_NAME: &str = "System RAM (kup ppp)";
 
 pub const STATE_ATTACHED: u32 = 1 << 0;
+/// Pins taken while the app ran, not yet confirmed.
+pub const STATE_PROVISIONAL: u32 = 1 << 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
@@ -106,6 +108,10 @@ pub struct Page {
 }
 
 pub const PIN_CRC: u32 = 1 << 0;
+/// The process may run: provisional pins, until CONFIRM.
+pub const PIN_RUNNING: u32 = 1 << 1;
+/// A page this tag pinned already is kept without another reference.
+pub const PIN_REPIN: u32 = 1 << 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
@@ -184,7 +190,33 @@ pub const IOC_PIN: u64 = ioc(READ | WRITE, 2, size_of::<Pin>());
 pub const IOC_UNPIN: u64 = ioc(WRITE, 3, size_of::<u64>());
 pub const IOC_MAP: u64 = ioc(READ | WRITE, 4, size_of::<Map>());
 pub const IOC_RELEASE: u64 = ioc(0, 5, 0);
-pub const IOC_CHECKSUM: u64 = ioc(READ | WRITE, 6, size_of::<Pin>());
+pub const IOC_EXIT_WRITES: u64 = ioc(READ | WRITE, 7, size_of::<ExitWrites>());
+pub const IOC_CONFIRM: u64 = ioc(WRITE, 8, size_of::<Confirm>());
+
+/// The pages the kernel writes into when a stopped process's threads exit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct ExitWrites {
+    pub pid: u32,
+    /// In: room at `addrs`; out: how many.
+    pub nr: u32,
+    /// Pointer to `u64 addr[nr]`, ascending.
+    pub addrs: u64,
+}
+
+/// Ends the provisional state of a tag's pins, letting go of `drop`'s.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct Confirm {
+    pub tag: u64,
+    /// Pointer to `u32 pid[nr_pids]`.
+    pub pids: u64,
+    /// Pointer to `u64 pfn[nr_drop]`.
+    pub drop: u64,
+    pub nr_drop: u64,
+    pub nr_pids: u32,
+    pub pad: u32,
+}
 
 /// The header, for the test and for anything that wants to print where the ABI lives.
 pub const HEADER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../kmod/include/uapi/kup_ppp.h");

@@ -44,6 +44,8 @@ fn the_rust_abi_matches_the_header() {
     layout!(want, Page, "ppp_page", [pfn, crc, why]);
     layout!(want, Pin, "ppp_pin", [pid, flags, tag, start, nr_pages, pages, nr_kept]);
     layout!(want, Map, "ppp_map", [pid, flags, start, nr_pages, pages, nr_mapped, nr_copied, nr_guarded, failed, failed_why, pad]);
+    layout!(want, ExitWrites, "ppp_exit_writes", [pid, nr, addrs]);
+    layout!(want, Confirm, "ppp_confirm", [tag, pids, drop, nr_drop, nr_pids, pad]);
     layout!(want, ListHead, "ppp_list_head", [magic, version, arena_start, arena_size, nr_pages, nr_runs, pid, crc]);
     layout!(want, ListRun, "ppp_list_run", [vaddr, pfn, nr_pages, flags]);
     for (n, e, v) in [
@@ -51,7 +53,10 @@ fn the_rust_abi_matches_the_header() {
         ("PPP_LIST_VERSION", "PPP_LIST_VERSION", LIST_VERSION as u64),
         ("PPP_ABI_VERSION", "PPP_ABI_VERSION", ABI_VERSION as u64),
         ("PPP_STATE_ATTACHED", "PPP_STATE_ATTACHED", STATE_ATTACHED as u64),
+        ("PPP_STATE_PROVISIONAL", "PPP_STATE_PROVISIONAL", STATE_PROVISIONAL as u64),
         ("PPP_PIN_CRC", "PPP_PIN_CRC", PIN_CRC as u64),
+        ("PPP_PIN_RUNNING", "PPP_PIN_RUNNING", PIN_RUNNING as u64),
+        ("PPP_PIN_REPIN", "PPP_PIN_REPIN", PIN_REPIN as u64),
         ("PPP_MAP_VERIFY", "PPP_MAP_VERIFY", MAP_VERIFY as u64),
         ("PPP_MAP_GUARD", "PPP_MAP_GUARD", MAP_GUARD as u64),
         ("PPP_IOC_MAGIC", "PPP_IOC_MAGIC", IOC_MAGIC as u64),
@@ -61,7 +66,8 @@ fn the_rust_abi_matches_the_header() {
         ("PPP_IOC_UNPIN", "PPP_IOC_UNPIN", IOC_UNPIN),
         ("PPP_IOC_MAP", "PPP_IOC_MAP", IOC_MAP),
         ("PPP_IOC_RELEASE", "PPP_IOC_RELEASE", IOC_RELEASE),
-        ("PPP_IOC_CHECKSUM", "PPP_IOC_CHECKSUM", IOC_CHECKSUM),
+        ("PPP_IOC_EXIT_WRITES", "PPP_IOC_EXIT_WRITES", IOC_EXIT_WRITES),
+        ("PPP_IOC_CONFIRM", "PPP_IOC_CONFIRM", IOC_CONFIRM),
     ] {
         want.push((n, e.to_string(), v));
     }

@@ -245,6 +245,7 @@ build_initramfs() {
     printf 'root:x:0:\nnogroup:x:65534:\n' >"$S/etc/group"
     install -m 0755 "$GUEST_DIR/init.sh" "$S/init"
     install -m 0644 "$GUEST_DIR/guest-lib.sh" "$S/bench/guest-lib.sh"
+    install -m 0644 "$GUEST_DIR/bench-lib.sh" "$S/bench/bench-lib.sh"
     mkdir -p "$S/bench/scenarios"
     for p in "$GUEST_DIR"/scenarios/*.sh; do
         [[ $p == *.host.sh ]] || install -m 0644 "$p" "$S/bench/scenarios/"

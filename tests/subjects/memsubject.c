@@ -3,7 +3,7 @@
  * keep dirtying memory for benchmarks.
  *
  *   memsubject --status FILE --private-mib N [--shared-mib N] [--memfd-mib N] [--seed S]
- *              [--dirty-pct P] [--dirty-mib-per-s R]
+ *              [--dirty-pct P] [--dirty-mib-per-s R] [--dirty-on-signal]
  *
  * Regions (each absent when its size is 0):
  *   1 "private"  MAP_PRIVATE|MAP_ANONYMOUS, MADV_NOHUGEPAGE; when it has >= 64 pages, the 16 pages starting at
@@ -17,7 +17,9 @@
  *
  * With --dirty-pct P > 0 the main loop rewrites pages forever (generation + 1 each time), cycling through the
  * first P% of each region's pages, at most R MiB/s (0 or absent: as fast as it can, with a tiny nanosleep every
- * 256 pages). The loop position lives in this process's memory, so the verifier also knows the exact
+ * 256 pages). With --dirty-on-signal it rewrites nothing until SIGUSR2, then the first P% of each region once
+ * (a burst, e.g. "50% written during the pre-dump"; at most R MiB/s too), and so on for each SIGUSR2. The loop position lives in
+ * this process's memory, so the verifier also knows the exact
  * generation every page must have: a page restored from a stale image is caught even though it is
  * self-consistent.
  *
@@ -25,6 +27,7 @@
  *   SIGUSR1  verify all regions, then atomically (FILE.tmp + rename) write FILE:
  *            "OK pid=<pid> private=<MiB> shared=<MiB> memfd=<MiB> pages=<n> rewrites=<n>"
  *            or "BAD region=<name> page=<index> addr=<hex> reason=<text>" for the first bad page
+ *   SIGUSR2  with --dirty-on-signal: one rewrite of the first P% of each region (queued while one is under way)
  *   SIGTERM  exit 0
  * After filling (and a first verification) FILE gets "READY pid=..." with the same fields as OK.
  *
@@ -76,8 +79,9 @@ static size_t cur_region; /* next page to rewrite: regions[cur_region], page cur
 static size_t cur_page;
 static uint64_t rewrites; /* total page rewrites */
 
-static volatile sig_atomic_t want_verify, want_exit;
+static volatile sig_atomic_t want_verify, want_exit, want_burst;
 static void on_usr1(int s) { (void)s; want_verify = 1; }
+static void on_usr2(int s) { (void)s; want_burst = 1; }
 static void on_term(int s) { (void)s; want_exit = 1; }
 
 static uint64_t mix64(uint64_t z) /* splitmix64 */
@@ -228,8 +232,9 @@ static double now_s(void)
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-/* One step of the dirtying loop: up to BATCH rewrites, limited to rate pages/s when rate > 0. */
-static void dirty_step(double rate)
+/* One step of the dirtying loop: up to BATCH (and max) rewrites, limited to rate pages/s when rate > 0;
+ * returns how many it did. */
+static size_t dirty_step(double rate, size_t max)
 {
 	static double last, credit;
 	size_t n = BATCH;
@@ -247,14 +252,18 @@ static void dirty_step(double rate)
 		if (credit < chunk) {
 			double wait = (chunk - credit) / rate;
 			sleep_ns((long)((wait < 0.05 ? wait : 0.05) * 1e9));
-			return;
+			return 0;
 		}
 		n = (size_t)credit;
-		credit -= (double)n;
 	}
+	if (n > max)
+		n = max;
+	if (rate > 0)
+		credit -= (double)n;
 	for (size_t i = 0; i < n; i++)
 		rewrite_next();
 	sleep_ns(1000); /* tiny yield between batches */
+	return n;
 }
 
 static int parse_u64(const char *opt, const char *s, uint64_t max, uint64_t *out)
@@ -273,7 +282,7 @@ static int parse_u64(const char *opt, const char *s, uint64_t max, uint64_t *out
 static void usage(void)
 {
 	fprintf(stderr, "usage: memsubject --status FILE --private-mib N [--shared-mib N] [--memfd-mib N] "
-			"[--seed S] [--dirty-pct P] [--dirty-mib-per-s R]\n");
+			"[--seed S] [--dirty-pct P] [--dirty-mib-per-s R] [--dirty-on-signal]\n");
 }
 
 static int map_region(struct region *r)
@@ -320,10 +329,11 @@ int main(int argc, char **argv)
 		{ "seed", required_argument, NULL, 'S' },
 		{ "dirty-pct", required_argument, NULL, 'd' },
 		{ "dirty-mib-per-s", required_argument, NULL, 'r' },
+		{ "dirty-on-signal", no_argument, NULL, 'o' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *status = NULL;
-	int have_private = 0;
+	int have_private = 0, on_signal = 0;
 	uint64_t pct = 0, v;
 	double mib_per_s = 0;
 	const uint64_t max_mib = (SIZE_MAX / MIB) / 2;
@@ -341,6 +351,9 @@ int main(int argc, char **argv)
 				return 2;
 			regions[c == 'p' ? 0 : c == 'h' ? 1 : 2].mib = v;
 			have_private |= c == 'p';
+			break;
+		case 'o':
+			on_signal = 1;
 			break;
 		case 'S':
 			if (parse_u64("seed", optarg, UINT64_MAX, &seed))
@@ -382,6 +395,10 @@ int main(int argc, char **argv)
 	sigaction(SIGUSR1, &sa, NULL);
 	sa.sa_handler = on_term;
 	sigaction(SIGTERM, &sa, NULL);
+	if (on_signal) {
+		sa.sa_handler = on_usr2;
+		sigaction(SIGUSR2, &sa, NULL);
+	}
 
 	size_t ws_total = 0;
 	for (size_t ri = 0; ri < 3; ri++) {
@@ -394,7 +411,8 @@ int main(int argc, char **argv)
 				write_page(r, page, 1);
 		ws_total += r->ws;
 	}
-	int dirtying = ws_total > 0;
+	int dirtying = ws_total > 0 && !on_signal;
+	size_t burst_left = 0;
 	double rate = mib_per_s * (MIB / PAGE); /* pages per second; 0 = unlimited */
 
 	/* When idle, keep the signals blocked except inside sigsuspend, so none slips in between the flag check
@@ -403,6 +421,7 @@ int main(int argc, char **argv)
 	sigemptyset(&block);
 	sigaddset(&block, SIGUSR1);
 	sigaddset(&block, SIGTERM);
+	sigaddset(&block, SIGUSR2);
 	if (!dirtying)
 		sigprocmask(SIG_BLOCK, &block, &waitmask);
 
@@ -413,8 +432,17 @@ int main(int argc, char **argv)
 			report(status, "OK");
 			continue; /* recheck the flags: SIGTERM may have come meanwhile */
 		}
-		if (dirtying)
-			dirty_step(rate);
+		if (want_burst) {
+			want_burst = 0;
+			burst_left += ws_total;
+		}
+		if (burst_left) {
+			burst_left -= dirty_step(rate, burst_left);
+			/* Unblocked between batches, so a SIGUSR1 or SIGTERM is seen mid-burst. */
+			sigprocmask(SIG_SETMASK, &waitmask, NULL);
+			sigprocmask(SIG_BLOCK, &block, NULL);
+		} else if (dirtying)
+			dirty_step(rate, BATCH);
 		else
 			sigsuspend(&waitmask);
 	}

@@ -16,7 +16,7 @@
 #include <linux/ioctl.h>
 #include <linux/types.h>
 
-#define PPP_ABI_VERSION		1
+#define PPP_ABI_VERSION		2
 /* The misc device, root only (mode 0600). */
 #define PPP_DEVICE_NAME		"kup_ppp"
 /* The name of the arena's memory in /proc/iomem once hot-added. */
@@ -24,6 +24,8 @@
 
 /* ppp_info.state */
 #define PPP_STATE_ATTACHED	(1U << 0)	/* the arena is hot-added */
+#define PPP_STATE_PROVISIONAL	(1U << 1)	/* pins taken while the app ran, */
+						/* not yet confirmed */
 
 struct ppp_info {
 	__u32 abi_version;	/* PPP_ABI_VERSION */
@@ -66,11 +68,25 @@ struct ppp_page {
 
 /* ppp_pin.flags */
 #define PPP_PIN_CRC		(1U << 0)	/* compute each kept page's crc */
+/*
+ * The process may run: pins taken before the freeze, so that the frozen
+ * window pays only for the pages written since. They are provisional: they
+ * are dropped when the file that took them is closed, unless CONFIRM makes
+ * them part of the checkpoint while every process they came from is stopped.
+ */
+#define PPP_PIN_RUNNING		(1U << 1)
+/*
+ * A page this tag pinned already is kept (PPP_KEPT, with its pfn and crc)
+ * without another reference: the frozen pass over the pages written since
+ * the provisional pins.
+ */
+#define PPP_PIN_REPIN		(1U << 2)
 
 /*
  * Takes a reference on the present pages of [start, start + nr_pages pages)
- * of process pid, which must be stopped under ptrace (being checkpointed).
- * Kept pages stay referenced until UNPIN with the same tag, or until kexec.
+ * of process pid, which must be stopped under ptrace (being checkpointed)
+ * unless PPP_PIN_RUNNING. Kept pages stay referenced until UNPIN with the
+ * same tag, or until kexec.
  */
 struct ppp_pin {
 	__u32 pid;
@@ -155,12 +171,35 @@ struct ppp_list_run {
  * guard references of PPP_MAP_GUARD and the pins are dropped.
  */
 #define PPP_IOC_RELEASE		_IO(PPP_IOC_MAGIC, 5)
+/* 6 was CHECKSUM (ABI 1): PPP_PIN_RUNNING took its place. */
+
 /*
- * Takes a struct ppp_pin (tag and flags ignored) of a process that may run:
- * each present page's pfn and crc (why PPP_KEPT) or PPP_NOT_PRESENT; pins
- * nothing. Checksums taken before the freeze: the frozen window then pays
- * only for the pages written since.
+ * The page addresses the kernel writes into when the threads of process pid
+ * (stopped under ptrace) exit: clear_child_tid words and robust futex lists.
+ * Such pages cannot stay in place (the checkpointed process is killed after
+ * its pages were pinned). More than nr: ENOSPC, nr then says how many.
  */
-#define PPP_IOC_CHECKSUM	_IOWR(PPP_IOC_MAGIC, 6, struct ppp_pin)
+struct ppp_exit_writes {
+	__u32 pid;
+	__u32 nr;		/* in: room at addrs; out: how many */
+	__u64 addrs;		/* user pointer to __u64[nr], ascending */
+};
+#define PPP_IOC_EXIT_WRITES	_IOWR(PPP_IOC_MAGIC, 7, struct ppp_exit_writes)
+
+/*
+ * Ends the provisional state of the pins of the processes pids[], each of
+ * which was pinned with PPP_PIN_RUNNING and must now be stopped under
+ * ptrace; the pins of drop[] are let go (pages unmapped or moved since).
+ * Once no process is provisional, the tag's pins are the checkpoint's.
+ */
+struct ppp_confirm {
+	__u64 tag;
+	__u64 pids;		/* user pointer to __u32 pid[nr_pids] */
+	__u64 drop;		/* user pointer to __u64 pfn[nr_drop] */
+	__u64 nr_drop;
+	__u32 nr_pids;
+	__u32 pad;
+};
+#define PPP_IOC_CONFIRM		_IOW(PPP_IOC_MAGIC, 8, struct ppp_confirm)
 
 #endif /* _UAPI_KUP_PPP_H */

@@ -66,6 +66,8 @@ stage_a() {
     refused "no module for the new kernel" "no ppp.ko for the new kernel $kb" update_ppp "$line"
     mv /tmp/ppp.ko.b /lib/modules/$kb/extra/ppp.ko
     refused "pinning a running process" "not stopped by CRIU" kup ppp pin --pid "$mc"
+    # Pins taken while it runs (as before a freeze) cannot become a checkpoint's, and go with kup.
+    refused "confirming the pins of a running process" "not stopped by CRIU" kup ppp pin --running --pid "$mc"
 
     # Everything in order: the default (no --ppp) is PPP, and the dry run says so.
     out=$(kup update --dry-run --kernel /boot/vmlinuz-b --initrd /boot/initrd --append "$line" --store ram --pid "$mc" \

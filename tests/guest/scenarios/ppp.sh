@@ -56,9 +56,9 @@ stage_b() {
         fail "the module still keeps checkpoint pages after a healthy resume: $(kup ppp status | tail -n 1)"
     # What verification cost: CRCs taken while memcached ran, and those taken while it was frozen.
     line=$(kup status | grep '^  ppp: ') || fail "the update record does not say what PPP did"
-    checksum_ms=$(echo "$line" | sed -n 's/.*CRCs \([0-9.]*\) ms while running.*/\1/p')
+    checksum_ms=$(echo "$line" | sed -n 's/.*pins and CRCs \([0-9.]*\) ms while running.*/\1/p')
     crc_frozen=$(echo "$line" | sed -n 's/.* \([0-9]*\) pages while frozen.*/\1/p')
-    pin_ms=$(echo "$line" | sed -n 's/.*pinning \([0-9.]*\) ms.*/\1/p')
+    pin_ms=$(echo "$line" | sed -n 's/.*frozen part \([0-9.]*\) ms.*/\1/p')
     figure checksum_ms "$checksum_ms"
     figure crc_frozen "$crc_frozen"
     figure pin_ms "$pin_ms"

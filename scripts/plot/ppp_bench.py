@@ -1,0 +1,49 @@
+"""Fig. 7 of the KUP paper from ppp-bench's table (tests/guest/scenarios/ppp-bench.sh): frozen time
+and outage against the working set, for plain CRIU, FOAM 1-pass, FOAM 2-pass and PPP.
+
+    ppp_bench.py TABLE OUTDIR  ->  OUTDIR/ppp-fig7.png
+"""
+import sys
+
+import matplotlib.pyplot as plt
+
+SERIES = [("criu", "plain CRIU (tmpfs)"), ("foam1", "FOAM 1-pass"), ("foam2", "FOAM 2-pass"), ("ppp", "PPP")]
+
+
+def read(path):
+    rows = []
+    with open(path) as f:
+        lines = [l.split("|") for l in f if l.strip()]
+    head = [c.split() for c in lines[0]]
+    names = [n for cols in head for n in cols]
+    for l in lines[1:]:
+        vals = [v for cols in l for v in cols.split()]
+        rows.append(dict(zip(names, vals)))
+    return rows
+
+
+def num(v):
+    return None if v in ("-", "") else float(v)
+
+
+def main(table, outdir):
+    rows = read(table)
+    w = [num(r["W_MiB"]) for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, what, title in ((axes[0], "fz", "frozen time"), (axes[1], "out", "outage")):
+        for key, label in SERIES:
+            pts = [(x, num(r[f"{key}_{what}"])) for x, r in zip(w, rows) if num(r[f"{key}_{what}"]) is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] / 1000 for p in pts], marker="o", label=label)
+        ax.set_xlabel("working set (MiB), 50% written during the pre-dump")
+        ax.set_ylabel("seconds")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("kup: Fig. 7 in the QEMU guest under TCG (compare within the run)")
+    fig.tight_layout()
+    fig.savefig(f"{outdir}/ppp-fig7.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -374,8 +374,8 @@ impl Pinned {
     }
 }
 
-/// Pins every present page of `pid`'s private mappings in `[start, end)` ranges (`ranges`, or all
-/// present runs), with `flags` (ppp_abi::PIN_*), appending to `out`.
+/// Pins the present pages of `pid` in the `[start, end)` `ranges`, with `flags`
+/// (ppp_abi::PIN_*), appending to `out`.
 fn pin_ranges(dev: &Device, pid: u32, tag: u64, flags: u32, ranges: &[(u64, u64)], out: &mut Pinned) -> Result<()> {
     let mut pages = vec![Page::default(); PIN_CHUNK];
     for &(start, end) in ranges {
@@ -403,13 +403,13 @@ fn pin_ranges(dev: &Device, pid: u32, tag: u64, flags: u32, ranges: &[(u64, u64)
     Ok(())
 }
 
-/// A checkpoint's pins of one process, from its first pass (while it runs) to the frozen one.
+/// A checkpoint's pins of one process, from the pass while it runs to the frozen one.
 pub struct PinState {
     pub pins: Pinned,
     /// PFNs whose entries were dropped (written or unmapped since); still pinned.
     dropped: Vec<u64>,
-    /// PFNs pinned again by a later pass, and where: such a PFN may be both dropped (at its old
-    /// address) and kept (mremap moved it).
+    /// PFNs pinned again by the frozen pass, and where: such a PFN may be both dropped (at its
+    /// old address) and kept (mremap moved it).
     again: std::collections::HashMap<u64, Vec<u64>>,
 }
 
@@ -425,8 +425,8 @@ impl PinState {
     }
 
     /// The final pass, with the process frozen: the pages the final dump found present
-    /// (`unsent`: CRIU sent no data for them) keep their pins unless `written` since the last
-    /// pass, or the kernel writes them at exit; those are pinned again now, with their CRCs.
+    /// (`unsent`: CRIU sent no data for them) keep their pins unless `written` since the pins,
+    /// or the kernel writes them at exit; those are pinned again now, with their CRCs.
     /// Returns the pins and the PFNs no longer wanted, for [`Device::confirm`].
     pub fn settle(mut self, dev: &Device, tag: u64, crc: bool, unsent: &foam_store::ranges::RangeMap, written: &foam_store::ranges::RangeMap) -> Result<(Pinned, Vec<u64>)> {
         let pid = self.pins.pid;

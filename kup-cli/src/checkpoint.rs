@@ -288,7 +288,7 @@ struct Passes {
     previous: BTreeMap<Target, RangeMap>,
     /// PPP: each process's pins taken while it ran (the frozen pass takes them over), and how
     /// long those and their CRCs took.
-    ppp_pre: parking_lot::Mutex<BTreeMap<u32, crate::ppp::PinState>>,
+    ppp_pre: parking_lot::Mutex<BTreeMap<u32, crate::ppp::Pinned>>,
     /// PPP: each process's pages written since its pins, found (and their soft-dirty bits
     /// reset, so that CRIU sends none of them) when the final dump opens its pages stream.
     ppp_dirty: parking_lot::Mutex<BTreeMap<u32, RangeMap>>,
@@ -336,11 +336,11 @@ fn pre_dumps(sh: &Shared<'_>, p: &Process, name: &str, ticket: &mut Ticket<'_>) 
 fn ppp_prepass(ppp: &PppRun, p: &Process, ps: &mut Passes) -> Result<()> {
     let t = Instant::now();
     for pid in p.tree() {
-        std::fs::write(format!("/proc/{pid}/clear_refs"), "4").map_err(|e| format!("resetting the soft-dirty bits of process {pid}: {e}"))?;
-        let st = crate::ppp::PinState::running(&ppp.dev, pid, ppp.tag, ppp.crc)?;
+        crate::ppp::reset_soft_dirty(pid)?;
+        let pins = crate::ppp::pin_running(&ppp.dev, pid, ppp.tag, ppp.crc)?;
         let foam = ps.spaces.get_or_create(Target::Pid(pid))?;
-        ps.ppp_precopied.insert(pid, crate::ppp::copy_pages(pid, &foam, &crate::ppp::refused_ranges(&st.pins), true)?);
-        ps.ppp_pre.get_mut().insert(pid, st);
+        ps.ppp_precopied.insert(pid, crate::ppp::copy_pages(pid, &foam, &crate::ppp::refused_ranges(&pins), true)?);
+        ps.ppp_pre.get_mut().insert(pid, pins);
     }
     ps.ppp_checksum_ms = report::ms(t.elapsed());
     Ok(())
@@ -477,7 +477,7 @@ fn pin_app(p: &PppRun, ps: &Passes, app_dir: &Path, session: &mut SessionReport)
     let named: Vec<u32> = session.targets.keys().filter_map(|t| if let Target::Pid(pid) = t { Some(*pid) } else { None }).collect();
     for (pid, pre) in &pre_pins {
         if !named.contains(pid) {
-            stale.extend(pre.every_pfn());
+            stale.extend(pre.entries.iter().map(|e| e.pfn));
         }
     }
     for (t, tr) in session.targets.iter_mut() {
@@ -494,7 +494,7 @@ fn pin_app(p: &PppRun, ps: &Passes, app_dir: &Path, session: &mut SessionReport)
         for r in tr.ranges.iter() {
             changed.insert(r.start, r.end, r.flags);
         }
-        let (pinned, gone) = pre.settle(&p.dev, p.tag, p.crc, &tr.unsent, &changed)?;
+        let (pinned, gone) = crate::ppp::settle_frozen(&p.dev, pre, p.tag, p.crc, &tr.unsent, &changed)?;
         stale.extend(gone);
         parts[0] += report::ms(step.elapsed());
         crc_frozen += pinned.crc_frozen;

@@ -4,8 +4,8 @@
 //! The arena is the kernel command line's `memmap=SIZE$START` reservation, hot-added by ppp.ko as
 //! movable memory on every boot (`kup ppp attach`, or `kup resume` on the new kernel). Before the
 //! final dump, while the apps run, every present page of theirs gets a provisional reference and
-//! a CRC ([`PinState::running`]); with the apps frozen, the pages written since get theirs again
-//! ([`PinState::settle`]), and every kept page's PFN and CRC go into a PFN list per process in the
+//! a CRC ([`pin_running`]); with the apps frozen, the pages written since get theirs again
+//! ([`settle_frozen`]), and every kept page's PFN and CRC go into a PFN list per process in the
 //! checkpoint ([`write_list`]); pages PPP cannot keep (outside the arena, shared, not anonymous)
 //! go the FOAM way. On the new kernel the arena comes
 //! online with those PFNs held back, and restore maps them into the restored processes before
@@ -322,16 +322,15 @@ pub fn pin_for_test(pid: u32, running: bool) -> Result<()> {
     let dev = open()?;
     let tag = tag(&format!("kup ppp pin {pid}"));
     if running {
-        let st = PinState::running(&dev, pid, tag, false)?;
-        println!("pinned {} pages of the running process {pid} provisionally", st.pins.entries.len());
+        let pins = pin_running(&dev, pid, tag, false)?;
+        println!("pinned {} pages of the running process {pid} provisionally", pins.entries.len());
         return dev.confirm(tag, &[pid], &[]).map_err(|e| match e.raw_os_error() {
             Some(libc::EPERM) => format!("confirming the pins of process {pid}: it is not stopped by CRIU (only a process being checkpointed can be pinned); the module drops them as kup exits").into(),
             _ => format!("confirming the pins of process {pid}: {e}").into(),
         });
     }
     let mut pinned = Pinned { pid, ..Pinned::default() };
-    let runs: Vec<(u64, u64)> = present_runs(pid)?.into_iter().map(|(s, n)| (s, s + n * PAGE)).collect();
-    let pinned = pin_ranges(&dev, pid, tag, 0, &runs, &mut pinned).map(|()| pinned);
+    let pinned = pin_ranges(&dev, pid, tag, 0, &present_runs(pid)?, &mut pinned).map(|()| pinned);
     let _ = dev.unpin(tag);
     let p = pinned?;
     println!("pinned {} pages of process {pid} (and unpinned them)", p.entries.len());
@@ -403,80 +402,34 @@ fn pin_ranges(dev: &Device, pid: u32, tag: u64, flags: u32, ranges: &[(u64, u64)
     Ok(())
 }
 
-/// A checkpoint's pins of one process, from the pass while it runs to the frozen one.
-pub struct PinState {
-    pub pins: Pinned,
-    /// PFNs whose entries were dropped (written or unmapped since); still pinned.
-    dropped: Vec<u64>,
-    /// PFNs pinned again by the frozen pass, and where: such a PFN may be both dropped (at its
-    /// old address) and kept (mremap moved it).
-    again: std::collections::HashMap<u64, Vec<u64>>,
+/// Pins every present page of `pid`'s private mappings while it runs, after its soft-dirty bits
+/// were reset (with their CRCs when `crc`). The pins are provisional: the module drops them all
+/// if kup ends before [`Device::confirm`].
+pub fn pin_running(dev: &Device, pid: u32, tag: u64, crc: bool) -> Result<Pinned> {
+    let mut pins = Pinned { pid, ..Pinned::default() };
+    pin_ranges(dev, pid, tag, ppp_abi::PIN_RUNNING | crc_flag(crc), &present_runs(pid)?, &mut pins)?;
+    Ok(pins)
 }
 
-impl PinState {
-    /// Pins every present page of `pid`'s private mappings while it runs, after its soft-dirty
-    /// bits were reset (with their CRCs when `crc`). The pins are provisional: the module drops
-    /// them all if kup ends before [`Device::confirm`].
-    pub fn running(dev: &Device, pid: u32, tag: u64, crc: bool) -> Result<PinState> {
-        let mut pins = Pinned { pid, ..Pinned::default() };
-        let runs: Vec<(u64, u64)> = present_runs(pid)?.into_iter().map(|(s, n)| (s, s + n * PAGE)).collect();
-        pin_ranges(dev, pid, tag, ppp_abi::PIN_RUNNING | crc_flag(crc), &runs, &mut pins)?;
-        Ok(PinState { pins, dropped: vec![], again: Default::default() })
+/// The final pins of the frozen process, from those taken while it ran (`pre`): the pages the
+/// final dump found present (`unsent`: CRIU sent no data for them) keep their pins unless
+/// `written` since, or the kernel writes them at exit; those are pinned again now, with their
+/// CRCs. Returns the pins and the PFNs no longer wanted, for [`Device::confirm`].
+pub fn settle_frozen(dev: &Device, pre: Pinned, tag: u64, crc: bool, unsent: &foam_store::ranges::RangeMap, written: &foam_store::ranges::RangeMap) -> Result<(Pinned, Vec<u64>)> {
+    let pid = pre.pid;
+    let exit = dev.exit_writes(pid).map_err(|e| match e.raw_os_error() {
+        Some(libc::EPERM) => format!("pinning process {pid}: it is not stopped by CRIU"),
+        _ => format!("process {pid}: reading the addresses its threads' exit writes: {e}"),
+    })?;
+    let mut changed = written.clone();
+    for a in &exit {
+        changed.insert(*a, a + PAGE, 0);
     }
-
-    /// The final pass, with the process frozen: the pages the final dump found present
-    /// (`unsent`: CRIU sent no data for them) keep their pins unless `written` since the pins,
-    /// or the kernel writes them at exit; those are pinned again now, with their CRCs.
-    /// Returns the pins and the PFNs no longer wanted, for [`Device::confirm`].
-    pub fn settle(mut self, dev: &Device, tag: u64, crc: bool, unsent: &foam_store::ranges::RangeMap, written: &foam_store::ranges::RangeMap) -> Result<(Pinned, Vec<u64>)> {
-        let pid = self.pins.pid;
-        let exit = dev.exit_writes(pid).map_err(|e| match e.raw_os_error() {
-            Some(libc::EPERM) => format!("pinning process {pid}: it is not stopped by CRIU"),
-            _ => format!("process {pid}: reading the addresses its threads' exit writes: {e}"),
-        })?;
-        let mut changed = written.clone();
-        for a in &exit {
-            changed.insert(*a, a + PAGE, 0);
-        }
-        let changed: Vec<(u64, u64)> = changed.iter().map(|r| (r.start, r.end)).collect();
-        let crc_frozen = self.pass(dev, tag, ppp_abi::PIN_REPIN | crc_flag(crc), unsent, &changed)?;
-        self.pins.crc_frozen = if crc { crc_frozen } else { 0 };
-        let stale = self.stale();
-        Ok((self.pins, stale))
-    }
-
-    /// Pins `changed` again with `flags` and merges them in; returns how many it kept.
-    fn pass(&mut self, dev: &Device, tag: u64, flags: u32, present: &foam_store::ranges::RangeMap, changed: &[(u64, u64)]) -> Result<u64> {
-        let mut now = Pinned { pid: self.pins.pid, ..Pinned::default() };
-        pin_ranges(dev, self.pins.pid, tag, flags, changed, &mut now)?;
-        for e in &now.entries {
-            self.again.entry(e.pfn).or_default().push(e.vaddr);
-        }
-        let kept = now.entries.len() as u64;
-        let pins = std::mem::take(&mut self.pins);
-        let (pins, dropped) = merge_pins(pins, now, present, changed);
-        self.pins = pins;
-        self.dropped.extend(dropped);
-        Ok(kept)
-    }
-
-    /// Every PFN it pins (for a process the final dump did not name).
-    pub fn every_pfn(&self) -> Vec<u64> {
-        let mut all: Vec<u64> = self.pins.entries.iter().map(|e| e.pfn).chain(self.dropped.iter().copied()).collect();
-        all.sort_unstable();
-        all.dedup();
-        all
-    }
-
-    /// The dropped PFNs that no entry keeps (one pinned again elsewhere is kept).
-    fn stale(&self) -> Vec<u64> {
-        let entries = &self.pins.entries;
-        let kept_at = |pfn: u64, va: u64| entries.binary_search_by_key(&va, |e| e.vaddr).is_ok_and(|i| entries[i].pfn == pfn);
-        let mut stale: Vec<u64> = self.dropped.iter().copied().filter(|pfn| !self.again.get(pfn).is_some_and(|vas| vas.iter().any(|va| kept_at(*pfn, *va)))).collect();
-        stale.sort_unstable();
-        stale.dedup();
-        stale
-    }
+    let changed: Vec<(u64, u64)> = changed.iter().map(|r| (r.start, r.end)).collect();
+    let mut now = Pinned { pid, ..Pinned::default() };
+    pin_ranges(dev, pid, tag, ppp_abi::PIN_REPIN | crc_flag(crc), &changed, &mut now)?;
+    now.crc_frozen = if crc { now.entries.len() as u64 } else { 0 };
+    Ok(merge_pins(pre, now, unsent, &changed))
 }
 
 fn crc_flag(crc: bool) -> u32 {
@@ -487,9 +440,10 @@ fn crc_flag(crc: bool) -> u32 {
     }
 }
 
-/// A pass's bookkeeping: `pre`'s pages in `present` and outside `changed`, with `now`'s (both
-/// in address order), and the PFNs of the entries it dropped. In place and linear: it runs while
-/// the app is frozen, over every page it has.
+/// [`settle_frozen`]'s bookkeeping: `pre`'s pages in `present` and outside `changed`, with
+/// `now`'s (both in address order), and the PFNs of `pre`'s dropped entries that `now` does not
+/// keep (a page written in place, or moved by mremap, keeps its frame). In place and linear: it
+/// runs while the app is frozen, over every page it has.
 fn merge_pins(mut pre: Pinned, now: Pinned, present: &foam_store::ranges::RangeMap, changed: &[(u64, u64)]) -> (Pinned, Vec<u64>) {
     let present: Vec<(u64, u64)> = present.iter().map(|r| (r.start, r.end)).collect();
     // Whether each address (ascending) lies in sorted, disjoint [start, end) ranges.
@@ -513,9 +467,13 @@ fn merge_pins(mut pre: Pinned, now: Pinned, present: &foam_store::ranges::RangeM
     });
     let (mut u, mut c) = (Cursor(&present, 0), Cursor(changed, 0));
     pre.refused.retain(|(va, _)| u.has(*va) && !c.has(*va));
+    let again: std::collections::HashSet<u64> = now.entries.iter().map(|e| e.pfn).collect();
+    let mut stale: Vec<u64> = dropped.into_iter().filter(|pfn| !again.contains(pfn)).collect();
+    stale.sort_unstable();
     merge_into(&mut pre.entries, now.entries, |e| e.vaddr);
     merge_into(&mut pre.refused, now.refused, |r| r.0);
-    (pre, dropped)
+    pre.crc_frozen = now.crc_frozen;
+    (pre, stale)
 }
 
 /// Merges `b` into `a`, both in ascending `key` order, from the back: no copy of `a`.
@@ -584,11 +542,17 @@ pub fn take_soft_dirty(pid: u32) -> Result<foam_store::ranges::RangeMap> {
     if let Some((s, e)) = run {
         dirty.insert(s, e, foam_store::protocol::PE_PRESENT);
     }
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "4").map_err(|e| format!("resetting the soft-dirty bits of process {pid}: {e}"))?;
+    reset_soft_dirty(pid)?;
     Ok(dirty)
 }
 
-/// Runs (start, pages) of present pages of `pid`'s private mappings, each within one mapping.
+/// Resets the soft-dirty bits of `pid`'s pages (and write-protects them, so the next write to
+/// each sets its bit again).
+pub fn reset_soft_dirty(pid: u32) -> Result<()> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "4").map_err(|e| format!("resetting the soft-dirty bits of process {pid}: {e}").into())
+}
+
+/// Runs [start, end) of present pages of `pid`'s private mappings, each within one mapping.
 fn present_runs(pid: u32) -> Result<Vec<(u64, u64)>> {
     let mut runs: Vec<(usize, u64, u64)> = vec![];
     each_pagemap_word(pid, |m, va, w| {
@@ -600,7 +564,7 @@ fn present_runs(pid: u32) -> Result<Vec<(u64, u64)>> {
             _ => runs.push((m, va, 1)),
         }
     })?;
-    Ok(runs.into_iter().map(|(_, s, c)| (s, c)).collect())
+    Ok(runs.into_iter().map(|(_, s, c)| (s, s + c * PAGE)).collect())
 }
 
 /// [start, end) of the private mappings of a /proc/PID/maps text, but the kernel's own.
@@ -908,7 +872,6 @@ mod tests {
         let kept = |i: u64, pfn: u64, crc: u32| KeptPage { vaddr: va(i), pfn, crc };
         // Pinned while running: pages 0..8, page 8 not in the arena.
         let pre = Pinned { pid: 7, entries: (0..8).map(|i| kept(i, 100 + i, i as u32)).collect(), refused: vec![(va(8), Why::NotArena)], crc_frozen: 0 };
-        let mut st = PinState { pins: pre, dropped: vec![], again: Default::default() };
         // The final dump: pages 0, 1, 6, 8 and 9 present; 2, 3 and 9 written since (mremap moved
         // page 7 to 9, frame and all); 4, 5 and 7 unmapped; page 0 is where a thread's exit writes go.
         let mut unsent = foam_store::ranges::RangeMap::new();
@@ -919,18 +882,13 @@ mod tests {
         // Pinned again while frozen: page 2 in place (a new CRC), 3 in a new frame, 9 the frame
         // pinned as page 7 (kept without another reference), 0 refused.
         let now = Pinned { pid: 7, entries: vec![kept(2, 102, 0xa2), kept(3, 200, 0xa3), kept(9, 107, 7)], refused: vec![(va(0), Why::ExitWrite)], crc_frozen: 3 };
-        for e in &now.entries {
-            st.again.entry(e.pfn).or_default().push(e.vaddr);
-        }
-        let (pins, dropped) = merge_pins(std::mem::take(&mut st.pins), now, &unsent, &changed);
-        st.pins = pins;
-        st.dropped.extend(dropped);
-        assert_eq!(st.pins.entries, vec![kept(1, 101, 1), kept(2, 102, 0xa2), kept(3, 200, 0xa3), kept(6, 106, 6), kept(9, 107, 7)]);
-        assert_eq!(st.pins.refused, vec![(va(0), Why::ExitWrite), (va(8), Why::NotArena)]);
+        let (pins, stale) = merge_pins(pre, now, &unsent, &changed);
+        assert_eq!(pins.entries, vec![kept(1, 101, 1), kept(2, 102, 0xa2), kept(3, 200, 0xa3), kept(6, 106, 6), kept(9, 107, 7)]);
+        assert_eq!(pins.refused, vec![(va(0), Why::ExitWrite), (va(8), Why::NotArena)]);
         // Page 0 (exit writes), page 3's old frame and the unmapped 4 and 5; not 102 (written in
         // place) or 107 (moved to page 9).
-        assert_eq!(st.stale(), vec![100, 103, 104, 105]);
-        assert_eq!(st.every_pfn(), vec![100, 101, 102, 103, 104, 105, 106, 107, 200]);
+        assert_eq!(stale, vec![100, 103, 104, 105]);
+        assert_eq!(pins.crc_frozen, 3);
         let mut a = vec![1, 4, 6, 9];
         merge_into(&mut a, vec![0, 5, 10], |x| *x);
         assert_eq!(a, vec![0, 1, 4, 5, 6, 9, 10]);

@@ -6,9 +6,11 @@
  * driver-managed, movable memory, so that applications' pages land there.
  * At checkpoint, with the applications stopped by CRIU, their private
  * anonymous pages in the arena get a reference (PIN) and kup records their
- * PFNs. The arena survives kexec untouched: kexec_file_load never places
- * segments in driver-managed memory and the new kernel boots with the same
- * memmap=. On the new kernel the arena is hot-added again with the recorded
+ * PFNs. Pins taken while they still run are kept current by WRITTEN, which
+ * reports and resets the soft-dirty bits of the pages written since, race-free
+ * under the page-table locks. The arena survives kexec untouched:
+ * kexec_file_load never places segments in driver-managed memory and the new
+ * kernel boots with the same memmap=. On the new kernel the arena is hot-added again with the recorded
  * PFNs held back from the page allocator (ATTACH), and MAP inserts them into
  * holes of the restored process with migrate_vma, as ordinary anonymous
  * pages: nothing is copied.
@@ -41,6 +43,7 @@
 #include <linux/miscdevice.h>
 #include <linux/mm.h>
 #include <linux/mmap_lock.h>
+#include <linux/mmu_notifier.h>
 #include <linux/module.h>
 #include <linux/sched/mm.h>
 #include <linux/sched/signal.h>
@@ -48,6 +51,8 @@
 #include <linux/sort.h>
 #include <linux/uaccess.h>
 #include <linux/vmalloc.h>
+
+#include <asm/tlbflush.h>
 
 #include "include/uapi/kup_ppp.h"
 
@@ -934,6 +939,24 @@ static int copy_into(struct mm_struct *mm, unsigned long addr,
 	return 0;
 }
 
+/* The PMD entry of addr in mm, if the levels above it are present. */
+static pmd_t *find_pmd(struct mm_struct *mm, unsigned long addr)
+{
+	pgd_t *pgd = pgd_offset(mm, addr);
+	p4d_t *p4d;
+	pud_t *pud;
+
+	if (pgd_none(*pgd) || pgd_bad(*pgd))
+		return NULL;
+	p4d = p4d_offset(pgd, addr);
+	if (p4d_none(*p4d) || p4d_bad(*p4d))
+		return NULL;
+	pud = pud_offset(p4d, addr);
+	if (pud_none(*pud) || pud_bad(*pud))
+		return NULL;
+	return pmd_offset(pud, addr);
+}
+
 /*
  * Keeps the mapped page at addr as it is until RELEASE: its PTE becomes
  * read-only and the page no longer exclusive to the process, and the module
@@ -944,25 +967,13 @@ static int copy_into(struct mm_struct *mm, unsigned long addr,
 static bool guard_page(struct mm_struct *mm, unsigned long addr,
 		       unsigned long pfn)
 {
-	pgd_t *pgd = pgd_offset(mm, addr);
+	pmd_t *pmd = find_pmd(mm, addr);
 	struct page *page = pfn_to_page(pfn);
 	bool done = false;
 	spinlock_t *ptl;
-	p4d_t *p4d;
-	pud_t *pud;
-	pmd_t *pmd;
 	pte_t *pte;
 
-	if (pgd_none(*pgd) || pgd_bad(*pgd))
-		return false;
-	p4d = p4d_offset(pgd, addr);
-	if (p4d_none(*p4d) || p4d_bad(*p4d))
-		return false;
-	pud = pud_offset(p4d, addr);
-	if (pud_none(*pud) || pud_bad(*pud))
-		return false;
-	pmd = pmd_offset(pud, addr);
-	if (pmd_none(*pmd) || pmd_trans_huge(*pmd) || pmd_bad(*pmd))
+	if (!pmd || pmd_none(*pmd) || pmd_trans_huge(*pmd) || pmd_bad(*pmd))
 		return false;
 	pte = pte_offset_map_lock(mm, pmd, addr, &ptl);
 	if (pte_present(*pte) && pte_pfn(*pte) == pfn && PageAnon(page)) {
@@ -1145,6 +1156,140 @@ out:
 	return ret;
 }
 
+/* Sets bits [first, first + nr) of a WRITTEN bitmap. */
+static void mark_written(unsigned long *bits, u64 first, u64 nr, u64 *count)
+{
+	bitmap_set(bits, first, nr);
+	*count += nr;
+}
+
+/*
+ * WRITTEN over [addr, end) of one private VMA, within one PMD. Returns whether
+ * a page table entry was reset (then the TLBs must be flushed).
+ */
+static bool take_written_pmd(struct vm_area_struct *vma, unsigned long addr,
+			     unsigned long end, unsigned long start,
+			     unsigned long *bits, u64 *count)
+{
+	bool all = vma->vm_flags & VM_SOFTDIRTY, reset = false;
+	pmd_t *pmd = find_pmd(vma->vm_mm, addr);
+	spinlock_t *ptl;
+	pmd_t pmdval;
+	pte_t *pte, *first;
+
+	if (!pmd)
+		return false;
+	pmdval = READ_ONCE(*pmd);
+	if (pmd_none(pmdval))
+		return false;
+	if (!pmd_present(pmdval) || pmd_trans_huge(pmdval) ||
+	    pmd_devmap(pmdval)) {
+		/*
+		 * A huge page (or one being migrated): written if its bit says
+		 * so, which stays set (resetting it needs pmdp_invalidate()).
+		 */
+		if (all || !pmd_present(pmdval) || pmd_soft_dirty(pmdval))
+			mark_written(bits, (addr - start) >> PAGE_SHIFT,
+				     (end - addr) >> PAGE_SHIFT, count);
+		return false;
+	}
+	if (pmd_bad(pmdval))
+		return false;
+	first = pte_offset_map_lock(vma->vm_mm, pmd, addr, &ptl);
+	for (pte = first; addr < end; addr += PAGE_SIZE, pte++) {
+		pte_t old = *pte, new;
+
+		if (!pte_present(old) || !(all || pte_soft_dirty(old)))
+			continue;
+		mark_written(bits, (addr - start) >> PAGE_SHIFT, 1, count);
+		if (!pte_soft_dirty(old))
+			continue;
+		/* As clear_refs does: a page pinned for DMA stays writable. */
+		if (pte_write(old) && !pte_special(old) &&
+		    page_maybe_dma_pinned(pte_page(old)))
+			continue;
+		/* Write-protected, so that the next write sets the bit again. */
+		old = ptep_modify_prot_start(vma, addr, pte);
+		new = pte_clear_soft_dirty(pte_wrprotect(old));
+		ptep_modify_prot_commit(vma, addr, pte, old, new);
+		reset = true;
+	}
+	pte_unmap_unlock(first, ptl);
+	return reset;
+}
+
+static void flush_tlb_this_cpu(void *unused)
+{
+	__flush_tlb_all();
+}
+
+static long ppp_written(void __user *arg)
+{
+	struct ppp_written req;
+	struct vma_iterator vmi;
+	struct vm_area_struct *vma;
+	struct task_struct *task;
+	unsigned long *bits;
+	struct mm_struct *mm;
+	unsigned long end;
+	bool reset = false;
+	u64 count = 0;
+	long ret = 0;
+	int err = 0;
+
+	if (copy_from_user(&req, arg, sizeof(req)))
+		return -EFAULT;
+	if (!user_range_ok(req.start, req.nr_pages) ||
+	    req.nr_pages > PPP_WRITTEN_MAX_PAGES ||
+	    req.start + (req.nr_pages << PAGE_SHIFT) > TASK_SIZE_MAX)
+		return -EINVAL;
+	end = req.start + (req.nr_pages << PAGE_SHIFT);
+	mm = find_mm(req.pid, false, &task, &err);
+	if (!mm)
+		return err;
+	put_task_struct(task);
+	if (mm_has_notifiers(mm)) {
+		mmput(mm);
+		return -EOPNOTSUPP;
+	}
+	bits = kvcalloc(BITS_TO_LONGS(req.nr_pages), sizeof(long), GFP_KERNEL);
+	if (!bits) {
+		mmput(mm);
+		return -ENOMEM;
+	}
+	mmap_read_lock(mm);
+	vma_iter_init(&vmi, mm, req.start);
+	for_each_vma_range(vmi, vma, end) {
+		unsigned long a = max_t(unsigned long, vma->vm_start, req.start);
+		unsigned long e = min(vma->vm_end, end), next;
+
+		if (vma->vm_flags & (VM_SHARED | VM_IO | VM_PFNMAP))
+			continue;
+		for (; a < e; a = next) {
+			next = pmd_addr_end(a, e);
+			reset |= take_written_pmd(vma, a, next, req.start, bits,
+						  &count);
+			cond_resched();
+		}
+	}
+	/*
+	 * A CPU may still hold a writable TLB entry of a page just reset, and
+	 * write it without a fault: flush them all before the caller reads the
+	 * pages (no per-mm flush is exported to modules).
+	 */
+	if (reset)
+		on_each_cpu(flush_tlb_this_cpu, NULL, 1);
+	mmap_read_unlock(mm);
+	mmput(mm);
+	req.nr_written = count;
+	if (copy_to_user(u64_to_user_ptr(req.bitmap), bits,
+			 DIV_ROUND_UP(req.nr_pages, 64) * sizeof(u64)) ||
+	    copy_to_user(arg, &req, sizeof(req)))
+		ret = -EFAULT;
+	kvfree(bits);
+	return ret;
+}
+
 static long ppp_release(void)
 {
 	unsigned long bit;
@@ -1194,6 +1339,8 @@ static long ppp_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		return ppp_exit_writes(uarg);
 	case PPP_IOC_CONFIRM:
 		return ppp_confirm(uarg);
+	case PPP_IOC_WRITTEN:
+		return ppp_written(uarg);
 	default:
 		return -ENOTTY;
 	}

@@ -105,6 +105,14 @@ pub struct PppPages {
     /// Kept pages checksummed while the app was frozen: those written since.
     #[serde(default)]
     pub crc_frozen: u64,
+    /// The pages written meanwhile that each pass after the first before the freeze pinned,
+    /// checksummed or copied again.
+    #[serde(default)]
+    pub catch_up: Vec<u64>,
+    /// Milliseconds finding the pages written since those passes took while frozen (before CRIU
+    /// reads the pagemap; not part of `pin_ms`).
+    #[serde(default)]
+    pub written_ms: f64,
     /// The boot that pinned them (/proc/sys/kernel/random/boot_id): on another boot they are held
     /// back and put in place, on this one they are still pinned and mapped as copies.
     #[serde(default)]

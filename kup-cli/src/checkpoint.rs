@@ -289,12 +289,17 @@ struct Passes {
     /// PPP: each process's pins taken while it ran (the frozen pass takes them over), and how
     /// long those and their CRCs took.
     ppp_pre: parking_lot::Mutex<BTreeMap<u32, crate::ppp::Pinned>>,
-    /// PPP: each process's pages written since its pins, found (and their soft-dirty bits
-    /// reset, so that CRIU sends none of them) when the final dump opens its pages stream.
+    /// PPP: each process's pages written since the passes before the freeze, found (and their
+    /// soft-dirty bits reset, so that CRIU sends none of them) when the final dump opens its pages
+    /// stream.
     ppp_dirty: parking_lot::Mutex<BTreeMap<u32, RangeMap>>,
+    /// PPP: how long finding those took (CRIU waits for it, the app frozen).
+    ppp_dirty_ms: parking_lot::Mutex<f64>,
     /// PPP: the pages it cannot keep, copied into FOAM while the app ran.
     ppp_precopied: BTreeMap<u32, foam_store::ranges::RangeMap>,
     ppp_checksum_ms: f64,
+    /// PPP: the pages written meanwhile that each pass after the first while the app ran did again.
+    ppp_catch_up: Vec<u64>,
 }
 
 /// The app's pre-dumps (it keeps running), then the wait at the final gate.
@@ -308,7 +313,7 @@ fn pre_dumps(sh: &Shared<'_>, p: &Process, name: &str, ticket: &mut Ticket<'_>) 
     }
     options.extend(sh.a.criu_options.iter().cloned());
     let mut app = App { name: name.to_string(), pid: p.pid, comm: p.comm.clone(), criu_options: options.clone(), passes: vec![], spaces: vec![], ppp: None };
-    let mut ps = Passes { spaces, staging, options, previous: BTreeMap::new(), ppp_pre: Default::default(), ppp_dirty: Default::default(), ppp_precopied: BTreeMap::new(), ppp_checksum_ms: 0.0 };
+    let mut ps = Passes { spaces, staging, options, previous: BTreeMap::new(), ppp_pre: Default::default(), ppp_dirty: Default::default(), ppp_dirty_ms: Default::default(), ppp_precopied: BTreeMap::new(), ppp_checksum_ms: 0.0, ppp_catch_up: vec![] };
     for pass in 1..sh.passes {
         let mut run = start_pass(sh, p, name, &ps, pass)?;
         let (session, waited) = run.serve(sh, &ps, None);
@@ -329,22 +334,51 @@ fn pre_dumps(sh: &Shared<'_>, p: &Process, name: &str, ticket: &mut Ticket<'_>) 
 
 /// PPP before the freeze, while the app runs: its soft-dirty bits are reset, then every present
 /// page is pinned (provisionally) and checksummed, and those it cannot keep are copied into FOAM.
-/// The final dump's frozen pass pins and checksums again the pages written since the reset (CRIU
-/// sends none of them: see `PassRun::serve`). No second pass while the app runs: reading the
-/// soft-dirty bits and resetting them are two steps, and a page first written between them would
-/// be missed.
+/// Then, in up to [`CATCH_UP_PASSES`] more passes, the pages written meanwhile are found (ppp.ko's
+/// WRITTEN, which resets their bits without missing a write) and pinned, checksummed or copied
+/// again, until few are left for the final dump's frozen pass (CRIU sends none of them: see
+/// `PassRun::serve`).
 fn ppp_prepass(ppp: &PppRun, p: &Process, ps: &mut Passes) -> Result<()> {
     let t = Instant::now();
-    for pid in p.tree() {
+    let pids = p.tree();
+    for &pid in &pids {
         crate::ppp::reset_soft_dirty(pid)?;
         let pins = crate::ppp::pin_running(&ppp.dev, pid, ppp.tag, ppp.crc)?;
         let foam = ps.spaces.get_or_create(Target::Pid(pid))?;
         ps.ppp_precopied.insert(pid, crate::ppp::copy_pages(pid, &foam, &crate::ppp::refused_ranges(&pins), true)?);
         ps.ppp_pre.get_mut().insert(pid, pins);
     }
+    let mut before = u64::MAX;
+    for _ in 0..CATCH_UP_PASSES {
+        let mut pages = 0;
+        for &pid in &pids {
+            let pins = ps.ppp_pre.get_mut().get_mut(&pid).expect("pinned above");
+            let (written, refused) = crate::ppp::catch_up(&ppp.dev, pins, ppp.tag, ppp.crc)?;
+            let foam = ps.spaces.get_or_create(Target::Pid(pid))?;
+            let precopied = ps.ppp_precopied.get_mut(&pid).expect("copied above");
+            for r in written.iter() {
+                precopied.remove(r.start, r.end);
+            }
+            for r in crate::ppp::copy_pages(pid, &foam, &refused, true)?.iter() {
+                precopied.insert(r.start, r.end, r.flags);
+            }
+            pages += written.pages();
+        }
+        ps.ppp_catch_up.push(pages);
+        // Enough when few are left, or when the app writes them again as fast as they are done.
+        if pages <= CATCH_UP_ENOUGH || pages * 2 > before {
+            break;
+        }
+        before = pages;
+    }
     ps.ppp_checksum_ms = report::ms(t.elapsed());
     Ok(())
 }
+
+/// PPP: at most this many passes after the first while the app runs, and a pass that finds at
+/// most this many pages written (2 MiB) is the last.
+const CATCH_UP_PASSES: usize = 4;
+const CATCH_UP_ENOUGH: u64 = 512;
 
 /// The final dump, held at CRIU's post-dump action until every app's is in the store. The error
 /// says what became of the app.
@@ -477,7 +511,7 @@ fn pin_app(p: &PppRun, ps: &Passes, app_dir: &Path, session: &mut SessionReport)
     let named: Vec<u32> = session.targets.keys().filter_map(|t| if let Target::Pid(pid) = t { Some(*pid) } else { None }).collect();
     for (pid, pre) in &pre_pins {
         if !named.contains(pid) {
-            stale.extend(pre.entries.iter().map(|e| e.pfn));
+            stale.extend(pre.all_frames());
         }
     }
     for (t, tr) in session.targets.iter_mut() {
@@ -489,13 +523,13 @@ fn pin_app(p: &PppRun, ps: &Passes, app_dir: &Path, session: &mut SessionReport)
             continue;
         };
         let step = Instant::now();
-        let pre = pre_pins.remove(&pid).ok_or_else(|| format!("PPP: CRIU dumped process {pid}, which was not pinned before the freeze (did the app fork?)"))?;
+        let mut pinned = pre_pins.remove(&pid).ok_or_else(|| format!("PPP: CRIU dumped process {pid}, which was not pinned before the freeze (did the app fork?)"))?;
         let mut changed = ps.ppp_dirty.lock().remove(&pid).ok_or_else(|| format!("PPP: the final dump of process {pid} did not open its pages stream"))?;
         for r in tr.ranges.iter() {
             changed.insert(r.start, r.end, r.flags);
         }
-        let (pinned, gone) = crate::ppp::settle_frozen(&p.dev, pre, p.tag, p.crc, &tr.unsent, &changed)?;
-        stale.extend(gone);
+        crate::ppp::settle_frozen(&p.dev, &mut pinned, p.tag, p.crc, &tr.unsent, &changed)?;
+        stale.extend(pinned.unused_frames());
         parts[0] += report::ms(step.elapsed());
         crc_frozen += pinned.crc_frozen;
         let step = Instant::now();
@@ -527,6 +561,8 @@ fn pin_app(p: &PppRun, ps: &Passes, app_dir: &Path, session: &mut SessionReport)
     parts[0] += report::ms(step.elapsed());
     std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut summary = crate::ppp::summary(p.arena, lists, &not_kept, report::ms(t.elapsed()), ps.ppp_checksum_ms, crc_frozen);
+    summary.catch_up = ps.ppp_catch_up.clone();
+    summary.written_ms = *ps.ppp_dirty_ms.lock();
     [summary.pinning_ms, summary.copy_ms, summary.lists_ms] = parts;
     summary.crc = p.crc;
     Ok(summary)
@@ -647,12 +683,15 @@ impl PassRun {
         let sock = self.ours.take().expect("served once");
         let (child, received, bar) = (&mut self.child, &self.received, &self.bar);
         let (spaces, previous) = (&ps.spaces, &ps.previous);
-        // PPP: the pages written since the pins are found and their soft-dirty bits reset before
-        // CRIU reads the pagemap, so CRIU sends no page data: the pins keep every page.
-        let dirty_pages = &ps.ppp_dirty;
+        // PPP: the pages written since the passes before the freeze are found and their soft-dirty
+        // bits reset before CRIU reads the pagemap, so CRIU sends no page data: the pins keep every
+        // page.
+        let (dirty_pages, dirty_ms) = (&ps.ppp_dirty, &ps.ppp_dirty_ms);
         let take_dirty = |t: Target| -> std::result::Result<(), String> {
             let Target::Pid(pid) = t else { return Ok(()) };
-            let dirty = crate::ppp::take_soft_dirty(pid).map_err(|e| e.0)?;
+            let t = Instant::now();
+            let dirty = crate::ppp::take_written(&sh.ppp.expect("PPP").dev, pid).map_err(|e| e.0)?;
+            *dirty_ms.lock() += report::ms(t.elapsed());
             // Should CRIU open a process's stream twice, the second finds the bits reset.
             let mut all = dirty_pages.lock();
             let seen = all.entry(pid).or_default();

@@ -50,7 +50,7 @@ pub fn run(store_dir: &Path, verify: bool, json: bool) -> Result<()> {
                 "apps": m.apps.iter().map(|a| serde_json::json!({
                     "name": a.name, "pid": a.pid, "pages": a.pages(), "passes": a.passes.len(),
                     "frozen_ms": a.passes.last().and_then(|p| p.criu).map(|c| c.frozen_time_us as f64 / 1e3),
-                    "ppp": a.ppp.as_ref().map(|p| serde_json::json!({ "kept": p.kept, "not_kept": p.not_kept, "pin_ms": p.pin_ms, "checksum_ms": p.checksum_ms, "crc_frozen": p.crc_frozen })),
+                    "ppp": a.ppp.as_ref().map(|p| serde_json::json!({ "kept": p.kept, "not_kept": p.not_kept, "pin_ms": p.pin_ms, "checksum_ms": p.checksum_ms, "crc_frozen": p.crc_frozen, "catch_up": p.catch_up })),
                 })).collect::<Vec<_>>(),
                 "verify": verified.as_ref().map(|v| match v { Ok(n) => serde_json::json!({"ok": true, "pages": n}), Err(e) => serde_json::json!({"ok": false, "error": e}) }),
             }));
@@ -65,9 +65,10 @@ pub fn run(store_dir: &Path, verify: bool, json: bool) -> Result<()> {
                 if let Some(p) = &a.ppp {
                     let not: Vec<String> = p.not_kept.iter().map(|(w, n)| format!("{n} {w}")).collect();
                     println!(
-                        "    PPP: {} pages kept in place; pinned and checksummed in {:.1} ms while running, then {} written since checksummed and all settled in {:.1} ms while frozen; not kept: {}",
+                        "    PPP: {} pages kept in place; pinned and checksummed in {:.1} ms while running{}, then {} written since checksummed and all settled in {:.1} ms while frozen; not kept: {}",
                         p.kept,
                         p.checksum_ms,
+                        if p.catch_up.is_empty() { String::new() } else { format!(" (again for {:?} pages written meanwhile)", p.catch_up) },
                         p.crc_frozen,
                         p.pin_ms,
                         if not.is_empty() { "none".into() } else { not.join(", ") }

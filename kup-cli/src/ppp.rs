@@ -18,6 +18,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use foam_store::manifest::{PppList, PppPages};
+use foam_store::ranges::RangeMap;
 use ppp_abi::{ListHead, ListRun, Page, Why};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -351,7 +352,7 @@ pub struct KeptPage {
 }
 
 /// What PIN kept of one process.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Pinned {
     pub pid: u32,
     /// In address order.
@@ -360,9 +361,30 @@ pub struct Pinned {
     pub refused: Vec<(u64, Why)>,
     /// Kept pages whose CRC was taken while the app was frozen (written since the pins).
     pub crc_frozen: u64,
+    /// Frames pinned for entries since dropped (written into another frame, unmapped), and the
+    /// frames of the entries re-pins added that still are entries: CONFIRM lets go of the first
+    /// but not of the second (a page written in place, or moved by mremap, keeps its frame).
+    let_go: Vec<u64>,
+    repinned: std::collections::HashSet<u64>,
 }
 
 impl Pinned {
+    /// The frames pinned for this process that no entry uses, ascending.
+    pub fn unused_frames(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.let_go.iter().copied().filter(|pfn| !self.repinned.contains(pfn)).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// All its frames, for a process the final dump did not name.
+    pub fn all_frames(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.let_go.iter().chain(self.entries.iter().map(|e| &e.pfn)).copied().collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
     /// Present pages not kept, by reason.
     pub fn not_kept(&self) -> BTreeMap<Why, u64> {
         let mut m = BTreeMap::new();
@@ -411,12 +433,27 @@ pub fn pin_running(dev: &Device, pid: u32, tag: u64, crc: bool) -> Result<Pinned
     Ok(pins)
 }
 
-/// The final pins of the frozen process, from those taken while it ran (`pre`): the pages the
+/// One more pass while the app runs, after [`pin_running`]: the pages written since the last
+/// reset of their soft-dirty bits ([`take_written`]: race-free) are pinned and checksummed again,
+/// so that the frozen pass finds fewer. Returns those pages, and those among them PIN refused
+/// (for the caller to copy again).
+pub fn catch_up(dev: &Device, pins: &mut Pinned, tag: u64, crc: bool) -> Result<(RangeMap, RangeMap)> {
+    let pid = pins.pid;
+    let written = take_written(dev, pid)?;
+    let changed: Vec<(u64, u64)> = written.iter().map(|r| (r.start, r.end)).collect();
+    let mut now = Pinned { pid, ..Pinned::default() };
+    pin_ranges(dev, pid, tag, ppp_abi::PIN_RUNNING | ppp_abi::PIN_REPIN | crc_flag(crc), &changed, &mut now)?;
+    let refused = refused_ranges(&now);
+    merge_pins(pins, now, None, &changed);
+    Ok((written, refused))
+}
+
+/// The final pins of the frozen process, from those taken while it ran (`pins`): the pages the
 /// final dump found present (`unsent`: CRIU sent no data for them) keep their pins unless
 /// `written` since, or the kernel writes them at exit; those are pinned again now, with their
-/// CRCs. Returns the pins and the PFNs no longer wanted, for [`Device::confirm`].
-pub fn settle_frozen(dev: &Device, pre: Pinned, tag: u64, crc: bool, unsent: &foam_store::ranges::RangeMap, written: &foam_store::ranges::RangeMap) -> Result<(Pinned, Vec<u64>)> {
-    let pid = pre.pid;
+/// CRCs. [`Pinned::unused_frames`] then lists the frames for [`Device::confirm`] to let go of.
+pub fn settle_frozen(dev: &Device, pins: &mut Pinned, tag: u64, crc: bool, unsent: &RangeMap, written: &RangeMap) -> Result<()> {
+    let pid = pins.pid;
     let exit = dev.exit_writes(pid).map_err(|e| match e.raw_os_error() {
         Some(libc::EPERM) => format!("pinning process {pid}: it is not stopped by CRIU"),
         _ => format!("process {pid}: reading the addresses its threads' exit writes: {e}"),
@@ -428,8 +465,9 @@ pub fn settle_frozen(dev: &Device, pre: Pinned, tag: u64, crc: bool, unsent: &fo
     let changed: Vec<(u64, u64)> = changed.iter().map(|r| (r.start, r.end)).collect();
     let mut now = Pinned { pid, ..Pinned::default() };
     pin_ranges(dev, pid, tag, ppp_abi::PIN_REPIN | crc_flag(crc), &changed, &mut now)?;
-    now.crc_frozen = if crc { now.entries.len() as u64 } else { 0 };
-    Ok(merge_pins(pre, now, unsent, &changed))
+    pins.crc_frozen = if crc { now.entries.len() as u64 } else { 0 };
+    merge_pins(pins, now, Some(unsent), &changed);
+    Ok(())
 }
 
 fn crc_flag(crc: bool) -> u32 {
@@ -440,40 +478,91 @@ fn crc_flag(crc: bool) -> u32 {
     }
 }
 
-/// [`settle_frozen`]'s bookkeeping: `pre`'s pages in `present` and outside `changed`, with
-/// `now`'s (both in address order), and the PFNs of `pre`'s dropped entries that `now` does not
-/// keep (a page written in place, or moved by mremap, keeps its frame). In place and linear: it
-/// runs while the app is frozen, over every page it has.
-fn merge_pins(mut pre: Pinned, now: Pinned, present: &foam_store::ranges::RangeMap, changed: &[(u64, u64)]) -> (Pinned, Vec<u64>) {
-    let present: Vec<(u64, u64)> = present.iter().map(|r| (r.start, r.end)).collect();
-    // Whether each address (ascending) lies in sorted, disjoint [start, end) ranges.
-    struct Cursor<'a>(&'a [(u64, u64)], usize);
-    impl Cursor<'_> {
-        fn has(&mut self, va: u64) -> bool {
-            while self.1 < self.0.len() && self.0[self.1].1 <= va {
-                self.1 += 1;
-            }
-            self.1 < self.0.len() && self.0[self.1].0 <= va
+/// Whether each address (ascending) lies in sorted, disjoint [start, end) ranges.
+struct Cursor<'a>(&'a [(u64, u64)], usize);
+
+impl Cursor<'_> {
+    fn has(&mut self, va: u64) -> bool {
+        while self.1 < self.0.len() && self.0[self.1].1 <= va {
+            self.1 += 1;
         }
+        self.1 < self.0.len() && self.0[self.1].0 <= va
     }
-    let mut dropped = vec![];
-    let (mut u, mut c) = (Cursor(&present, 0), Cursor(changed, 0));
-    pre.entries.retain(|e| {
-        let still = u.has(e.vaddr) && !c.has(e.vaddr);
+}
+
+/// The bookkeeping of a pass after the first: `pins`' entries at `changed` addresses (and, when
+/// frozen, those outside `present`, the pages still mapped) give way to `now`'s, all in address
+/// order. In place and linear, and the frames let go of are recorded (`Pinned`'s `let_go`):
+/// the frozen pass runs it over every page the app has.
+fn merge_pins(pins: &mut Pinned, now: Pinned, present: Option<&RangeMap>, changed: &[(u64, u64)]) {
+    if present.is_none_or(|p| covers_entries(p, &pins.entries)) && replace_in_place(pins, &now, changed) {
+        return;
+    }
+    let present: Option<Vec<(u64, u64)>> = present.map(|p| p.iter().map(|r| (r.start, r.end)).collect());
+    // Whether each address (ascending) stays: in `present` (if given) and not in `changed`.
+    fn stays<'a>(present: Option<&'a [(u64, u64)]>, changed: &'a [(u64, u64)]) -> impl FnMut(u64) -> bool + 'a {
+        let (mut u, mut c) = (present.map(|p| Cursor(p, 0)), Cursor(changed, 0));
+        move |va| u.as_mut().is_none_or(|u| u.has(va)) && !c.has(va)
+    }
+    let mut keep = stays(present.as_deref(), changed);
+    let Pinned { entries, refused, let_go, repinned, .. } = pins;
+    entries.retain(|e| {
+        let still = keep(e.vaddr);
         if !still {
-            dropped.push(e.pfn);
+            repinned.remove(&e.pfn);
+            let_go.push(e.pfn);
         }
         still
     });
-    let (mut u, mut c) = (Cursor(&present, 0), Cursor(changed, 0));
-    pre.refused.retain(|(va, _)| u.has(*va) && !c.has(*va));
-    let again: std::collections::HashSet<u64> = now.entries.iter().map(|e| e.pfn).collect();
-    let mut stale: Vec<u64> = dropped.into_iter().filter(|pfn| !again.contains(pfn)).collect();
-    stale.sort_unstable();
-    merge_into(&mut pre.entries, now.entries, |e| e.vaddr);
-    merge_into(&mut pre.refused, now.refused, |r| r.0);
-    pre.crc_frozen = now.crc_frozen;
-    (pre, stale)
+    let mut keep = stays(present.as_deref(), changed);
+    refused.retain(|(va, _)| keep(*va));
+    repinned.extend(now.entries.iter().map(|e| e.pfn));
+    merge_into(entries, now.entries, |e| e.vaddr);
+    merge_into(refused, now.refused, |r| r.0);
+}
+
+/// Whether every entry's address lies in `present`: the gaps between its ranges hold none (a
+/// binary search per gap).
+fn covers_entries(present: &RangeMap, entries: &[KeptPage]) -> bool {
+    let (Some(first), Some(last)) = (entries.first(), entries.last()) else { return true };
+    let ranges: Vec<(u64, u64)> = present.iter().map(|r| (r.start, r.end)).collect();
+    let gaps = std::iter::once(0).chain(ranges.iter().map(|r| r.1)).zip(ranges.iter().map(|r| r.0).chain(std::iter::once(u64::MAX)));
+    gaps.filter(|&(s, e)| s < e && e > first.vaddr && s <= last.vaddr).all(|(s, e)| entries.partition_point(|x| x.vaddr < s) == entries.partition_point(|x| x.vaddr < e))
+}
+
+/// [`merge_pins`] when `now` has an entry at exactly the addresses of `changed` that `pins` has
+/// entries at, and refused none (the pages were written in place, the usual case): the entries
+/// are replaced where they are, a binary search per range. Returns false, changing nothing, when
+/// it is not that case.
+fn replace_in_place(pins: &mut Pinned, now: &Pinned, changed: &[(u64, u64)]) -> bool {
+    let in_changed = |va: u64| changed.get(changed.partition_point(|r| r.1 <= va)).is_some_and(|r| r.0 <= va);
+    if !now.refused.is_empty() || pins.refused.iter().any(|(va, _)| in_changed(*va)) {
+        return false;
+    }
+    let span = |v: &[KeptPage], s: u64, e: u64| v.partition_point(|x| x.vaddr < s)..v.partition_point(|x| x.vaddr < e);
+    let mut spans = Vec::with_capacity(changed.len());
+    for &(s, e) in changed {
+        let (old, new) = (span(&pins.entries, s, e), span(&now.entries, s, e));
+        if old.len() != new.len() || pins.entries[old.clone()].iter().zip(&now.entries[new.clone()]).any(|(a, b)| a.vaddr != b.vaddr) {
+            return false;
+        }
+        spans.push((old, new));
+    }
+    if spans.iter().map(|(_, n)| n.len()).sum::<usize>() != now.entries.len() {
+        return false;
+    }
+    // All the frames let go of first: one may be another page's new frame.
+    for (old, _) in &spans {
+        for a in &pins.entries[old.clone()] {
+            pins.repinned.remove(&a.pfn);
+            pins.let_go.push(a.pfn);
+        }
+    }
+    for (old, new) in spans {
+        pins.entries[old].copy_from_slice(&now.entries[new]);
+    }
+    pins.repinned.extend(now.entries.iter().map(|e| e.pfn));
+    true
 }
 
 /// Merges `b` into `a`, both in ascending `key` order, from the back: no copy of `a`.
@@ -519,31 +608,42 @@ fn each_pagemap_word(pid: u32, mut f: impl FnMut(usize, u64, u64)) -> Result<()>
     Ok(())
 }
 
-/// /proc/PID/pagemap: the page was written since the soft-dirty bits were last reset.
-const PM_SOFT_DIRTY: u64 = 1 << 55;
-
 /// The present pages of `pid`'s private mappings written since its soft-dirty bits were last
-/// reset, which it then resets (the process must not run in between, or a write is missed).
-pub fn take_soft_dirty(pid: u32) -> Result<foam_store::ranges::RangeMap> {
-    let mut dirty = foam_store::ranges::RangeMap::new();
-    let mut run: Option<(u64, u64)> = None;
-    each_pagemap_word(pid, |_, va, w| {
-        if w & PM_PRESENT != 0 && w & PM_SOFT_DIRTY != 0 {
-            match &mut run {
-                Some((_, end)) if *end == va => *end += PAGE,
-                _ => {
-                    if let Some((s, e)) = run.replace((va, va + PAGE)) {
-                        dirty.insert(s, e, foam_store::protocol::PE_PRESENT);
-                    }
-                }
+/// reset, whose bits it then resets (ppp.ko's WRITTEN: race-free while the process runs).
+pub fn take_written(dev: &Device, pid: u32) -> Result<RangeMap> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| format!("/proc/{pid}/maps: {e}"))?;
+    let mut written = RangeMap::new();
+    for (start, end) in private_mappings(&maps) {
+        let nr = (end - start) / PAGE;
+        let bits = dev.written(pid, start, nr).map_err(|e| match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) => format!("process {pid}: another MMU mirrors its memory (an MMU notifier, e.g. a VM or a device), so ppp.ko cannot track its writes; checkpoint without --ppp"),
+            _ => format!("process {pid}: reading which pages were written at {start:#x}: {e}"),
+        })?;
+        for (s, e) in bit_runs(&bits, nr) {
+            written.insert(start + s * PAGE, start + e * PAGE, foam_store::protocol::PE_PRESENT);
+        }
+    }
+    Ok(written)
+}
+
+/// The runs [s, e) of set bits among the first `nr` of a bitmap (bit i of word i / 64).
+fn bit_runs(bits: &[u64], nr: u64) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = vec![];
+    for (w, &word) in bits.iter().enumerate() {
+        let mut word = word;
+        while word != 0 {
+            let i = w as u64 * 64 + u64::from(word.trailing_zeros());
+            word &= word - 1;
+            if i >= nr {
+                break;
+            }
+            match runs.last_mut() {
+                Some((_, e)) if *e == i => *e += 1,
+                _ => runs.push((i, i + 1)),
             }
         }
-    })?;
-    if let Some((s, e)) = run {
-        dirty.insert(s, e, foam_store::protocol::PE_PRESENT);
     }
-    reset_soft_dirty(pid)?;
-    Ok(dirty)
+    runs
 }
 
 /// Resets the soft-dirty bits of `pid`'s pages (and write-protects them, so the next write to
@@ -586,31 +686,10 @@ fn private_mappings(maps: &str) -> Vec<(u64, u64)> {
 /// Copies into FOAM the pages of `unsent` (unchanged since the soft-dirty reset, so CRIU sent no
 /// data) that PPP did not keep, reading them from the frozen process, but those `precopied` while
 /// it ran (unchanged since, they are in FOAM already); returns every such page, now in FOAM.
-pub fn copy_unkept(pid: u32, foam: &foam_store::foam::FoamFile, unsent: &foam_store::ranges::RangeMap, kept: &[KeptPage], precopied: &foam_store::ranges::RangeMap) -> Result<foam_store::ranges::RangeMap> {
-    // unsent minus kept, in one pass over both (kept is in address order).
-    let mut unkept = foam_store::ranges::RangeMap::new();
-    let mut k = 0;
+pub fn copy_unkept(pid: u32, foam: &foam_store::foam::FoamFile, unsent: &RangeMap, kept: &[KeptPage], precopied: &RangeMap) -> Result<RangeMap> {
+    let mut unkept = RangeMap::new();
     for r in unsent.iter() {
-        let mut run: Option<u64> = None;
-        let mut va = r.start;
-        while va < r.end {
-            while k < kept.len() && kept[k].vaddr < va {
-                k += 1;
-            }
-            let is_kept = k < kept.len() && kept[k].vaddr == va;
-            match (is_kept, run) {
-                (false, None) => run = Some(va),
-                (true, Some(s)) => {
-                    unkept.insert(s, va, foam_store::protocol::PE_PRESENT);
-                    run = None;
-                }
-                _ => {}
-            }
-            va += PAGE;
-        }
-        if let Some(s) = run {
-            unkept.insert(s, r.end, foam_store::protocol::PE_PRESENT);
-        }
+        not_kept_in(kept, r.start, r.end, &mut unkept);
     }
     let mut todo = unkept.clone();
     for r in precopied.iter() {
@@ -620,10 +699,29 @@ pub fn copy_unkept(pid: u32, foam: &foam_store::foam::FoamFile, unsent: &foam_st
     Ok(unkept)
 }
 
+/// Adds to `out` the pages of [start, end) without an entry in `kept` (in address order, one entry
+/// per address): a range holds as many entries as pages exactly when all are kept, so halving the
+/// ranges that are neither all kept nor all not costs a binary search per step, not a step per
+/// page (this runs while the app is frozen).
+fn not_kept_in(kept: &[KeptPage], start: u64, end: u64, out: &mut RangeMap) {
+    let entries = kept.partition_point(|e| e.vaddr < end) - kept.partition_point(|e| e.vaddr < start);
+    let pages = (end - start) / PAGE;
+    if entries as u64 == pages {
+        return;
+    }
+    if entries == 0 {
+        out.insert(start, end, foam_store::protocol::PE_PRESENT);
+        return;
+    }
+    let mid = start + pages / 2 * PAGE;
+    not_kept_in(kept, start, mid, out);
+    not_kept_in(kept, mid, end, out);
+}
+
 /// Copies `ranges` of `pid`'s memory into FOAM; returns what it copied. While the process runs,
 /// a range it unmaps meanwhile is left out instead of failing the copy.
-pub fn copy_pages(pid: u32, foam: &foam_store::foam::FoamFile, ranges: &foam_store::ranges::RangeMap, running: bool) -> Result<foam_store::ranges::RangeMap> {
-    let mut copied = foam_store::ranges::RangeMap::new();
+pub fn copy_pages(pid: u32, foam: &foam_store::foam::FoamFile, ranges: &RangeMap, running: bool) -> Result<RangeMap> {
+    let mut copied = RangeMap::new();
     if ranges.is_empty() {
         return Ok(copied);
     }
@@ -647,8 +745,8 @@ pub fn copy_pages(pid: u32, foam: &foam_store::foam::FoamFile, ranges: &foam_sto
 }
 
 /// The present pages PIN refused (outside the arena, shared, ...), as ranges.
-pub fn refused_ranges(p: &Pinned) -> foam_store::ranges::RangeMap {
-    let mut m = foam_store::ranges::RangeMap::new();
+pub fn refused_ranges(p: &Pinned) -> RangeMap {
+    let mut m = RangeMap::new();
     for (va, w) in &p.refused {
         if *w != Why::NotPresent {
             m.insert(*va, va + PAGE, foam_store::protocol::PE_PRESENT);
@@ -788,6 +886,8 @@ pub fn summary(arena: Arena, lists: Vec<PppList>, not_kept: &BTreeMap<Why, u64>,
         boot_id: boot_id(),
         checksum_ms,
         crc_frozen,
+        catch_up: vec![],
+        written_ms: 0.0,
         arena_start: arena.start,
         arena_size: arena.size,
         kept: lists.iter().map(|l| l.pages).sum(),
@@ -828,12 +928,12 @@ mod tests {
         let base = buf as u64;
         let dir = tempfile::tempdir().unwrap();
         let foam = foam_store::foam::FoamFile::create(dir.path(), "1", foam_store::foam::FileMode::probe(dir.path()).unwrap()).unwrap();
-        let mut unsent = foam_store::ranges::RangeMap::new();
+        let mut unsent = RangeMap::new();
         unsent.insert(base, base + 8 * PAGE, foam_store::protocol::PE_PRESENT);
         // Pages 1, 2 and 6 stay in place.
         let kept: Vec<KeptPage> = [1u64, 2, 6].iter().map(|i| KeptPage { vaddr: base + i * PAGE, pfn: 0, crc: 0 }).collect();
         // Page 4 was copied while the process ran; it is not copied again.
-        let mut early = foam_store::ranges::RangeMap::new();
+        let mut early = RangeMap::new();
         early.insert(base + 4 * PAGE, base + 5 * PAGE, foam_store::protocol::PE_PRESENT);
         assert_eq!(copy_pages(std::process::id(), &foam, &early, true).unwrap().pages(), 1);
         pages[4 * 4096..5 * 4096].fill(0xee);
@@ -853,7 +953,7 @@ mod tests {
     fn a_pfn_list_reads_back_and_a_damaged_one_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("1.pfns");
-        let p = Pinned { pid: 1, crc_frozen: 0, entries: (0..100).map(|i| KeptPage { vaddr: 0x7000_0000 + i * PAGE, pfn: 0x10_0000 + i + (i / 10) * 7, crc: i as u32 }).collect(), refused: vec![] };
+        let p = Pinned { pid: 1, entries: (0..100).map(|i| KeptPage { vaddr: 0x7000_0000 + i * PAGE, pfn: 0x10_0000 + i + (i / 10) * 7, crc: i as u32 }).collect(), refused: vec![], ..Pinned::default() };
         let arena = Arena { start: 4 << 30, size: 2 << 30 };
         write_list(&path, arena, &p).unwrap();
         let (head, entries) = read_list(&path).unwrap();
@@ -871,26 +971,83 @@ mod tests {
         let va = |i: u64| 0x7000_0000 + i * PAGE;
         let kept = |i: u64, pfn: u64, crc: u32| KeptPage { vaddr: va(i), pfn, crc };
         // Pinned while running: pages 0..8, page 8 not in the arena.
-        let pre = Pinned { pid: 7, entries: (0..8).map(|i| kept(i, 100 + i, i as u32)).collect(), refused: vec![(va(8), Why::NotArena)], crc_frozen: 0 };
+        let mut pins = Pinned { pid: 7, entries: (0..8).map(|i| kept(i, 100 + i, i as u32)).collect(), refused: vec![(va(8), Why::NotArena)], ..Pinned::default() };
         // The final dump: pages 0, 1, 6, 8 and 9 present; 2, 3 and 9 written since (mremap moved
         // page 7 to 9, frame and all); 4, 5 and 7 unmapped; page 0 is where a thread's exit writes go.
-        let mut unsent = foam_store::ranges::RangeMap::new();
+        let mut unsent = RangeMap::new();
         unsent.insert(va(0), va(4), 0);
         unsent.insert(va(6), va(7), 0);
         unsent.insert(va(8), va(10), 0);
         let changed = [(va(0), va(1)), (va(2), va(4)), (va(9), va(10))];
         // Pinned again while frozen: page 2 in place (a new CRC), 3 in a new frame, 9 the frame
         // pinned as page 7 (kept without another reference), 0 refused.
-        let now = Pinned { pid: 7, entries: vec![kept(2, 102, 0xa2), kept(3, 200, 0xa3), kept(9, 107, 7)], refused: vec![(va(0), Why::ExitWrite)], crc_frozen: 3 };
-        let (pins, stale) = merge_pins(pre, now, &unsent, &changed);
+        let now = Pinned { pid: 7, entries: vec![kept(2, 102, 0xa2), kept(3, 200, 0xa3), kept(9, 107, 7)], refused: vec![(va(0), Why::ExitWrite)], ..Pinned::default() };
+        merge_pins(&mut pins, now, Some(&unsent), &changed);
         assert_eq!(pins.entries, vec![kept(1, 101, 1), kept(2, 102, 0xa2), kept(3, 200, 0xa3), kept(6, 106, 6), kept(9, 107, 7)]);
         assert_eq!(pins.refused, vec![(va(0), Why::ExitWrite), (va(8), Why::NotArena)]);
         // Page 0 (exit writes), page 3's old frame and the unmapped 4 and 5; not 102 (written in
         // place) or 107 (moved to page 9).
-        assert_eq!(stale, vec![100, 103, 104, 105]);
-        assert_eq!(pins.crc_frozen, 3);
+        assert_eq!(pins.unused_frames(), vec![100, 103, 104, 105]);
+        assert_eq!(pins.all_frames(), vec![100, 101, 102, 103, 104, 105, 106, 107, 200]);
         let mut a = vec![1, 4, 6, 9];
         merge_into(&mut a, vec![0, 5, 10], |x| *x);
         assert_eq!(a, vec![0, 1, 4, 5, 6, 9, 10]);
+    }
+
+    #[test]
+    fn passes_while_running_then_frozen_let_go_only_of_frames_no_entry_uses() {
+        let va = |i: u64| 0x7000_0000 + i * PAGE;
+        let kept = |i: u64, pfn: u64| KeptPage { vaddr: va(i), pfn, crc: 0 };
+        let mut pins = Pinned { pid: 7, entries: (0..4).map(|i| kept(i, 100 + i)).collect(), ..Pinned::default() };
+        // A pass while running: page 1 written in place, page 2 into a new frame (MADV_DONTNEED
+        // and a fault), page 3 refused now (shared after a fork); nothing is filtered as unmapped.
+        let now = Pinned { pid: 7, entries: vec![kept(1, 101), kept(2, 300)], refused: vec![(va(3), Why::Shared)], ..Pinned::default() };
+        merge_pins(&mut pins, now, None, &[(va(1), va(4))]);
+        assert_eq!(pins.entries, vec![kept(0, 100), kept(1, 101), kept(2, 300)]);
+        assert_eq!(pins.refused, vec![(va(3), Why::Shared)]);
+        assert_eq!(pins.unused_frames(), vec![102, 103]);
+        // Frozen: page 0 written into the frame page 3 had (let go of above), page 2 written into
+        // another frame again, page 1 unmapped.
+        let mut unsent = RangeMap::new();
+        unsent.insert(va(0), va(1), 0);
+        unsent.insert(va(2), va(3), 0);
+        let now = Pinned { pid: 7, entries: vec![kept(0, 103), kept(2, 301)], ..Pinned::default() };
+        merge_pins(&mut pins, now, Some(&unsent), &[(va(0), va(1)), (va(2), va(3))]);
+        assert_eq!(pins.entries, vec![kept(0, 103), kept(2, 301)]);
+        // Not 103 (an entry again), nor 301; 300 (an added frame let go of), 100 and 101.
+        assert_eq!(pins.unused_frames(), vec![100, 101, 102, 300]);
+    }
+
+    #[test]
+    fn the_written_bitmap_gives_runs_of_pages() {
+        let bits = [0b1011u64 | 1 << 63, 0b1 | 1 << 5, u64::MAX];
+        assert_eq!(bit_runs(&bits, 134), vec![(0, 2), (3, 4), (63, 65), (69, 70), (128, 134)]);
+        assert_eq!(bit_runs(&[0, 0], 128), vec![]);
+    }
+
+    #[test]
+    fn pages_written_in_place_are_replaced_where_they_are() {
+        let va = |i: u64| 0x7000_0000 + i * PAGE;
+        let kept = |i: u64, pfn: u64, crc: u32| KeptPage { vaddr: va(i), pfn, crc };
+        let mut pins = Pinned { pid: 7, entries: (0..6).map(|i| kept(i, 100 + i, 0)).collect(), refused: vec![(va(9), Why::NotArena)], ..Pinned::default() };
+        // Pages 1 and 2 written in place; 4 and 5 swapped frames (the one let go of is the other's).
+        let now = Pinned { pid: 7, entries: vec![kept(1, 101, 1), kept(2, 102, 2), kept(4, 105, 4), kept(5, 104, 5)], ..Pinned::default() };
+        let changed = [(va(1), va(3)), (va(4), va(6))];
+        assert!(replace_in_place(&mut pins.clone(), &now, &changed));
+        let mut unsent = RangeMap::new();
+        unsent.insert(va(0), va(6), 0);
+        unsent.insert(va(9), va(10), 0);
+        merge_pins(&mut pins, now, Some(&unsent), &changed);
+        assert_eq!(pins.entries, vec![kept(0, 100, 0), kept(1, 101, 1), kept(2, 102, 2), kept(3, 103, 0), kept(4, 105, 4), kept(5, 104, 5)]);
+        assert_eq!(pins.refused, vec![(va(9), Why::NotArena)]);
+        assert_eq!(pins.unused_frames(), Vec::<u64>::new());
+        // Not in place: a page unmapped since (3 is outside the present pages).
+        let mut unsent = RangeMap::new();
+        unsent.insert(va(0), va(3), 0);
+        unsent.insert(va(4), va(6), 0);
+        assert!(!covers_entries(&unsent, &pins.entries));
+        merge_pins(&mut pins, Pinned::default(), Some(&unsent), &[]);
+        assert_eq!(pins.entries.len(), 5);
+        assert_eq!(pins.unused_frames(), vec![103]);
     }
 }

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
-use ppp_abi::{Attach, Confirm, ExitWrites, Info, Map, Page, Pin};
+use ppp_abi::{Attach, Confirm, ExitWrites, Info, Map, Page, Pin, Written};
 
 pub struct Device {
     file: File,
@@ -80,6 +80,18 @@ impl Device {
         // SAFETY: CONFIRM reads one `Confirm`, `nr_pids` u32s at `pids` and `nr_drop` u64s at
         // `drop`, which borrow `pids` and `drop`.
         unsafe { ioctl(&self.file, ppp_abi::IOC_CONFIRM, &mut c) }
+    }
+
+    /// Which of the `nr_pages` pages from `start` of `pid` were written since their soft-dirty
+    /// bits were last reset (bit i of word i / 64: page i), resetting them; race-free while the
+    /// process runs.
+    pub fn written(&self, pid: u32, start: u64, nr_pages: u64) -> io::Result<Vec<u64>> {
+        let mut bits = vec![0u64; nr_pages.div_ceil(64) as usize];
+        let mut w = Written { pid, pad: 0, start, nr_pages, bitmap: bits.as_mut_ptr() as u64, nr_written: 0 };
+        // SAFETY: WRITTEN reads and writes one `Written` and writes (nr_pages + 63) / 64 u64s at
+        // `bitmap`, which borrows `bits` mutably for the call.
+        unsafe { ioctl(&self.file, ppp_abi::IOC_WRITTEN, &mut w) }?;
+        Ok(bits)
     }
 
     pub fn unpin(&self, tag: u64) -> io::Result<()> {

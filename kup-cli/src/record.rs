@@ -62,7 +62,13 @@ pub struct PppFigures {
     /// PPP's part of the frozen time.
     pub checksum_ms: f64,
     pub crc_frozen: u64,
+    /// The pages written meanwhile that each pass after the first did again before the freeze.
+    #[serde(default)]
+    pub catch_up: Vec<u64>,
     pub pin_ms: f64,
+    /// Finding the pages written since, while frozen (not part of `pin_ms`).
+    #[serde(default)]
+    pub written_ms: f64,
     /// Its parts: the pins, copying the pages PPP does not keep, writing the PFN lists.
     #[serde(default)]
     pub pin_parts_ms: [f64; 3],
@@ -89,9 +95,14 @@ impl PppFigures {
             ),
             _ => String::new(),
         };
+        let again = if self.catch_up.is_empty() {
+            String::new()
+        } else {
+            format!(" (then again for {} pages written meanwhile)", self.catch_up.iter().map(u64::to_string).collect::<Vec<_>>().join(", "))
+        };
         format!(
-            "ppp: {} pages kept in place, {} into the store; pins and CRCs {:.1} ms while running, {} pages while frozen; frozen part {:.1} ms (pins {:.1}, copies {:.1}, PFN lists {:.1}){restored}",
-            self.kept, self.to_store, self.checksum_ms, self.crc_frozen, self.pin_ms, self.pin_parts_ms[0], self.pin_parts_ms[1], self.pin_parts_ms[2]
+            "ppp: {} pages kept in place, {} into the store; pins and CRCs {:.1} ms while running{again}, {} pages while frozen; frozen part {:.1} ms (finding them {:.1}, pins {:.1}, copies {:.1}, PFN lists {:.1}){restored}",
+            self.kept, self.to_store, self.checksum_ms, self.crc_frozen, self.pin_ms + self.written_ms, self.written_ms, self.pin_parts_ms[0], self.pin_parts_ms[1], self.pin_parts_ms[2]
         )
     }
 }

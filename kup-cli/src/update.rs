@@ -171,7 +171,13 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
             to_store: ps().map(|p| p.not_kept.values().sum::<u64>()).sum(),
             checksum_ms: ps().map(|p| p.checksum_ms).fold(0.0, f64::max),
             crc_frozen: ps().map(|p| p.crc_frozen).sum(),
+            catch_up: ps().fold(vec![], |mut sum, p| {
+                sum.resize(sum.len().max(p.catch_up.len()), 0);
+                sum.iter_mut().zip(&p.catch_up).for_each(|(s, n)| *s += n);
+                sum
+            }),
             pin_ms: ps().map(|p| p.pin_ms).fold(0.0, f64::max),
+            written_ms: ps().map(|p| p.written_ms).fold(0.0, f64::max),
             pin_parts_ms: ps().map(|p| [p.pinning_ms, p.copy_ms, p.lists_ms]).fold([0.0; 3], |a, b| [a[0].max(b[0]), a[1].max(b[1]), a[2].max(b[2])]),
             no_crc: ps().any(|p| !p.crc),
             ..Default::default()

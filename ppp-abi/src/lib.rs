@@ -8,7 +8,7 @@
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 /// The misc device (`/dev/kup_ppp`, root only).
 pub const DEVICE_NAME: &str = "kup_ppp";
 /// The arena's memory in /proc/iomem once hot-added.
@@ -192,6 +192,7 @@ pub const IOC_MAP: u64 = ioc(READ | WRITE, 4, size_of::<Map>());
 pub const IOC_RELEASE: u64 = ioc(0, 5, 0);
 pub const IOC_EXIT_WRITES: u64 = ioc(READ | WRITE, 7, size_of::<ExitWrites>());
 pub const IOC_CONFIRM: u64 = ioc(WRITE, 8, size_of::<Confirm>());
+pub const IOC_WRITTEN: u64 = ioc(READ | WRITE, 9, size_of::<Written>());
 
 /// The pages the kernel writes into when a stopped process's threads exit.
 #[repr(C)]
@@ -217,6 +218,22 @@ pub struct Confirm {
     pub nr_pids: u32,
     pub pad: u32,
 }
+
+/// The pages of a range written since their soft-dirty bits were last reset, which it resets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct Written {
+    pub pid: u32,
+    pub pad: u32,
+    pub start: u64,
+    /// At most [`WRITTEN_MAX_PAGES`].
+    pub nr_pages: u64,
+    /// Pointer to `u64 bits[(nr_pages + 63) / 64]`: bit i of word i / 64 is page i.
+    pub bitmap: u64,
+    /// Out: bits set.
+    pub nr_written: u64,
+}
+pub const WRITTEN_MAX_PAGES: u64 = 1 << 28;
 
 /// The header, for the test and for anything that wants to print where the ABI lives.
 pub const HEADER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../kmod/include/uapi/kup_ppp.h");

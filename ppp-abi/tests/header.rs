@@ -46,6 +46,7 @@ fn the_rust_abi_matches_the_header() {
     layout!(want, Map, "ppp_map", [pid, flags, start, nr_pages, pages, nr_mapped, nr_copied, nr_guarded, failed, failed_why, pad]);
     layout!(want, ExitWrites, "ppp_exit_writes", [pid, nr, addrs]);
     layout!(want, Confirm, "ppp_confirm", [tag, pids, drop, nr_drop, nr_pids, pad]);
+    layout!(want, Written, "ppp_written", [pid, pad, start, nr_pages, bitmap, nr_written]);
     layout!(want, ListHead, "ppp_list_head", [magic, version, arena_start, arena_size, nr_pages, nr_runs, pid, crc]);
     layout!(want, ListRun, "ppp_list_run", [vaddr, pfn, nr_pages, flags]);
     for (n, e, v) in [
@@ -68,6 +69,8 @@ fn the_rust_abi_matches_the_header() {
         ("PPP_IOC_RELEASE", "PPP_IOC_RELEASE", IOC_RELEASE),
         ("PPP_IOC_EXIT_WRITES", "PPP_IOC_EXIT_WRITES", IOC_EXIT_WRITES),
         ("PPP_IOC_CONFIRM", "PPP_IOC_CONFIRM", IOC_CONFIRM),
+        ("PPP_IOC_WRITTEN", "PPP_IOC_WRITTEN", IOC_WRITTEN),
+        ("PPP_WRITTEN_MAX_PAGES", "PPP_WRITTEN_MAX_PAGES", WRITTEN_MAX_PAGES),
     ] {
         want.push((n, e.to_string(), v));
     }

@@ -16,7 +16,7 @@
 #include <linux/ioctl.h>
 #include <linux/types.h>
 
-#define PPP_ABI_VERSION		2
+#define PPP_ABI_VERSION		3
 /* The misc device, root only (mode 0600). */
 #define PPP_DEVICE_NAME		"kup_ppp"
 /* The name of the arena's memory in /proc/iomem once hot-added. */
@@ -201,5 +201,27 @@ struct ppp_confirm {
 	__u32 pad;
 };
 #define PPP_IOC_CONFIRM		_IOW(PPP_IOC_MAGIC, 8, struct ppp_confirm)
+
+/*
+ * WRITTEN: which pages of [start, start + nr_pages) of a process's private
+ * mappings were written since their soft-dirty bits were last reset
+ * (/proc/PID/clear_refs, or a WRITTEN before), as a bitmap (bit i of word
+ * i / 64: page i); their bits are reset. The process may run: each page table
+ * entry is read and reset under its lock, so that no write goes unseen (a read
+ * of /proc/PID/pagemap followed by clear_refs misses the pages first written in
+ * between). A transparent huge page written since counts as written and keeps
+ * its bit. -EOPNOTSUPP for a process whose memory another MMU mirrors (an MMU
+ * notifier is registered).
+ */
+struct ppp_written {
+	__u32 pid;
+	__u32 pad;
+	__u64 start;		/* page-aligned virtual address */
+	__u64 nr_pages;		/* at most PPP_WRITTEN_MAX_PAGES */
+	__u64 bitmap;		/* user pointer to __u64[(nr_pages + 63) / 64] */
+	__u64 nr_written;	/* out: bits set */
+};
+#define PPP_WRITTEN_MAX_PAGES	(1ULL << 28)
+#define PPP_IOC_WRITTEN		_IOWR(PPP_IOC_MAGIC, 9, struct ppp_written)
 
 #endif /* _UAPI_KUP_PPP_H */

@@ -76,10 +76,13 @@ bench-foam: build
 	tests/guest/run foam-bench
 
 # PPP against plain CRIU and FOAM 1/2-pass, frozen time and outage against the working set (the
-# paper's Fig. 7), one real kexec per working set, in a QEMU guest; plots into docs/plots
-# (docs/ppp.md). KUP_BENCH_SIZES="256 512" for a quick run.
+# paper's Fig. 7), one real kexec per working set; then memcached's downtime per technique (Fig. 4)
+# and 1, 2 and 4 instances updated together (Fig. 8), a kexec per PPP update; in a QEMU guest,
+# plots into docs/plots (docs/ppp.md). KUP_BENCH_SIZES="256 512" KUP_BENCH_MC_ITEMS=1024 for a
+# quick run.
 bench-ppp: build
 	tests/guest/run ppp-bench
+	tests/guest/run ppp-bench-mc
 
 install: build
 	install -m 0755 target/release/rpramfs /usr/local/sbin/rpramfs

@@ -1163,59 +1163,71 @@ static void mark_written(unsigned long *bits, u64 first, u64 nr, u64 *count)
 	*count += nr;
 }
 
-/*
- * WRITTEN over [addr, end) of one private VMA, within one PMD. Returns whether
- * a page table entry was reset (then the TLBs must be flushed).
- */
-static bool take_written_pmd(struct vm_area_struct *vma, unsigned long addr,
-			     unsigned long end, unsigned long start,
-			     unsigned long *bits, u64 *count)
+/* The state of one WRITTEN walk over a VMA. */
+struct written_walk {
+	struct vm_area_struct *vma;
+	unsigned long start;	/* of the request: bit 0 */
+	unsigned long *bits;
+	u64 count;
+	bool all;		/* VM_SOFTDIRTY: every present page counts */
+	bool reset;		/* an entry was reset: flush the TLBs */
+};
+
+/* One page table entry, under its lock (apply_to_existing_page_range()). */
+static int take_written_pte(pte_t *pte, unsigned long addr, void *data)
 {
-	bool all = vma->vm_flags & VM_SOFTDIRTY, reset = false;
-	pmd_t *pmd = find_pmd(vma->vm_mm, addr);
-	spinlock_t *ptl;
+	struct written_walk *w = data;
+	pte_t old = ptep_get(pte), new;
+
+	if (!pte_present(old) || !(w->all || pte_soft_dirty(old)))
+		return 0;
+	mark_written(w->bits, (addr - w->start) >> PAGE_SHIFT, 1, &w->count);
+	if (!pte_soft_dirty(old))
+		return 0;
+	/* As clear_refs does: a page pinned for DMA stays writable. */
+	if (pte_write(old) && !pte_special(old) &&
+	    page_maybe_dma_pinned(pte_page(old)))
+		return 0;
+	/* Write-protected, so that the next write sets the bit again. */
+	old = ptep_modify_prot_start(w->vma, addr, pte);
+	new = pte_clear_soft_dirty(pte_wrprotect(old));
+	ptep_modify_prot_commit(w->vma, addr, pte, old, new);
+	w->reset = true;
+	return 0;
+}
+
+/* WRITTEN over [addr, end) of one private VMA, within one PMD. */
+static void take_written_pmd(struct written_walk *w, unsigned long addr,
+			     unsigned long end)
+{
+	pmd_t *pmd = find_pmd(w->vma->vm_mm, addr);
 	pmd_t pmdval;
-	pte_t *pte, *first;
 
 	if (!pmd)
-		return false;
+		return;
 	pmdval = READ_ONCE(*pmd);
 	if (pmd_none(pmdval))
-		return false;
+		return;
 	if (!pmd_present(pmdval) || pmd_trans_huge(pmdval) ||
 	    pmd_devmap(pmdval)) {
 		/*
 		 * A huge page (or one being migrated): written if its bit says
 		 * so, which stays set (resetting it needs pmdp_invalidate()).
 		 */
-		if (all || !pmd_present(pmdval) || pmd_soft_dirty(pmdval))
-			mark_written(bits, (addr - start) >> PAGE_SHIFT,
-				     (end - addr) >> PAGE_SHIFT, count);
-		return false;
+		if (w->all || !pmd_present(pmdval) || pmd_soft_dirty(pmdval))
+			mark_written(w->bits, (addr - w->start) >> PAGE_SHIFT,
+				     (end - addr) >> PAGE_SHIFT, &w->count);
+		return;
 	}
 	if (pmd_bad(pmdval))
-		return false;
-	first = pte_offset_map_lock(vma->vm_mm, pmd, addr, &ptl);
-	for (pte = first; addr < end; addr += PAGE_SIZE, pte++) {
-		pte_t old = *pte, new;
-
-		if (!pte_present(old) || !(all || pte_soft_dirty(old)))
-			continue;
-		mark_written(bits, (addr - start) >> PAGE_SHIFT, 1, count);
-		if (!pte_soft_dirty(old))
-			continue;
-		/* As clear_refs does: a page pinned for DMA stays writable. */
-		if (pte_write(old) && !pte_special(old) &&
-		    page_maybe_dma_pinned(pte_page(old)))
-			continue;
-		/* Write-protected, so that the next write sets the bit again. */
-		old = ptep_modify_prot_start(vma, addr, pte);
-		new = pte_clear_soft_dirty(pte_wrprotect(old));
-		ptep_modify_prot_commit(vma, addr, pte, old, new);
-		reset = true;
-	}
-	pte_unmap_unlock(first, ptl);
-	return reset;
+		return;
+	/*
+	 * A page table cannot become a huge PMD under mmap_read_lock (which
+	 * apply_to_pte_range() would BUG on); one retracted meanwhile (file THP)
+	 * held no anonymous pages: its -EINVAL means nothing written.
+	 */
+	apply_to_existing_page_range(w->vma->vm_mm, addr, end - addr,
+				     take_written_pte, w);
 }
 
 static void flush_tlb_this_cpu(void *unused)
@@ -1260,6 +1272,10 @@ static long ppp_written(void __user *arg)
 	mmap_read_lock(mm);
 	vma_iter_init(&vmi, mm, req.start);
 	for_each_vma_range(vmi, vma, end) {
+		struct written_walk w = {
+			.vma = vma, .start = req.start, .bits = bits,
+			.all = vma->vm_flags & VM_SOFTDIRTY,
+		};
 		unsigned long a = max_t(unsigned long, vma->vm_start, req.start);
 		unsigned long e = min(vma->vm_end, end), next;
 
@@ -1267,10 +1283,11 @@ static long ppp_written(void __user *arg)
 			continue;
 		for (; a < e; a = next) {
 			next = pmd_addr_end(a, e);
-			reset |= take_written_pmd(vma, a, next, req.start, bits,
-						  &count);
+			take_written_pmd(&w, a, next);
 			cond_resched();
 		}
+		count += w.count;
+		reset |= w.reset;
 	}
 	/*
 	 * A CPU may still hold a writable TLB entry of a page just reset, and

@@ -52,6 +52,14 @@ impl Criu {
         self.command().args(["check", "--feature", feature]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
     }
 
+    /// Makes CRIU detect this kernel's features once and cache them (/run/criu.kdat), before
+    /// several CRIUs start together: CRIU 3.17 detecting them in two processes at once on a fresh
+    /// boot can fail in one ("kerndat_has_nftables_concat failed", seen restoring two memcached
+    /// instances after a kexec).
+    pub fn detect_kernel_features(&self) {
+        self.has_feature("mem_dirty_track");
+    }
+
     /// Whether this kernel tracks dirty pages for CRIU (soft-dirty bits): needed for pre-dumps.
     pub fn has_dirty_tracking(&self) -> bool {
         self.has_feature("mem_dirty_track")

@@ -613,14 +613,20 @@ fn each_pagemap_word(pid: u32, mut f: impl FnMut(usize, u64, u64)) -> Result<()>
 pub fn take_written(dev: &Device, pid: u32) -> Result<RangeMap> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| format!("/proc/{pid}/maps: {e}"))?;
     let mut written = RangeMap::new();
-    for (start, end) in private_mappings(&maps) {
-        let nr = (end - start) / PAGE;
-        let bits = dev.written(pid, start, nr).map_err(|e| match e.raw_os_error() {
-            Some(libc::EOPNOTSUPP) => format!("process {pid}: another MMU mirrors its memory (an MMU notifier, e.g. a VM or a device), so ppp.ko cannot track its writes; checkpoint without --ppp"),
-            _ => format!("process {pid}: reading which pages were written at {start:#x}: {e}"),
-        })?;
-        for (s, e) in bit_runs(&bits, nr) {
-            written.insert(start + s * PAGE, start + e * PAGE, foam_store::protocol::PE_PRESENT);
+    // At most 64 GiB of addresses per call (a 2 MiB bitmap), whatever a mapping reserves.
+    const CHUNK: u64 = 1 << 24;
+    const _: () = assert!(CHUNK <= ppp_abi::WRITTEN_MAX_PAGES);
+    for (mut start, end) in private_mappings(&maps) {
+        while start < end {
+            let nr = ((end - start) / PAGE).min(CHUNK);
+            let bits = dev.written(pid, start, nr).map_err(|e| match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP) => format!("process {pid}: another MMU mirrors its memory (an MMU notifier, e.g. a VM or a device), so ppp.ko cannot track its writes; checkpoint without --ppp"),
+                _ => format!("process {pid}: reading which pages were written at {start:#x}: {e}"),
+            })?;
+            for (s, e) in bit_runs(&bits, nr) {
+                written.insert(start + s * PAGE, start + e * PAGE, foam_store::protocol::PE_PRESENT);
+            }
+            start += nr * PAGE;
         }
     }
     Ok(written)

@@ -127,6 +127,9 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Vec<AppRestore>> {
     if !a.json {
         println!("restoring checkpoint {} ({} app(s), {}, taken on {}) {}", m.id, m.apps.len(), report::bytes(m.pages() * 4096), m.kernel, if mode == Mode::Lazy { "lazily" } else { "eagerly" });
     }
+    if m.apps.len() > 1 {
+        criu.detect_kernel_features();
+    }
     let start = Instant::now();
     let results: Vec<Result<AppRestore>> = std::thread::scope(|s| {
         let hs: Vec<_> = m.apps.iter().map(|app| s.spawn(|| restore_app(criu, a, &m, &dir, app, mode, ppp.as_ref(), start))).collect();

@@ -35,14 +35,22 @@ def main(table, outdir):
             pts = [(x, num(r[f"{key}_{what}"])) for x, r in zip(w, rows) if num(r[f"{key}_{what}"]) is not None]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] / 1000 for p in pts], marker="o", label=label)
-        ax.set_xlabel("working set (MiB), 50% written during the pre-dump")
-        ax.set_ylabel("seconds")
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
+        label_axes(ax, "working set (MiB), 50% written during the pre-dump", title)
     axes[0].legend()
-    fig.suptitle("kup: Fig. 7 in the QEMU guest under TCG (compare within the run)")
+    save(fig, "Fig. 7", f"{outdir}/ppp-fig7.png")
+
+
+def label_axes(ax, xlabel, title):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("seconds")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+
+
+def save(fig, name, path):
+    fig.suptitle(f"kup: {name} in the QEMU guest under TCG (compare within the run)")
     fig.tight_layout()
-    fig.savefig(f"{outdir}/ppp-fig7.png", dpi=110)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -210,3 +210,19 @@ plain_restore() {
     subj_stop
     rm -rf $PLAIN
 }
+
+
+# ppp_bench_setup: the first boot of the PPP benchmarks: the arena attached, a fresh rpramfs store
+# on the region, the initrd in the store for the next kernels, pids from 20000 on (free on the other
+# kernel for the restored apps).
+ppp_bench_setup() {
+    modprobe -a nf_tables netlink_diag unix_diag inet_diag tcp_diag udp_diag af_packet_diag 2>/dev/null || true
+    kup ppp attach || fail "kup ppp attach failed"
+    rpramfs mkfs "$REGION" >/tmp/mkfs.out 2>&1 || fail "rpramfs mkfs $REGION failed: $(tail -n 2 /tmp/mkfs.out)"
+    rp_mount
+    info "$(uname -r); RAM: $(awk '/^MemTotal/ { print int($2 / 1024) }' /proc/meminfo) MiB; $REGION: $(region_mib) MiB; $(cat /proc/cmdline)"
+    kup ppp status | sed 's/^/GUEST: INFO ppp: /'
+    initrd_rebuild
+    cp /boot/initrd $MNT/initrd || fail "copying the initrd into the store"
+    echo 20000 >/proc/sys/kernel/ns_last_pid
+}

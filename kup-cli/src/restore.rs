@@ -105,6 +105,8 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Vec<AppRestore>> {
             }
         }
     }
+    // Asking CRIU about lazy pages also has it detect (and cache) the kernel's features.
+    let features_detected = mode == Mode::Lazy;
     if mode == Mode::Lazy && !criu.has_lazy_pages() {
         mode = Mode::Eager;
         if !a.json {
@@ -127,7 +129,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Vec<AppRestore>> {
     if !a.json {
         println!("restoring checkpoint {} ({} app(s), {}, taken on {}) {}", m.id, m.apps.len(), report::bytes(m.pages() * 4096), m.kernel, if mode == Mode::Lazy { "lazily" } else { "eagerly" });
     }
-    if m.apps.len() > 1 {
+    if m.apps.len() > 1 && !features_detected {
         criu.detect_kernel_features();
     }
     let start = Instant::now();

@@ -38,7 +38,7 @@ test-host: build msrv lint-kmod
 	KUP_CRIU=$$(scripts/criu-host/install.sh) $(CARGO) test --release -p kup-cli --test host_criu -- --test-threads=1 --nocapture --exact $(wordlist 2,3,$(SHOWN_TESTS))
 
 # The kernel module in the kernel's coding style (checkpatch.pl), built with W=1 -Werror against the
-# guest bench's two kernels.
+# guest bench's kernels (6.1 and 6.12).
 lint-kmod:
 	scripts/kmod/check.sh
 
@@ -66,6 +66,7 @@ test-guest: build
 	tests/guest/run ppp-fallback-app
 	tests/guest/run ppp-fallback-kernel
 	tests/guest/run ppp-switch-fails
+	tests/guest/run ppp-major
 
 bench: build
 	$(CARGO) run --release -p rpramfs --example bench

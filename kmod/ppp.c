@@ -27,13 +27,16 @@
  * while the processes are stopped under ptrace (pins taken while they ran
  * are provisional until CONFIRM, and dropped with the file that took them
  * otherwise); the device is root only.
- * The user ABI is include/uapi/kup_ppp.h. Written against Linux 6.1 (Debian
- * bookworm); get_user_pages_remote() lost its vmas argument in 6.5.
+ * The user ABI is include/uapi/kup_ppp.h. Built and run on Linux 6.1 and
+ * 6.12 (Debian bookworm and its 6.12 kernels); the few differences are in
+ * ppp_gup(), ppp_mapcount() and hold_online() (Kbuild names them).
  */
 
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
 #include <linux/crc32.h>
+/* The futex.h of 6.12 uses mutex_init() without including it. */
+#include <linux/mutex.h>
 #include <linux/futex.h>
 #include <linux/highmem.h>
 #include <linux/ioport.h>
@@ -45,6 +48,7 @@
 #include <linux/mmap_lock.h>
 #include <linux/mmu_notifier.h>
 #include <linux/module.h>
+#include <linux/rseq.h>
 #include <linux/sched/mm.h>
 #include <linux/sched/signal.h>
 #include <linux/slab.h>
@@ -108,11 +112,19 @@ static u32 page_crc(struct page *page)
 	return crc;
 }
 
-/*
- * Called for each chunk of the arena as it comes online: held-back pages keep
- * PG_reserved and their single reference, and count as managed memory (or
- * overcommit would refuse the restored process's mappings).
- */
+/* A held-back page keeps its single reference and is marked reserved. */
+static void hold_online(struct page *page)
+{
+	/* Hot-added pages start out PageOffline from 6.12 on, not reserved. */
+	if (PageOffline(page)) {
+		__ClearPageOffline(page);
+		SetPageReserved(page);
+	}
+	/* Managed memory, or overcommit would refuse the restored mappings. */
+	adjust_managed_page_count(page, 1);
+}
+
+/* Called for each chunk of the arena as it comes online. */
 static void ppp_online_page(struct page *page, unsigned int order)
 {
 	unsigned long pfn = page_to_pfn(page);
@@ -126,7 +138,7 @@ static void ppp_online_page(struct page *page, unsigned int order)
 	}
 	for (i = 0; i < n; i++) {
 		if (is_held(pfn + i))
-			adjust_managed_page_count(pfn_to_page(pfn + i), 1);
+			hold_online(pfn_to_page(pfn + i));
 		else
 			generic_online_page(pfn_to_page(pfn + i), 0);
 	}
@@ -345,16 +357,50 @@ static bool user_range_ok(u64 start, u64 nr_pages)
 	       nr_pages <= TASK_SIZE_MAX >> PAGE_SHIFT;
 }
 
+/* References on n pages from addr on (stops at the first it cannot take). */
+static long ppp_gup(struct mm_struct *mm, unsigned long addr, unsigned long n,
+		    unsigned int flags, struct page **pages)
+{
+#ifdef PPP_GUP_HAS_VMAS
+	return get_user_pages_remote(mm, addr, n, flags, pages, NULL, NULL);
+#else
+	return get_user_pages_remote(mm, addr, n, flags, pages, NULL);
+#endif
+}
+
 /*
  * References on the present pages from addr on, up to the first one that is
- * not present; returns how many (vmas[i] is page i's VMA).
+ * not present; returns how many (vmas[i] is page i's VMA). The caller holds
+ * the mmap lock.
  */
 static long gup_present(struct mm_struct *mm, unsigned long addr,
 			unsigned long n, struct page **pages,
 			struct vm_area_struct **vmas)
 {
-	return get_user_pages_remote(mm, addr, n, FOLL_NOFAULT, pages, vmas,
-				     NULL);
+	struct vm_area_struct *vma = NULL;
+	long got = ppp_gup(mm, addr, n, FOLL_NOFAULT, pages), i;
+
+	for (i = 0; i < got; i++, addr += PAGE_SIZE) {
+		if (!vma || addr >= vma->vm_end)
+			vma = vma_lookup(mm, addr);
+		vmas[i] = vma;
+	}
+	return got;
+}
+
+/* How many times the page itself is mapped (page_mapcount() of 6.1). */
+static int ppp_mapcount(struct page *page)
+{
+#ifdef PPP_HAS_PAGE_MAPCOUNT
+	return page_mapcount(page);
+#else
+	struct folio *folio = page_folio(page);
+
+	/* folio_mapcount() counts the mappings of all pages of a large folio. */
+	if (!folio_test_large(folio))
+		return folio_mapcount(folio);
+	return atomic_read(&page->_mapcount) + 1 + folio_entire_mapcount(folio);
+#endif
 }
 
 /*
@@ -483,7 +529,7 @@ static u32 keepable(struct page *page, struct vm_area_struct *vma,
 		return PPP_NOT_ANON;
 	if (!in_arena(page_to_pfn(page)))
 		return PPP_NOT_ARENA;
-	if (page_mapcount(page) != 1)
+	if (ppp_mapcount(page) != 1)
 		return PPP_SHARED;
 	if (test_bit(page_to_pfn(page) - arena_pfn, pinned))
 		return PPP_PINNED;
@@ -921,8 +967,7 @@ static int copy_into(struct mm_struct *mm, unsigned long addr,
 	void *d, *s;
 	long got;
 
-	got = get_user_pages_remote(mm, addr, 1, FOLL_WRITE | FOLL_FORCE, &dst,
-				    NULL, NULL);
+	got = ppp_gup(mm, addr, 1, FOLL_WRITE | FOLL_FORCE, &dst);
 	if (got != 1)
 		return -EFAULT;
 	d = kmap_local_page(dst);
@@ -957,6 +1002,30 @@ static pmd_t *find_pmd(struct mm_struct *mm, unsigned long addr)
 	return pmd_offset(pud, addr);
 }
 
+struct guard_walk {
+	struct mm_struct *mm;
+	unsigned long pfn;
+	bool done;
+};
+
+/* The page's PTE, under its lock (apply_to_existing_page_range()). */
+static int guard_pte(pte_t *pte, unsigned long addr, void *data)
+{
+	struct guard_walk *g = data;
+	struct page *page = pfn_to_page(g->pfn);
+	pte_t old = ptep_get(pte);
+
+	if (pte_present(old) && pte_pfn(old) == g->pfn && PageAnon(page)) {
+		ptep_set_wrprotect(g->mm, addr, pte);
+		ClearPageAnonExclusive(page);
+		get_page(page);
+		__set_bit(g->pfn - arena_pfn, guarded);
+		nr_guarded++;
+		g->done = true;
+	}
+	return 0;
+}
+
 /*
  * Keeps the mapped page at addr as it is until RELEASE: its PTE becomes
  * read-only and the page no longer exclusive to the process, and the module
@@ -967,25 +1036,14 @@ static pmd_t *find_pmd(struct mm_struct *mm, unsigned long addr)
 static bool guard_page(struct mm_struct *mm, unsigned long addr,
 		       unsigned long pfn)
 {
+	struct guard_walk g = { .mm = mm, .pfn = pfn };
 	pmd_t *pmd = find_pmd(mm, addr);
-	struct page *page = pfn_to_page(pfn);
-	bool done = false;
-	spinlock_t *ptl;
-	pte_t *pte;
 
+	/* The walk stops at a huge PMD; with the mmap lock held none appears. */
 	if (!pmd || pmd_none(*pmd) || pmd_trans_huge(*pmd) || pmd_bad(*pmd))
 		return false;
-	pte = pte_offset_map_lock(mm, pmd, addr, &ptl);
-	if (pte_present(*pte) && pte_pfn(*pte) == pfn && PageAnon(page)) {
-		ptep_set_wrprotect(mm, addr, pte);
-		ClearPageAnonExclusive(page);
-		get_page(page);
-		__set_bit(pfn - arena_pfn, guarded);
-		nr_guarded++;
-		done = true;
-	}
-	pte_unmap_unlock(pte, ptl);
-	return done;
+	apply_to_existing_page_range(mm, addr, PAGE_SIZE, guard_pte, &g);
+	return g.done;
 }
 
 static long ppp_map(void __user *arg)
@@ -1186,7 +1244,7 @@ static int take_written_pte(pte_t *pte, unsigned long addr, void *data)
 		return 0;
 	/* As clear_refs does: a page pinned for DMA stays writable. */
 	if (pte_write(old) && !pte_special(old) &&
-	    page_maybe_dma_pinned(pte_page(old)))
+	    folio_maybe_dma_pinned(page_folio(pte_page(old))))
 		return 0;
 	/* Write-protected, so that the next write sets the bit again. */
 	old = ptep_modify_prot_start(w->vma, addr, pte);

@@ -1,6 +1,7 @@
 //! The few CRIU image files kup reads or writes itself (formats in docs/design.md and
 //! research/criu-page-server.md §5): `pagemap-*.img` and `pages-*.img` synthesized from FOAM for
-//! restore, and the dump statistics (`stats-dump`) for the frozen time.
+//! restore, the dump statistics (`stats-dump`) for the frozen time, and the mappings of `mm-*.img`
+//! whose content CRIU's restorer reads itself.
 //!
 //! Images are a magic header followed by protobuf records, each prefixed with its u32 length. Only
 //! varint fields are involved, so a dozen lines of encoding beat a protobuf code generator.
@@ -20,6 +21,7 @@ const IMG_SERVICE_MAGIC: u32 = 0x5510_5940;
 const PAGEMAP_MAGIC: u32 = 0x5608_4025;
 const STATS_MAGIC: u32 = 0x5709_3306;
 const PSTREE_MAGIC: u32 = 0x5027_3030;
+const MM_MAGIC: u32 = 0x5749_2820;
 /// The inventory alone has no common magic before its own.
 const INVENTORY_MAGIC: u32 = 0x5831_3116;
 /// CRIU's CRTOOLS_IMAGES_V1_1.
@@ -258,6 +260,47 @@ pub fn read_dump_stats(dir: &Path) -> Result<DumpStats, Error> {
     Ok(s)
 }
 
+/// CRIU's VMA status bits (criu/include/image.h) of mappings whose content CRIU's restorer reads
+/// before the app runs: the vDSO (a proxy of the old kernel's, in a process CRIU restored before,
+/// whose symbols it parses), its data page, and AIO rings (copied into the new ring).
+const VMA_AREA_VDSO: u64 = 1 << 3;
+const VMA_AREA_VVAR: u64 = 1 << 12;
+const VMA_AREA_AIORING: u64 = 1 << 13;
+
+/// [start, end) of the mappings in `dir`'s `mm-<pid>.img` whose pages CRIU's restorer reads
+/// itself, so they must be in the images (PPP cannot put them back later), in address order.
+pub fn restorer_read_vmas(dir: &Path, pid: u32) -> Result<Vec<(u64, u64)>, Error> {
+    let path = dir.join(format!("mm-{pid}.img"));
+    let b = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let bad = || Error::Unsupported(format!("{} is not a CRIU mm image this kup understands", path.display()));
+    let word = |i: usize| b.get(i..i + 4).map(|w| u32::from_le_bytes(w.try_into().unwrap()));
+    if word(0) != Some(IMG_COMMON_MAGIC) || word(4) != Some(MM_MAGIC) {
+        return Err(bad());
+    }
+    let len = word(8).ok_or_else(bad)? as usize;
+    let entry = b.get(12..12 + len).ok_or_else(bad)?;
+    let mut out = vec![];
+    // mm_entry's field 14: repeated vma_entry {start = 1, end = 2, status = 7}.
+    for (f, v) in fields(entry).ok_or_else(bad)? {
+        let (14, Field::Bytes(vma)) = (f, v) else { continue };
+        let (mut start, mut end, mut status) = (None, None, 0);
+        for (f, v) in fields(vma).ok_or_else(bad)? {
+            match (f, v) {
+                (1, Field::Varint(v)) => start = Some(v),
+                (2, Field::Varint(v)) => end = Some(v),
+                (7, Field::Varint(v)) => status = v,
+                _ => {}
+            }
+        }
+        let (Some(start), Some(end)) = (start, end) else { return Err(bad()) };
+        if status & (VMA_AREA_VDSO | VMA_AREA_VVAR | VMA_AREA_AIORING) != 0 {
+            out.push((start, end));
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,6 +352,23 @@ mod tests {
         let s = read_dump_stats(&dir).unwrap();
         assert_eq!((s.frozen_time_us, s.memdump_time_us, s.memwrite_time_us), (13968, 356, 112));
         assert_eq!((s.pages_scanned, s.pages_skipped_parent, s.pages_written), (57, 0, 30));
+    }
+
+    #[test]
+    fn finds_the_mappings_criu_restores_from_their_content() {
+        // From `criu dump` (4.1.1, Linux 6.18) of `sleep`, pid 23858, whose /proc/PID/maps said:
+        // 7f09ef939000-7f09ef93d000 [vvar], 7f09ef93d000-7f09ef93f000 [vvar_vclock],
+        // 7f09ef93f000-7f09ef941000 [vdso].
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/criu-images");
+        let got = restorer_read_vmas(&dir, 23858).unwrap();
+        // CRIU takes [vvar] and [vvar_vclock] as one vvar area.
+        assert_eq!(got, vec![(0x7f09_ef93_9000, 0x7f09_ef93_f000), (0x7f09_ef93_f000, 0x7f09_ef94_1000)], "{got:x?}");
+        let err = restorer_read_vmas(&dir, 1).unwrap_err().to_string();
+        assert!(err.contains("mm-1.img"), "{err}");
+        let bad = tempfile::tempdir().unwrap();
+        std::fs::write(bad.path().join("mm-7.img"), [0x19, 0x43, 0x56, 0x54, 0, 0, 0, 0]).unwrap();
+        let err = restorer_read_vmas(bad.path(), 7).unwrap_err().to_string();
+        assert!(err.contains("not a CRIU mm image"), "{err}");
     }
 
     #[test]

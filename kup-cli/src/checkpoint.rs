@@ -417,7 +417,7 @@ fn final_dump(sh: &Shared<'_>, index: usize, p: &Process, name: &str, ps: &Passe
         }
         let mut session = session;
         if let Some(p) = sh.ppp {
-            app.ppp = Some(pin_app(p, ps, &sh.dir.join(name), &mut session)?);
+            app.ppp = Some(pin_app(p, ps, &sh.dir.join(name), &run.criu_dir, &mut session)?);
         }
         app.spaces = final_image(&ps.spaces, &session)?;
         Ok(session)
@@ -490,10 +490,10 @@ pub fn room_needed(procs: &[Process], ppp: Option<crate::ppp::Arena>) -> Result<
     Ok(outside)
 }
 
-/// Pins every process of a frozen app, copies into FOAM the unchanged pages it cannot keep (CRIU
-/// did not send them), and writes the PFN lists into the store (durably: they are part of what
-/// the commit makes restorable).
-fn pin_app(p: &PppRun, ps: &Passes, app_dir: &Path, session: &mut SessionReport) -> Result<foam_store::manifest::PppPages> {
+/// Pins every process of a frozen app (CRIU's images of the final dump in `criu_dir`), copies into
+/// FOAM the unchanged pages it cannot keep (CRIU did not send them), and writes the PFN lists into
+/// the store (durably: they are part of what the commit makes restorable).
+fn pin_app(p: &PppRun, ps: &Passes, app_dir: &Path, criu_dir: &Path, session: &mut SessionReport) -> Result<foam_store::manifest::PppPages> {
     let spaces = &ps.spaces;
     let mut crc_frozen = 0;
     // Pinning, copying the pages PPP does not keep, writing the PFN lists.
@@ -528,7 +528,8 @@ fn pin_app(p: &PppRun, ps: &Passes, app_dir: &Path, session: &mut SessionReport)
         for r in tr.ranges.iter() {
             changed.insert(r.start, r.end, r.flags);
         }
-        crate::ppp::settle_frozen(&p.dev, &mut pinned, p.tag, p.crc, &tr.unsent, &changed)?;
+        let restorer_reads = foam_store::criu_images::restorer_read_vmas(criu_dir, pid).map_err(|e| format!("PPP: {e}"))?;
+        crate::ppp::settle_frozen(&p.dev, &mut pinned, p.tag, p.crc, &tr.unsent, &changed, &restorer_reads)?;
         stale.extend(pinned.unused_frames());
         parts[0] += report::ms(step.elapsed());
         crc_frozen += pinned.crc_frozen;

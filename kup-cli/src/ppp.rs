@@ -451,23 +451,47 @@ pub fn catch_up(dev: &Device, pins: &mut Pinned, tag: u64, crc: bool) -> Result<
 /// The final pins of the frozen process, from those taken while it ran (`pins`): the pages the
 /// final dump found present (`unsent`: CRIU sent no data for them) keep their pins unless
 /// `written` since, or the kernel writes them at exit; those are pinned again now, with their
-/// CRCs. [`Pinned::unused_frames`] then lists the frames for [`Device::confirm`] to let go of.
-pub fn settle_frozen(dev: &Device, pins: &mut Pinned, tag: u64, crc: bool, unsent: &RangeMap, written: &RangeMap) -> Result<()> {
+/// CRCs. The pages of the `restorer_reads` mappings (CRIU's `mm` image says which) are not kept:
+/// CRIU's restorer reads them before PPP can put them back, so they must go into the images.
+/// [`Pinned::unused_frames`] then lists the frames for [`Device::confirm`] to let go of.
+pub fn settle_frozen(dev: &Device, pins: &mut Pinned, tag: u64, crc: bool, unsent: &RangeMap, written: &RangeMap, restorer_reads: &[(u64, u64)]) -> Result<()> {
     let pid = pins.pid;
     let exit = dev.exit_writes(pid).map_err(|e| match e.raw_os_error() {
         Some(libc::EPERM) => format!("pinning process {pid}: it is not stopped by CRIU"),
         _ => format!("process {pid}: reading the addresses its threads' exit writes: {e}"),
     })?;
-    let mut changed = written.clone();
+    let mut repin = written.clone();
     for a in &exit {
-        changed.insert(*a, a + PAGE, 0);
+        repin.insert(*a, a + PAGE, 0);
     }
+    let mut changed = repin.clone();
+    let restorer = leave_to_restorer(&mut repin, &mut changed, unsent, restorer_reads);
+    let repin: Vec<(u64, u64)> = repin.iter().map(|r| (r.start, r.end)).collect();
     let changed: Vec<(u64, u64)> = changed.iter().map(|r| (r.start, r.end)).collect();
     let mut now = Pinned { pid, ..Pinned::default() };
-    pin_ranges(dev, pid, tag, ppp_abi::PIN_REPIN | crc_flag(crc), &changed, &mut now)?;
+    pin_ranges(dev, pid, tag, ppp_abi::PIN_REPIN | crc_flag(crc), &repin, &mut now)?;
     pins.crc_frozen = if crc { now.entries.len() as u64 } else { 0 };
     merge_pins(pins, now, Some(unsent), &changed);
+    if !restorer.is_empty() {
+        pins.refused.extend(restorer);
+        pins.refused.sort_unstable_by_key(|(va, _)| *va);
+    }
     Ok(())
+}
+
+/// Takes the `restorer_reads` mappings out of what is pinned again (`repin`) and puts them into
+/// what gives way (`changed`); returns their pages CRIU did not send, as refused.
+fn leave_to_restorer(repin: &mut RangeMap, changed: &mut RangeMap, unsent: &RangeMap, restorer_reads: &[(u64, u64)]) -> Vec<(u64, Why)> {
+    let mut refused = vec![];
+    for &(start, end) in restorer_reads {
+        repin.remove(start, end);
+        changed.insert(start, end, 0);
+        for r in unsent.iter() {
+            let (s, e) = (r.start.max(start), r.end.min(end));
+            refused.extend((s..e).step_by(PAGE as usize).map(|va| (va, Why::RestorerReads)));
+        }
+    }
+    refused
 }
 
 fn crc_flag(crc: bool) -> u32 {
@@ -917,6 +941,26 @@ mod tests {
         assert_eq!(Arena::from_cmdline("memmap=512M!1G").unwrap(), None);
         assert!(Arena::from_cmdline("memmap=2G$4G memmap=1G$8G").unwrap_err().to_string().contains("exactly one"));
         assert!(Arena::from_cmdline("memmap=2X$4G").unwrap_err().to_string().contains("memmap=2X$4G"));
+    }
+
+    #[test]
+    fn the_pages_criu_restores_itself_are_neither_kept_nor_pinned_again() {
+        let map = |rs: &[(u64, u64)]| {
+            let mut m = RangeMap::new();
+            for &(s, e) in rs {
+                m.insert(s, e, 0);
+            }
+            m
+        };
+        let pairs = |m: &RangeMap| m.iter().map(|r| (r.start, r.end)).collect::<Vec<_>>();
+        // Pages 1-2 written since the pins; the restorer reads pages 2-3 (a vDSO); CRIU sent
+        // page 3 (soft-dirty), so only page 2 is left for kup to copy.
+        let (mut repin, unsent) = (map(&[(0x1000, 0x3000)]), map(&[(0, 0x3000), (0x4000, 0x5000)]));
+        let mut changed = repin.clone();
+        let refused = leave_to_restorer(&mut repin, &mut changed, &unsent, &[(0x2000, 0x4000)]);
+        assert_eq!(pairs(&repin), vec![(0x1000, 0x2000)]);
+        assert_eq!(pairs(&changed), vec![(0x1000, 0x4000)]);
+        assert_eq!(refused, vec![(0x2000, Why::RestorerReads)]);
     }
 
     #[test]

@@ -56,10 +56,11 @@ pub enum Why {
     NotHeld = 7,
     NotHole = 8,
     ExitWrite = 9,
+    RestorerReads = 10,
 }
 
 impl Why {
-    pub const ALL: [Why; 10] = [Why::Kept, Why::NotPresent, Why::NotArena, Why::NotAnon, Why::Shared, Why::Pinned, Why::BadCrc, Why::NotHeld, Why::NotHole, Why::ExitWrite];
+    pub const ALL: [Why; 11] = [Why::Kept, Why::NotPresent, Why::NotArena, Why::NotAnon, Why::Shared, Why::Pinned, Why::BadCrc, Why::NotHeld, Why::NotHole, Why::ExitWrite, Why::RestorerReads];
 
     pub fn from_raw(v: u32) -> Option<Why> {
         Why::ALL.into_iter().find(|w| *w as u32 == v)
@@ -78,6 +79,7 @@ impl Why {
             Why::NotHeld => "PPP_NOT_HELD",
             Why::NotHole => "PPP_NOT_HOLE",
             Why::ExitWrite => "PPP_EXIT_WRITE",
+            Why::RestorerReads => "PPP_RESTORER_READS",
         }
     }
 
@@ -94,6 +96,7 @@ impl Why {
             Why::NotHeld => "its PFN is not held back by the module",
             Why::NotHole => "the address cannot take the page",
             Why::ExitWrite => "written by the kernel when the process exits (clear_child_tid, robust futexes)",
+            Why::RestorerReads => "read by CRIU's restorer before the app runs (a vDSO kept from an earlier restore, AIO rings)",
         }
     }
 }

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The checks of kmod/ in `make test-host`: the kernel's scripts/checkpatch.pl (the kernel's coding
 # style; any error or warning fails), then a W=1 -Werror build against the two newest Debian 6.1
-# cloud kernels, the guest bench's default A and B (scripts/kmod/build.sh), then a DKMS build with
-# kmod/dkms.conf as a real host's package would do it (dkms is installed with apt-get if missing;
-# the build runs in a private tree and installs nothing). checkpatch.pl comes from Debian's linux-source-6.1 package (downloaded with
-# apt-get, not installed; its three files are kept in KUP_KMOD_CACHE, default /var/cache/kup-kmod).
+# cloud kernels (the guest bench's default A and B) and the newest 6.12 one (scripts/kmod/build.sh),
+# then a DKMS build for that 6.12 with kmod/dkms.conf as a real host's package would do it (dkms is
+# installed with apt-get if missing; the build runs in a private tree and installs nothing).
+# checkpatch.pl comes from Debian's linux-source-6.1 package (downloaded with apt-get, not
+# installed; its three files are kept in KUP_KMOD_CACHE, default /var/cache/kup-kmod).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 cache=${KUP_KMOD_CACHE:-/var/cache/kup-kmod}/checkpatch
@@ -30,6 +31,10 @@ grep -qE '(ERROR|WARNING):' <<<"$out" && die "kmod/ is not in the kernel's codin
 echo "checkpatch: kmod/ppp.c and kmod/include/uapi/kup_ppp.h are clean"
 kernels=$(apt-cache search --names-only '^linux-image-6.1.0-.*-cloud-amd64$' | awk '{print $1}' | sort -V | tail -n 2)
 [[ -n $kernels ]] || die "no linux-image-6.1.0-*-cloud-amd64 in the apt sources (apt-get update?)"
+# And the newest 6.12 of this Debian (ppp-major's B).
+k612=$(apt-cache search --names-only '^linux-image-6\.12\..*-cloud-amd64$' | awk '{print $1}' | sort -V | tail -n 1)
+[[ -n $k612 ]] || die "no linux-image-6.12.*-cloud-amd64 in the apt sources (apt-get update?)"
+kernels+=" $k612"
 for k in $kernels; do
     k=${k#linux-image-}
     ko=$("$repo/scripts/kmod/build.sh" "$k") || die "building ppp.ko for $k failed"

@@ -58,6 +58,7 @@ struct ppp_attach {
 #define PPP_NOT_HELD		7	/* MAP: the PFN is not held back */
 #define PPP_NOT_HOLE		8	/* MAP: the address cannot take the page */
 #define PPP_EXIT_WRITE		9	/* the kernel writes it when the process exits */
+#define PPP_RESTORER_READS	10	/* kup: CRIU's restorer reads it (vDSO, AIO ring) */
 
 /* One page of a PIN or MAP request. */
 struct ppp_page {

@@ -39,6 +39,13 @@ ppp_update_from_a() {
 }
 
 stage_b() {
+    ppp_resume_checked
+    pass "keys=$keys in_place=$in_place frozen_ms=$frozen checksum_ms=$checksum_ms crc_frozen_pages=$crc_frozen pin_ms=$pin_ms"
+}
+
+# ppp_resume_checked: `kup resume` on B, then every item, the pages in place, the module's state and
+# the update record's figures checked; sets keys, in_place, frozen, checksum_ms, crc_frozen, pin_ms.
+ppp_resume_checked() {
     rc=0
     kup resume || rc=$?
     [ $rc -eq 0 ] || fail "kup resume exited $rc"
@@ -62,7 +69,6 @@ stage_b() {
     figure checksum_ms "$checksum_ms"
     figure crc_frozen "$crc_frozen"
     figure pin_ms "$pin_ms"
-    pass "keys=$keys in_place=$in_place frozen_ms=$frozen checksum_ms=$checksum_ms crc_frozen_pages=$crc_frozen pin_ms=$pin_ms"
 }
 
 # ppp_keys_back WHEN: every item of the checkpoint must read back; sets $keys.

@@ -29,7 +29,7 @@
  * otherwise); the device is root only.
  * The user ABI is include/uapi/kup_ppp.h. Built and run on Linux 6.1 and
  * 6.12 (Debian bookworm and its 6.12 kernels); the few differences are in
- * ppp_gup(), ppp_mapcount() and hold_online() (Kbuild names them).
+ * ppp_gup() and ppp_mapcount() (Kbuild names them) and hold_online().
  */
 
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt

@@ -129,8 +129,12 @@ fn yes() -> bool {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PppList {
     pub pid: u32,
-    /// Relative to the app's directory.
+    /// Relative to the app's directory: the list written while the app ran.
     pub file: String,
+    /// The list of the changes since, written while the app was frozen (applied over `file`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen: Option<String>,
+    /// Pages kept in place, with the changes applied.
     pub pages: u64,
 }
 

@@ -300,6 +300,9 @@ struct Passes {
     ppp_checksum_ms: f64,
     /// PPP: the pages written meanwhile that each pass after the first while the app ran did again.
     ppp_catch_up: Vec<u64>,
+    /// PPP: each process's kept pages as its PFN list written while it ran holds them (the
+    /// frozen pass writes only what changed since).
+    ppp_listed: BTreeMap<u32, Vec<crate::ppp::KeptPage>>,
 }
 
 /// The app's pre-dumps (it keeps running), then the wait at the final gate.
@@ -313,7 +316,7 @@ fn pre_dumps(sh: &Shared<'_>, p: &Process, name: &str, ticket: &mut Ticket<'_>) 
     }
     options.extend(sh.a.criu_options.iter().cloned());
     let mut app = App { name: name.to_string(), pid: p.pid, comm: p.comm.clone(), criu_options: options.clone(), passes: vec![], spaces: vec![], ppp: None };
-    let mut ps = Passes { spaces, staging, options, previous: BTreeMap::new(), ppp_pre: Default::default(), ppp_dirty: Default::default(), ppp_dirty_ms: Default::default(), ppp_precopied: BTreeMap::new(), ppp_checksum_ms: 0.0, ppp_catch_up: vec![] };
+    let mut ps = Passes { spaces, staging, options, previous: BTreeMap::new(), ppp_pre: Default::default(), ppp_dirty: Default::default(), ppp_dirty_ms: Default::default(), ppp_precopied: BTreeMap::new(), ppp_checksum_ms: 0.0, ppp_catch_up: vec![], ppp_listed: BTreeMap::new() };
     for pass in 1..sh.passes {
         let mut run = start_pass(sh, p, name, &ps, pass)?;
         let (session, waited) = run.serve(sh, &ps, None);
@@ -324,7 +327,7 @@ fn pre_dumps(sh: &Shared<'_>, p: &Process, name: &str, ticket: &mut Ticket<'_>) 
         ps.previous = session.targets.iter().map(|(t, r)| (*t, r.ranges.clone())).collect();
     }
     if let Some(ppp) = sh.ppp {
-        ppp_prepass(ppp, p, &mut ps)?;
+        ppp_prepass(ppp, p, &mut ps, &app_dir)?;
     }
     if !ticket.arrive() {
         return fail("not frozen: the checkpoint of another app failed before the final dump, so this app was left running");
@@ -337,8 +340,8 @@ fn pre_dumps(sh: &Shared<'_>, p: &Process, name: &str, ticket: &mut Ticket<'_>) 
 /// Then, in up to [`CATCH_UP_PASSES`] more passes, the pages written meanwhile are found (ppp.ko's
 /// WRITTEN, which resets their bits without missing a write) and pinned, checksummed or copied
 /// again, until few are left for the final dump's frozen pass (CRIU sends none of them: see
-/// `PassRun::serve`).
-fn ppp_prepass(ppp: &PppRun, p: &Process, ps: &mut Passes) -> Result<()> {
+/// `PassRun::serve`). Last, each process's PFN list goes into the app's directory in the store.
+fn ppp_prepass(ppp: &PppRun, p: &Process, ps: &mut Passes, app_dir: &Path) -> Result<()> {
     let t = Instant::now();
     let pids = p.tree();
     for &pid in &pids {
@@ -370,6 +373,12 @@ fn ppp_prepass(ppp: &PppRun, p: &Process, ps: &mut Passes) -> Result<()> {
             break;
         }
         before = pages;
+    }
+    let dir = app_dir.join("ppp");
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for (pid, pins) in ps.ppp_pre.get_mut().iter() {
+        crate::ppp::write_list(&dir.join(format!("{pid}.pfns")), ppp.arena, *pid, &pins.entries, &[])?;
+        ps.ppp_listed.insert(*pid, pins.entries.clone());
     }
     ps.ppp_checksum_ms = report::ms(t.elapsed());
     Ok(())
@@ -500,7 +509,6 @@ fn pin_app(p: &PppRun, ps: &Passes, app_dir: &Path, criu_dir: &Path, session: &m
     let mut parts = [0.0; 3];
     let t = Instant::now();
     let dir = app_dir.join("ppp");
-    std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut lists = vec![];
     let mut not_kept = BTreeMap::new();
     // The PFNs pinned while the app ran that it no longer maps (none, for a process the final dump
@@ -545,13 +553,15 @@ fn pin_app(p: &PppRun, ps: &Passes, app_dir: &Path, criu_dir: &Path, session: &m
         }
         parts[1] += report::ms(step.elapsed());
         let step = Instant::now();
-        let file = format!("ppp/{pid}.pfns");
-        crate::ppp::write_list(&app_dir.join(&file), p.arena, &pinned)?;
+        let listed = ps.ppp_listed.get(&pid).expect("listed with the pins");
+        let (changed, gone) = crate::ppp::list_changes(listed, &pinned.entries);
+        let frozen = format!("ppp/{pid}.frozen.pfns");
+        crate::ppp::write_list(&app_dir.join(&frozen), p.arena, pid, &changed, &gone)?;
         parts[2] += report::ms(step.elapsed());
         for (w, n) in pinned.not_kept() {
             *not_kept.entry(w).or_insert(0) += n;
         }
-        lists.push(foam_store::manifest::PppList { pid, file, pages: pinned.entries.len() as u64 });
+        lists.push(foam_store::manifest::PppList { pid, file: format!("ppp/{pid}.pfns"), frozen: Some(frozen), pages: pinned.entries.len() as u64 });
     }
     let step = Instant::now();
     p.dev.confirm(p.tag, &pids, &stale).map_err(|e| match e.raw_os_error() {

@@ -801,26 +801,34 @@ pub fn tag(id: &str) -> u64 {
     h | 1
 }
 
-/// Writes a process's PFN list durably: runs of pages at consecutive addresses and frames, then
-/// the pages' CRCs (kmod/include/uapi/kup_ppp.h).
-pub fn write_list(path: &Path, arena: Arena, p: &Pinned) -> Result<()> {
+/// Writes a process's PFN list durably: runs of `entries` at consecutive addresses and frames,
+/// and runs of the `gone` address ranges (only in a list of changes), then the pages' CRCs
+/// (kmod/include/uapi/kup_ppp.h).
+pub fn write_list(path: &Path, arena: Arena, pid: u32, entries: &[KeptPage], gone: &[(u64, u64)]) -> Result<()> {
     let mut runs: Vec<ListRun> = vec![];
-    for e in &p.entries {
+    for e in entries {
         match runs.last_mut() {
             Some(r) if r.vaddr + r.nr_pages as u64 * PAGE == e.vaddr && r.pfn + r.nr_pages as u64 == e.pfn && r.nr_pages < u32::MAX => r.nr_pages += 1,
             _ => runs.push(ListRun { vaddr: e.vaddr, pfn: e.pfn, nr_pages: 1, flags: 0 }),
         }
     }
+    for &(start, end) in gone {
+        for at in (start..end).step_by(u32::MAX as usize * PAGE as usize) {
+            let nr_pages = ((end - at) / PAGE).min(u32::MAX as u64) as u32;
+            runs.push(ListRun { vaddr: at, pfn: 0, nr_pages, flags: ppp_abi::LIST_GONE });
+        }
+    }
+    runs.sort_by_key(|r| r.vaddr);
     let mut body = runs.as_bytes().to_vec();
-    body.extend(p.entries.iter().flat_map(|e| e.crc.to_le_bytes()));
+    body.extend(entries.iter().flat_map(|e| e.crc.to_le_bytes()));
     let head = ListHead {
         magic: ppp_abi::LIST_MAGIC,
         version: ppp_abi::LIST_VERSION,
         arena_start: arena.start,
         arena_size: arena.size,
-        nr_pages: p.entries.len() as u64,
+        nr_pages: entries.len() as u64,
         nr_runs: runs.len() as u64,
-        pid: p.pid,
+        pid,
         crc: crc32fast::hash(&body),
     };
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -828,11 +836,14 @@ pub fn write_list(path: &Path, arena: Arena, p: &Pinned) -> Result<()> {
     Ok(())
 }
 
+/// One PFN list read back: its head, its pages and its `gone` ranges, in address order.
+pub type List = (ListHead, Vec<KeptPage>, Vec<(u64, u64)>);
+
 /// Reads a PFN list back, checking its head, its CRC and that its runs add up.
-pub fn read_list(path: &Path) -> Result<(ListHead, Vec<KeptPage>)> {
+pub fn read_list(path: &Path) -> Result<List> {
     let mut bytes = vec![];
     std::fs::File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(|e| format!("{}: {e}", path.display()))?;
-    let bad = |why: String| -> Result<(ListHead, Vec<KeptPage>)> { fail(format!("the PFN list {} is damaged ({why}): this checkpoint's pages cannot be put back in place", path.display())) };
+    let bad = |why: String| -> Result<List> { fail(format!("the PFN list {} is damaged ({why}): this checkpoint's pages cannot be put back in place", path.display())) };
     let Ok((head, rest)) = ListHead::read_from_prefix(&bytes) else { return bad(format!("{} bytes, shorter than its head", bytes.len())) };
     if head.magic != ppp_abi::LIST_MAGIC || head.version != ppp_abi::LIST_VERSION {
         return bad(format!("magic {:#x} version {}, want {:#x} version {}", head.magic, head.version, ppp_abi::LIST_MAGIC, ppp_abi::LIST_VERSION));
@@ -846,18 +857,84 @@ pub fn read_list(path: &Path) -> Result<(ListHead, Vec<KeptPage>)> {
         return bad("CRC mismatch".into());
     }
     let (runs, crcs) = rest.split_at(runs_len);
-    let mut out = Vec::with_capacity(head.nr_pages as usize);
+    let (mut out, mut gone) = (Vec::with_capacity(head.nr_pages as usize), vec![]);
     let mut crcs = crcs.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap()));
+    let mut end = 0;
     for r in runs.chunks_exact(size_of::<ListRun>()).map(|c| ListRun::read_from_bytes(c).unwrap()) {
+        if r.vaddr < end || r.nr_pages == 0 || r.flags & !ppp_abi::LIST_GONE != 0 {
+            return bad(format!("a run at {:#x} overlaps the one before, is empty or has flags {:#x}", r.vaddr, r.flags));
+        }
+        end = r.vaddr + r.nr_pages as u64 * PAGE;
+        if r.flags & ppp_abi::LIST_GONE != 0 {
+            gone.push((r.vaddr, end));
+            continue;
+        }
         for i in 0..r.nr_pages as u64 {
             let Some(crc) = crcs.next() else { return bad("more pages in the runs than CRCs".into()) };
             out.push(KeptPage { vaddr: r.vaddr + i * PAGE, pfn: r.pfn + i, crc });
         }
     }
-    if out.len() as u64 != head.nr_pages || out.windows(2).any(|w| w[1].vaddr <= w[0].vaddr) {
-        return bad(format!("its runs name {} pages, not {} in ascending order", out.len(), head.nr_pages));
+    if out.len() as u64 != head.nr_pages {
+        return bad(format!("its runs name {} pages, not {}", out.len(), head.nr_pages));
     }
-    Ok((head, out))
+    Ok((head, out, gone))
+}
+
+/// A process's kept pages from its list in the manifest: the list written while it ran, with
+/// the changes written while it was frozen applied.
+pub fn load_list(app_dir: &Path, l: &PppList) -> Result<(ListHead, Vec<KeptPage>)> {
+    let (head, mut entries, gone) = read_list(&app_dir.join(&l.file))?;
+    if !gone.is_empty() {
+        return fail(format!("the PFN list {} removes pages, which only a list of changes does", app_dir.join(&l.file).display()));
+    }
+    if let Some(frozen) = &l.frozen {
+        let path = app_dir.join(frozen);
+        let (h, changed, mut gone) = read_list(&path)?;
+        if (h.pid, h.arena_start, h.arena_size) != (head.pid, head.arena_start, head.arena_size) {
+            return fail(format!("the PFN list {} is for process {} in another arena than {}", path.display(), h.pid, l.file));
+        }
+        gone.extend(changed.iter().map(|e| (e.vaddr, e.vaddr + PAGE)));
+        gone.sort_unstable();
+        let mut at = Cursor(&gone, 0);
+        entries.retain(|e| !at.has(e.vaddr));
+        merge_into(&mut entries, changed, |e| e.vaddr);
+    }
+    if entries.len() as u64 != l.pages {
+        return fail(format!("the PFN lists of process {} name {} pages, the manifest {}", head.pid, entries.len(), l.pages));
+    }
+    Ok((head, entries))
+}
+
+/// What the list of changes holds: the entries of `now` that `before` lacks or has otherwise, and
+/// the address ranges of `before`'s entries that `now` lacks. Both in address order.
+pub fn list_changes(before: &[KeptPage], now: &[KeptPage]) -> (Vec<KeptPage>, Vec<(u64, u64)>) {
+    let (mut changed, mut gone) = (vec![], Vec::<(u64, u64)>::new());
+    let mut drop = |va: u64| match gone.last_mut() {
+        Some((_, e)) if *e == va => *e += PAGE,
+        _ => gone.push((va, va + PAGE)),
+    };
+    let (mut i, mut j) = (0, 0);
+    while i < before.len() || j < now.len() {
+        match (before.get(i), now.get(j)) {
+            (Some(b), Some(n)) if b.vaddr == n.vaddr => {
+                if b != n {
+                    changed.push(*n);
+                }
+                i += 1;
+                j += 1;
+            }
+            (Some(b), n) if n.is_none_or(|n| b.vaddr < n.vaddr) => {
+                drop(b.vaddr);
+                i += 1;
+            }
+            (_, Some(n)) => {
+                changed.push(*n);
+                j += 1;
+            }
+            (_, None) => unreachable!("one of the lists has entries left"),
+        }
+    }
+    (changed, gone)
 }
 
 /// What mapping a process's kept pages back did.
@@ -1003,17 +1080,45 @@ mod tests {
     fn a_pfn_list_reads_back_and_a_damaged_one_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("1.pfns");
-        let p = Pinned { pid: 1, entries: (0..100).map(|i| KeptPage { vaddr: 0x7000_0000 + i * PAGE, pfn: 0x10_0000 + i + (i / 10) * 7, crc: i as u32 }).collect(), refused: vec![], ..Pinned::default() };
+        let entries: Vec<KeptPage> = (0..100).map(|i| KeptPage { vaddr: 0x7000_0000 + i * PAGE, pfn: 0x10_0000 + i + (i / 10) * 7, crc: i as u32 }).collect();
         let arena = Arena { start: 4 << 30, size: 2 << 30 };
-        write_list(&path, arena, &p).unwrap();
-        let (head, entries) = read_list(&path).unwrap();
-        assert_eq!((head.pid, head.arena_start, head.nr_runs, entries), (1, 4 << 30, 10, p.entries.clone()));
+        write_list(&path, arena, 1, &entries, &[]).unwrap();
+        let (head, back, gone) = read_list(&path).unwrap();
+        assert_eq!((head.pid, head.arena_start, head.nr_runs, back, gone), (1, 4 << 30, 10, entries.clone(), vec![]));
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[size_of::<ListHead>() + 9] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
         assert!(read_list(&path).unwrap_err().to_string().contains("CRC mismatch"));
         std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
         assert!(read_list(&path).unwrap_err().to_string().contains("bytes after the head"));
+    }
+
+    #[test]
+    fn the_list_written_while_frozen_carries_only_the_changes() {
+        let va = |i: u64| 0x7000_0000 + i * PAGE;
+        let kept = |i: u64, pfn: u64, crc: u32| KeptPage { vaddr: va(i), pfn, crc };
+        let before: Vec<KeptPage> = (0..10).map(|i| kept(i, 100 + i, i as u32)).collect();
+        // Page 2 written in place (new CRC), 3 moved to another frame, 5-6 unmapped, 12 new.
+        let mut now: Vec<KeptPage> = before.iter().filter(|e| !(5..7).contains(&((e.vaddr - va(0)) / PAGE))).copied().collect();
+        now[2].crc = 77;
+        now[3].pfn = 300;
+        now.push(kept(12, 112, 12));
+        let (changed, gone) = list_changes(&before, &now);
+        assert_eq!(changed, vec![now[2], now[3], kept(12, 112, 12)]);
+        assert_eq!(gone, vec![(va(5), va(7))]);
+        assert_eq!(list_changes(&now, &now), (vec![], vec![]));
+        // Written as two lists, read back as the final one.
+        let dir = tempfile::tempdir().unwrap();
+        let arena = Arena { start: 4 << 30, size: 2 << 30 };
+        write_list(&dir.path().join("7.pfns"), arena, 7, &before, &[]).unwrap();
+        write_list(&dir.path().join("7.frozen.pfns"), arena, 7, &changed, &gone).unwrap();
+        let mut l = PppList { pid: 7, file: "7.pfns".into(), frozen: Some("7.frozen.pfns".into()), pages: now.len() as u64 };
+        assert_eq!(load_list(dir.path(), &l).unwrap().1, now);
+        l.pages += 1;
+        assert!(load_list(dir.path(), &l).unwrap_err().to_string().contains("the manifest"));
+        // Removing pages is only for the list of changes.
+        let l = PppList { pid: 7, file: "7.frozen.pfns".into(), frozen: None, pages: changed.len() as u64 };
+        assert!(load_list(dir.path(), &l).unwrap_err().to_string().contains("only a list of changes"));
     }
 
     #[test]

@@ -194,7 +194,7 @@ fn ppp_prepare(dir: &Path, m: &Manifest) -> Result<Option<PppRestore>> {
         arena = Some(a);
         crc.insert(app.name.clone(), p.crc);
         for l in &p.lists {
-            let (head, entries) = crate::ppp::read_list(&dir.join(&app.name).join(&l.file))?;
+            let (head, entries) = crate::ppp::load_list(&dir.join(&app.name), l)?;
             held.extend(entries.iter().map(|e| e.pfn));
             lists.insert((app.name.clone(), head.pid), entries);
         }

@@ -150,10 +150,12 @@ pub struct Map {
 }
 
 pub const LIST_MAGIC: u32 = 0x4c50_5050;
-pub const LIST_VERSION: u32 = 2;
+pub const LIST_VERSION: u32 = 3;
+/// [`ListRun::flags`]: the run only removes the pages at its addresses (a list of changes).
+pub const LIST_GONE: u32 = 1;
 
 /// The head of a process's PFN list in the checkpoint; then `nr_runs` [`ListRun`]s, then one
-/// little-endian u32 CRC per page.
+/// little-endian u32 CRC per page of the runs without [`LIST_GONE`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 pub struct ListHead {

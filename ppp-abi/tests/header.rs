@@ -52,6 +52,7 @@ fn the_rust_abi_matches_the_header() {
     for (n, e, v) in [
         ("PPP_LIST_MAGIC", "PPP_LIST_MAGIC", LIST_MAGIC as u64),
         ("PPP_LIST_VERSION", "PPP_LIST_VERSION", LIST_VERSION as u64),
+        ("PPP_LIST_GONE", "PPP_LIST_GONE", LIST_GONE as u64),
         ("PPP_ABI_VERSION", "PPP_ABI_VERSION", ABI_VERSION as u64),
         ("PPP_STATE_ATTACHED", "PPP_STATE_ATTACHED", STATE_ATTACHED as u64),
         ("PPP_STATE_PROVISIONAL", "PPP_STATE_PROVISIONAL", STATE_PROVISIONAL as u64),

@@ -135,12 +135,17 @@ struct ppp_map {
 /*
  * The PFN list kup keeps in the checkpoint for each process: a head, then
  * nr_runs runs (pages at consecutive addresses in consecutive frames) in
- * ascending vaddr order, then one __u32 CRC-32 per page in the same order.
+ * ascending vaddr order, then one __u32 CRC-32 per page of the runs without
+ * PPP_LIST_GONE, in the same order (nr_pages counts those pages).
  * Little-endian, as written on the old kernel and read on the new one. The
  * module never reads it: kup hands its PFNs to ATTACH and its pages to MAP.
+ * kup writes one list while the process runs and, while it is frozen, a
+ * second one of the changes: its runs replace the first list's pages at
+ * their addresses, and its PPP_LIST_GONE runs (pfn 0) only remove them.
  */
 #define PPP_LIST_MAGIC		0x4c505050	/* "PPPL" */
-#define PPP_LIST_VERSION	2
+#define PPP_LIST_VERSION	3
+#define PPP_LIST_GONE		1	/* ppp_list_run.flags: no pages here */
 
 struct ppp_list_head {
 	__u32 magic;		/* PPP_LIST_MAGIC */
@@ -157,7 +162,7 @@ struct ppp_list_run {
 	__u64 vaddr;		/* of the first page */
 	__u64 pfn;		/* of the first page */
 	__u32 nr_pages;
-	__u32 flags;		/* 0 */
+	__u32 flags;		/* 0 or PPP_LIST_GONE */
 };
 
 #define PPP_IOC_MAGIC		0xB7

@@ -52,9 +52,8 @@ ppp_resume_checked() {
     # What kup-resume.service runs next (kup resume attached the arena already).
     kup ppp attach --if-reserved || fail "kup ppp attach after the resume failed"
     kup status | sed 's/^/GUEST: INFO status: /'
-    # The PFNs first: while the items are read (half a minute under TCG), 6.12's khugepaged starts
-    # collapsing the released pages into huge pages elsewhere (90-97 % in place read after, against
-    # the 99 % PPP put back).
+    # The PFNs first: while the items are read (half a minute under TCG), the kernel may move the
+    # released pages (6.12 did: 90-97 % in place read after, where PPP had put every kept page back).
     ppp_in_place "after the update"
     ppp_keys_back "after the update"
     # The update record's timeline: from "frozen" to "checkpoint-done" the apps were frozen.

@@ -172,22 +172,36 @@ fn create_private(path: &Path) -> Result<File, Error> {
     std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(path).map_err(|e| Error::io(path, e))
 }
 
-/// The tasks of a dump (`pstree.img`): each process's pid and the ids of its threads.
-pub fn read_pstree(dir: &Path) -> Result<Vec<(u32, Vec<u32>)>, Error> {
-    let path = dir.join("pstree.img");
-    let b = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-    let bad = || Error::Unsupported(format!("{} is not a CRIU process tree image this kup understands", path.display()));
+fn not_understood(path: &Path, what: &str) -> Error {
+    Error::Unsupported(format!("{} is not a CRIU {what} image this kup understands", path.display()))
+}
+
+/// The records of a CRIU image file after its two magic words, `outer` and `magic`; `what` names
+/// the image in errors.
+fn read_records(path: &Path, outer: u32, magic: u32, what: &str) -> Result<Vec<Vec<u8>>, Error> {
+    let b = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let word = |i: usize| b.get(i..i + 4).map(|w| u32::from_le_bytes(w.try_into().unwrap()));
-    if word(0) != Some(IMG_COMMON_MAGIC) || word(4) != Some(PSTREE_MAGIC) {
-        return Err(bad());
+    if word(0) != Some(outer) || word(4) != Some(magic) {
+        return Err(not_understood(path, what));
     }
     let mut out = Vec::new();
     let mut at = 8;
     while at < b.len() {
-        let len = word(at).ok_or_else(bad)? as usize;
-        let entry = b.get(at + 4..at + 4 + len).ok_or_else(bad)?;
+        let len = word(at).ok_or_else(|| not_understood(path, what))? as usize;
+        out.push(b.get(at + 4..at + 4 + len).ok_or_else(|| not_understood(path, what))?.to_vec());
+        at += 4 + len;
+    }
+    Ok(out)
+}
+
+/// The tasks of a dump (`pstree.img`): each process's pid and the ids of its threads.
+pub fn read_pstree(dir: &Path) -> Result<Vec<(u32, Vec<u32>)>, Error> {
+    let path = dir.join("pstree.img");
+    let bad = || not_understood(&path, "process tree");
+    let mut out = Vec::new();
+    for entry in read_records(&path, IMG_COMMON_MAGIC, PSTREE_MAGIC, "process tree")? {
         let (mut pid, mut threads) = (0u32, Vec::new());
-        for (f, v) in fields(entry).ok_or_else(bad)? {
+        for (f, v) in fields(&entry).ok_or_else(bad)? {
             match (f, v) {
                 (1, Field::Varint(v)) => pid = v as u32,
                 (5, Field::Varint(v)) => threads.push(v as u32),
@@ -212,7 +226,6 @@ pub fn read_pstree(dir: &Path) -> Result<Vec<(u32, Vec<u32>)>, Error> {
             }
         }
         out.push((pid, threads));
-        at += 4 + len;
     }
     Ok(out)
 }
@@ -232,14 +245,9 @@ pub struct DumpStats {
 /// Reads `stats-dump` from a CRIU images directory.
 pub fn read_dump_stats(dir: &Path) -> Result<DumpStats, Error> {
     let path = dir.join("stats-dump");
-    let b = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-    let bad = || Error::Unsupported(format!("{} is not a CRIU stats image this kup understands", path.display()));
-    let word = |i: usize| b.get(i..i + 4).map(|w| u32::from_le_bytes(w.try_into().unwrap()));
-    if word(0) != Some(IMG_SERVICE_MAGIC) || word(4) != Some(STATS_MAGIC) {
-        return Err(bad());
-    }
-    let len = word(8).ok_or_else(bad)? as usize;
-    let entry = b.get(12..12 + len).ok_or_else(bad)?;
+    let bad = || not_understood(&path, "stats");
+    let records = read_records(&path, IMG_SERVICE_MAGIC, STATS_MAGIC, "stats")?;
+    let entry = records.first().ok_or_else(bad)?;
     let mut s = DumpStats::default();
     for (f, v) in fields(entry).ok_or_else(bad)? {
         let (1, Field::Bytes(dump)) = (f, v) else { continue };
@@ -271,14 +279,9 @@ const VMA_AREA_AIORING: u64 = 1 << 13;
 /// itself, so they must be in the images (PPP cannot put them back later), in address order.
 pub fn restorer_read_vmas(dir: &Path, pid: u32) -> Result<Vec<(u64, u64)>, Error> {
     let path = dir.join(format!("mm-{pid}.img"));
-    let b = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-    let bad = || Error::Unsupported(format!("{} is not a CRIU mm image this kup understands", path.display()));
-    let word = |i: usize| b.get(i..i + 4).map(|w| u32::from_le_bytes(w.try_into().unwrap()));
-    if word(0) != Some(IMG_COMMON_MAGIC) || word(4) != Some(MM_MAGIC) {
-        return Err(bad());
-    }
-    let len = word(8).ok_or_else(bad)? as usize;
-    let entry = b.get(12..12 + len).ok_or_else(bad)?;
+    let bad = || not_understood(&path, "mm");
+    let records = read_records(&path, IMG_COMMON_MAGIC, MM_MAGIC, "mm")?;
+    let entry = records.first().ok_or_else(bad)?;
     let mut out = vec![];
     // mm_entry's field 14: repeated vma_entry {start = 1, end = 2, status = 7}.
     for (f, v) in fields(entry).ok_or_else(bad)? {

@@ -29,11 +29,13 @@ out=$(cd "$repo" && perl "$cache/checkpatch.pl" --no-tree --terse --show-types -
 echo "$out"
 grep -qE '(ERROR|WARNING):' <<<"$out" && die "kmod/ is not in the kernel's coding style (above)"
 echo "checkpatch: kmod/ppp.c and kmod/include/uapi/kup_ppp.h are clean"
+. "$repo/scripts/apt-lists.sh"
+apt_lists_fresh || die "the apt lists could not be refreshed"
 kernels=$(apt-cache search --names-only '^linux-image-6.1.0-.*-cloud-amd64$' | awk '{print $1}' | sort -V | tail -n 2)
-[[ -n $kernels ]] || die "no linux-image-6.1.0-*-cloud-amd64 in the apt sources (apt-get update?)"
+[[ -n $kernels ]] || die "no linux-image-6.1.0-*-cloud-amd64 in the apt sources"
 # And the newest 6.12 of this Debian (ppp-major's B).
 k612=$(apt-cache search --names-only '^linux-image-6\.12\..*-cloud-amd64$' | awk '{print $1}' | sort -V | tail -n 1)
-[[ -n $k612 ]] || die "no linux-image-6.12.*-cloud-amd64 in the apt sources (apt-get update?)"
+[[ -n $k612 ]] || die "no linux-image-6.12.*-cloud-amd64 in the apt sources"
 kernels+=" $k612"
 for k in $kernels; do
     k=${k#linux-image-}

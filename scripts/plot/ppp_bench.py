@@ -36,8 +36,21 @@ def main(table, outdir):
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] / 1000 for p in pts], marker="o", label=label)
         label_axes(ax, "working set (MiB), 50% written during the pre-dump", title)
+    # What PPP's frozen time is made of: kup's part, and the kernel's walks stock CRIU makes.
+    parts = [
+        (lambda r: num(r.get("kup_fz", "-")), "PPP: kup's part", "--"),
+        (lambda r: sum_or_none(num(r.get("smaps_ms", "-")), num(r.get("pagemap_ms", "-"))), "reading smaps + pagemap", ":"),
+    ]
+    for value, label, style in parts:
+        pts = [(x, value(r)) for x, r in zip(w, rows) if value(r) is not None]
+        if pts:
+            axes[0].plot([p[0] for p in pts], [p[1] / 1000 for p in pts], linestyle=style, marker=".", label=label)
     axes[0].legend()
     save(fig, "Fig. 7", f"{outdir}/ppp-fig7.png")
+
+
+def sum_or_none(a, b):
+    return None if a is None or b is None else a + b
 
 
 def label_axes(ax, xlabel, title):

@@ -6,6 +6,7 @@ shopt -s extglob inherit_errexit
 GUEST_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(cd "$GUEST_DIR/../.." && pwd)
 CACHE=${KUP_GUEST_CACHE:-/var/cache/kup-guest}
+. "$REPO_DIR/scripts/apt-lists.sh"
 
 # Modules each kernel's tree in the initramfs carries (their dependencies are added from modules.dep).
 # pmem from memmap=, FUSE for rpramfs, and what CRIU 3.17 needs for `criu check` (NOTES.md).
@@ -102,6 +103,7 @@ locate_pkg() {
 # The two newest published 6.1 cloud kernels, oldest first ("A B").
 default_kernels() {
     local list
+    apt_lists_fresh || die "the apt lists could not be refreshed"
     list=$(apt-cache search --names-only '^linux-image-6.1.0-.*-cloud-amd64$' | awk '{print $1}' | sort -V)
     if [[ -z $list ]]; then
         apt-get update -qq || die "apt-get update failed"

@@ -25,10 +25,11 @@ host_report() {
         return 1
     fi
     echo "--- ppp-bench (times in ms, measured in the guest under TCG: compare within the run only)"
-    grep -v '^ppp-bench: ' <<<"$table"
+    grep -v '^ppp-bench' <<<"$table"
     mkdir -p "$BENCH_PLOTS"
-    grep -v '^ppp-bench: ' <<<"$table" >"$BENCH_PLOTS/ppp-bench.txt"
+    grep -v '^ppp-bench' <<<"$table" >"$BENCH_PLOTS/ppp-bench.txt"
     "$GUEST_DIR/../../scripts/plot/run.sh" ppp-bench "$BENCH_PLOTS/ppp-bench.txt" "$BENCH_PLOTS" || return 1
     echo "plots: $BENCH_PLOTS/ppp-fig7.png (table: $BENCH_PLOTS/ppp-bench.txt)"
+    grep '^ppp-bench-parts: ' <<<"$table"
     grep '^ppp-bench: ' <<<"$table"
 }

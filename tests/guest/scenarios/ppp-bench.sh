@@ -18,7 +18,10 @@
 # the same W (checkpoint-done -> restore-start: kexec, boot, mounts) + their restore (same boot).
 # At the end: `GUEST: TABLE` lines (the host plots them: ppp-bench.host.sh) and the line
 # `ppp-bench: flat=X foam_over_ppp=Y`: X = PPP's frozen time at the largest W / at the smallest,
-# Y = FOAM 2-pass's frozen time / PPP's at 1024 MiB.
+# Y = FOAM 2-pass's frozen time / PPP's at 1024 MiB. The line before it, `ppp-bench-parts:`, has
+# kup_flat (X for kup's part of the frozen time), how much the frozen time grew, and how much
+# reading the subject's smaps and pagemap grew over the same W (the kernel's walks that stock CRIU
+# makes while the app is frozen).
 # (Stages run under set -e: commands whose failure is reported use `|| rc=$?`.)
 
 . /bench/bench-lib.sh
@@ -117,7 +120,14 @@ stage_r() {
     kup status | sed 's/^/GUEST: INFO status: /'
     PID=$(cat $MNT/ppp-bench.pid)
     verify "W=$W ppp" "$W"
+    # What the kernel's walks of W MiB cost in this guest: CRIU reads /proc/PID/smaps (the kernel
+    # visits every page to count RSS and PSS) and /proc/PID/pagemap on every final dump.
+    t0=$(now_ms)
+    cat /proc/"$PID"/smaps >/dev/null
+    smaps_ms=$(($(now_ms) - t0))
+    t0=$(now_ms)
     out=$(mctool pfns --pid "$PID" --out /tmp/pfns-after) || fail "reading the subject's PFNs: $out"
+    pagemap_ms=$(($(now_ms) - t0))
     in_place=$(mctool pfns-compare $MNT/pfns-before /tmp/pfns-after | sed -n 's/^in_place=//p')
     # The update record's timeline (seconds): frozen, checkpoint-done, restore-start, running.
     times=$(kup status | awk '$2 == "s" && $3 == "(+" { t[$6] = $1 } END { printf "%d %d %d", (t["checkpoint-done"] - t["frozen"]) * 1000, (t["restore-start"] - t["checkpoint-done"]) * 1000, (t["running"] - t["frozen"]) * 1000 }')
@@ -126,9 +136,11 @@ stage_r() {
     line=$(kup status | grep '^  ppp: ') || fail "the update record does not say what PPP did"
     map_ms=$(echo "$line" | sed -n 's/.*, \([0-9.]*\) ms with\(out\)\{0,1\} CRC checks.*/\1/p')
     crc_frozen=$(echo "$line" | sed -n 's/.* \([0-9]*\) pages while frozen.*/\1/p')
-    info "W=$W ppp: frozen $X_FROZEN ms, outage $X_OUTAGE ms (switch $SWITCH ms, map $map_ms ms), in place $in_place, pages pinned and checksummed again while frozen $crc_frozen"
+    kup_fz=$(echo "$line" | sed -n 's/.*; frozen part \([0-9.]*\) ms.*/\1/p')
+    [ -n "$kup_fz" ] || fail "the update record's ppp line has no 'frozen part': $line"
+    info "W=$W ppp: frozen $X_FROZEN ms (kup's part $kup_fz ms), outage $X_OUTAGE ms (switch $SWITCH ms, map $map_ms ms), in place $in_place, pages pinned and checksummed again while frozen $crc_frozen; reading smaps $smaps_ms ms, pagemap $pagemap_ms ms"
     subj_stop
-    echo "$(cat $MNT/ppp-bench.row) $X_FROZEN $X_OUTAGE $SWITCH $map_ms $in_place $crc_frozen" >>$RES
+    echo "$(cat $MNT/ppp-bench.row) $X_FROZEN $X_OUTAGE $SWITCH $map_ms $in_place $crc_frozen $kup_fz $smaps_ms $pagemap_ms" >>$RES
     rm -f $MNT/ppp-bench.row $MNT/pfns-before
     if [ -n "$(size_at $((I + 1)))" ]; then
         run_size $((I + 1))
@@ -141,17 +153,24 @@ report() {
     awk '
         function n(v) { return v == "-" ? "-" : sprintf("%.0f", v) }
         function out(f, r, s) { return (f == "-" || r == "-") ? "-" : sprintf("%.0f", f + s + r) }
-        BEGIN { printf "GUEST: TABLE %6s | %9s %9s %9s %9s | %9s %9s %9s %9s | %7s %7s %7s | %s\n", "W_MiB", "criu_fz", "foam1_fz", "foam2_fz", "ppp_fz", "criu_out", "foam1_out", "foam2_out", "ppp_out", "switch", "map", "written", "in_place" }
-        { printf "GUEST: TABLE %6s | %9s %9s %9s %9s | %9s %9s %9s %9s | %7s %7s %7s | %s\n", $1, n($2), n($4), n($6), n($8), out($2, $3, $10), out($4, $5, $10), out($6, $7, $10), n($9), n($10), n($11), $13, $12 }
+        BEGIN { printf "GUEST: TABLE %6s | %9s %9s %9s %9s | %9s %9s %9s %9s | %7s %7s %7s | %8s %8s %10s %10s | %s\n", "W_MiB", "criu_fz", "foam1_fz", "foam2_fz", "ppp_fz", "criu_out", "foam1_out", "foam2_out", "ppp_out", "switch", "map", "written", "kup_fz", "criu_fz_rest", "smaps_ms", "pagemap_ms", "in_place" }
+        { printf "GUEST: TABLE %6s | %9s %9s %9s %9s | %9s %9s %9s %9s | %7s %7s %7s | %8s %8s %10s %10s | %s\n", $1, n($2), n($4), n($6), n($8), out($2, $3, $10), out($4, $5, $10), out($6, $7, $10), n($9), n($10), n($11), $13, n($14), n($8 - $14), n($15), n($16), $12 }
     ' $RES
+    # flat: CRIU's frozen time of the PPP dump at the largest W / at the smallest; kup_flat: the
+    # same for kup's part of it (what PPP does while the app is frozen), the rest being CRIU's.
     summary=$(awk '
-        NR == 1 || $1 + 0 < wmin { wmin = $1 + 0; fmin = $8 }
-        NR == 1 || $1 + 0 > wmax { wmax = $1 + 0; fmax = $8 }
+        NR == 1 || $1 + 0 < wmin { wmin = $1 + 0; fmin = $8; kmin = $14; wk0 = $15 + $16 }
+        NR == 1 || $1 + 0 > wmax { wmax = $1 + 0; fmax = $8; kmax = $14; wk1 = $15 + $16 }
         $1 == 1024 && $6 != "-" && $8 > 0 { y = sprintf("%.1f", $6 / $8) }
-        END { printf "flat=%.2f foam_over_ppp=%s", (fmin > 0 ? fmax / fmin : 0), (y == "" ? "n/a" : y) }
+        END {
+            printf "kup_flat=%.2f frozen_growth_ms=%.0f kernel_walks_growth_ms=%.0f\n", (kmin > 0 ? kmax / kmin : 0), fmax - fmin, wk1 - wk0
+            printf "flat=%.2f foam_over_ppp=%s\n", (fmin > 0 ? fmax / fmin : 0), (y == "" ? "n/a" : y)
+        }
     ' $RES)
+    parts=$(echo "$summary" | sed -n 1p) summary=$(echo "$summary" | sed -n 2p)
+    echo "GUEST: TABLE ppp-bench-parts: $parts"
     echo "GUEST: TABLE ppp-bench: $summary"
-    pass "$(wc -l <$RES) working sets ($(sizes | tr ' ' ,) MiB), every restore verified OK; $summary"
+    pass "$(wc -l <$RES) working sets ($(sizes | tr ' ' ,) MiB), every restore verified OK; $summary $parts"
 }
 
 stage_back() {

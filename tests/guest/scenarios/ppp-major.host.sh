@@ -3,8 +3,9 @@
 # against its headers package) unless --kernel-b names one.
 . "$GUEST_DIR/scenarios/ppp.host.sh"
 if [[ -z $KB ]]; then
+    apt_lists_fresh || die "the apt lists could not be refreshed"
     KB=$(apt-cache search --names-only '^linux-image-6\.12\..*-cloud-amd64$' | awk '{print $1}' | sort -V | tail -n 1)
-    [[ -n $KB ]] || die "no linux-image-6.12.*-cloud-amd64 in the apt sources (apt-get update?)"
+    [[ -n $KB ]] || die "no linux-image-6.12.*-cloud-amd64 in the apt sources"
 fi
 
 # The guest's PASS line must name both updates (a fallback fails in the guest).

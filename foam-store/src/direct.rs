@@ -1,8 +1,9 @@
 //! Direct writes into rpramfs (the protocol is rpramfs's: rpramfs/src/fs/lease.rs; its numbers
 //! and layouts are the rpramfs-abi crate's). kup maps the region itself, leases fresh blocks for a
-//! run of pages, receives the pages from CRIU's socket straight into those blocks, and commits them
-//! with their CRCs: a page is copied once (socket to region) instead of three times (socket to kup,
-//! kup to the FUSE request, request to the region).
+//! file, receives pages from CRIU's socket straight into those blocks, whatever their addresses,
+//! and commits them as extents with their CRCs: a page is copied once (socket to region) instead of
+//! three times (socket to kup, kup to the FUSE request, request to the region), and scattered
+//! pages cost no more round trips through the daemon than contiguous ones.
 //!
 //! The region is shared with the rpramfs daemon, another process, so this module never hands out a
 //! Rust reference into it (as vm-memory does for guest memory): leased pages are filled by read(2)
@@ -20,13 +21,13 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::sync::Arc;
 
-use rpramfs_abi::{ioc_size, CommitArg, DirectInfo, LeaseArg, IOC_COMMIT, IOC_DIRECT_INFO, IOC_LEASE};
+use rpramfs_abi::{ioc_size, CommitArg, DirectInfo, Extent, LeaseArg, IOC_COMMIT, IOC_DIRECT_INFO, IOC_LEASE};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::protocol::PAGE_SIZE;
 
-/// rpramfs's largest lease.
-pub use rpramfs_abi::MAX_LEASE_BLOCKS as MAX_LEASE_PAGES;
+/// rpramfs's largest lease, and the most extents a commit carries.
+pub use rpramfs_abi::{MAX_COMMIT_EXTENTS, MAX_LEASE_BLOCKS as MAX_LEASE_PAGES};
 
 const PAGE: usize = PAGE_SIZE as usize;
 
@@ -36,13 +37,14 @@ pub struct DirectRegion {
     blocks: u64,
 }
 
-/// Fresh blocks rpramfs handed out for the pages of a file from `off` on: this process's alone
-/// until [`Lease::commit`]. Every block lies inside the region (checked when leased).
+/// Fresh blocks rpramfs handed out for pages of a file: this process's alone until
+/// [`Lease::commit`] says which pages they are. Every block lies inside the region (checked when
+/// leased).
 pub struct Lease {
     region: Arc<DirectRegion>,
     /// The file the lease was taken on: closing it frees the lease, so the lease keeps it open.
     file: Arc<File>,
-    off: u64,
+    id: u64,
     blocks: Vec<u32>,
 }
 
@@ -63,8 +65,8 @@ fn ioctl<T: FromBytes + IntoBytes>(file: &File, request: u32, arg: &mut T) -> io
     }
 }
 
-fn out_of_lease(first: usize, count: usize, pages: usize) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, format!("leased pages {first}..{} asked of a lease of {pages}", first.saturating_add(count)))
+fn out_of_lease(off: usize, len: usize, pages: usize) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, format!("leased bytes {off}..{} asked of a lease of {pages} pages", off.saturating_add(len)))
 }
 
 impl DirectRegion {
@@ -85,18 +87,18 @@ impl DirectRegion {
         Some(DirectRegion { map, blocks: len / PAGE_SIZE })
     }
 
-    /// Leases `pages` fresh blocks (1 to [`MAX_LEASE_PAGES`]) for `file` at `off`.
-    pub fn lease(self: &Arc<Self>, file: Arc<File>, off: u64, pages: usize) -> io::Result<Lease> {
+    /// Leases `pages` fresh blocks (1 to [`MAX_LEASE_PAGES`]) for `file`.
+    pub fn lease(self: &Arc<Self>, file: Arc<File>, pages: usize) -> io::Result<Lease> {
         if pages == 0 || pages > MAX_LEASE_PAGES {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("a lease of {pages} pages (1 to {MAX_LEASE_PAGES})")));
         }
-        let mut arg = LeaseArg::request(off, pages as u32);
+        let mut arg = LeaseArg::request(pages as u32);
         ioctl(&file, IOC_LEASE, &mut arg)?;
         let blocks: Vec<u32> = arg.blocks().map(|b| b.collect()).unwrap_or_default();
         if blocks.len() != pages || blocks.iter().any(|&b| u64::from(b) >= self.blocks) {
             return Err(io::Error::other(format!("rpramfs answered a lease of {pages} pages with {arg:?}")));
         }
-        Ok(Lease { region: self.clone(), file, off, blocks })
+        Ok(Lease { region: self.clone(), file, id: arg.id.get(), blocks })
     }
 
     /// Where block `block` starts in this process, for `pages` pages from there.
@@ -108,11 +110,6 @@ impl DirectRegion {
 }
 
 impl Lease {
-    /// The file offset of the first leased page.
-    pub fn off(&self) -> u64 {
-        self.off
-    }
-
     pub fn pages(&self) -> usize {
         self.blocks.len()
     }
@@ -122,29 +119,32 @@ impl Lease {
         Arc::ptr_eq(&self.file, file)
     }
 
-    /// Leased pages `first..first + count` as runs of consecutive blocks: (first page of the run,
-    /// where it starts in this process, pages). Checks the range against the lease.
-    fn runs(&self, first: usize, count: usize) -> io::Result<impl Iterator<Item = (usize, *mut u8, usize)> + '_> {
-        let end = first.checked_add(count).filter(|&e| e <= self.blocks.len()).ok_or_else(|| out_of_lease(first, count, self.blocks.len()))?;
-        let mut at = first;
+    /// Leased bytes `off..off + len` (counted from the first leased page) as runs of consecutive
+    /// blocks: (the run's offset from `off`, where it starts in this process, bytes). Checks the
+    /// range against the lease.
+    fn runs(&self, off: usize, len: usize) -> io::Result<impl Iterator<Item = (usize, *mut u8, usize)> + '_> {
+        let end = off.checked_add(len).filter(|&e| e <= self.blocks.len() * PAGE).ok_or_else(|| out_of_lease(off, len, self.blocks.len()))?;
+        let mut at = off;
         Ok(std::iter::from_fn(move || {
             if at >= end {
                 return None;
             }
-            let b = self.blocks[at];
-            let k = 1 + self.blocks[at..end].windows(2).take_while(|w| w[1] == w[0] + 1).count();
-            let run = (at, self.region.block_ptr(b, k), k);
-            at += k;
+            let (page, last) = (at / PAGE, (end - 1) / PAGE);
+            let k = 1 + self.blocks[page..=last].windows(2).take_while(|w| w[1] == w[0] + 1).count();
+            let run_end = ((page + k) * PAGE).min(end);
+            // SAFETY: `at % PAGE` < PAGE, inside the first of the `k` blocks block_ptr checked.
+            let ptr = unsafe { self.region.block_ptr(self.blocks[page], k).add(at % PAGE) };
+            let run = (at - off, ptr, run_end - at);
+            at = run_end;
             Some(run)
         }))
     }
 
-    /// Reads exactly `count` pages from `fd` (a stream: CRIU's page-server socket) into leased
-    /// pages `first..first + count`, with read(2) straight into the region. The stream ending
-    /// first is [`io::ErrorKind::UnexpectedEof`].
-    pub fn receive(&mut self, fd: BorrowedFd<'_>, first: usize, count: usize) -> io::Result<()> {
-        for (_, mut ptr, k) in self.runs(first, count)? {
-            let mut left = k * PAGE;
+    /// Reads exactly `len` bytes from `fd` (a stream: CRIU's page-server socket) into the lease
+    /// from byte `off` on, with read(2) straight into the region. The stream ending first is
+    /// [`io::ErrorKind::UnexpectedEof`].
+    pub fn receive(&mut self, fd: BorrowedFd<'_>, off: usize, len: usize) -> io::Result<()> {
+        for (_, mut ptr, mut left) in self.runs(off, len)? {
             while left > 0 {
                 // SAFETY: `ptr..ptr + left` lies inside this lease's blocks in the mapping (runs
                 // checks both); rpramfs neither reads nor hands out leased blocks before their
@@ -171,23 +171,20 @@ impl Lease {
         Ok(())
     }
 
-    /// Copies whole pages `data` into leased pages from `first` on.
-    pub fn write(&mut self, first: usize, data: &[u8]) -> io::Result<()> {
-        if !data.len().is_multiple_of(PAGE) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} bytes are not whole pages", data.len())));
-        }
-        for (at, ptr, k) in self.runs(first, data.len() / PAGE)? {
-            let src = &data[(at - first) * PAGE..(at - first + k) * PAGE];
-            // SAFETY: the destination is `k` pages of this lease's blocks in the mapping (checked
+    /// Copies `data` into the lease from byte `off` on.
+    pub fn write(&mut self, off: usize, data: &[u8]) -> io::Result<()> {
+        for (at, ptr, k) in self.runs(off, data.len())? {
+            let src = &data[at..at + k];
+            // SAFETY: the destination is `k` bytes of this lease's blocks in the mapping (checked
             // by runs), which no reference in this process covers, so it cannot overlap `src`.
-            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), ptr, src.len()) };
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), ptr, k) };
         }
         Ok(())
     }
 
     /// Copies leased page `i` out into `out`.
     pub fn read_page(&self, i: usize, out: &mut [u8; PAGE]) -> io::Result<()> {
-        for (_, ptr, _) in self.runs(i, 1)? {
+        for (_, ptr, _) in self.runs(i.saturating_mul(PAGE), PAGE)? {
             // SAFETY: one page of this lease's blocks in the mapping (checked by runs); `out` is
             // this process's own memory, not the mapping, so the two do not overlap.
             unsafe { std::ptr::copy_nonoverlapping(ptr.cast_const(), out.as_mut_ptr(), PAGE) };
@@ -195,13 +192,17 @@ impl Lease {
         Ok(())
     }
 
-    /// Makes the first `crcs.len()` leased pages the file's pages at [`Lease::off`], with these
-    /// CRCs (rpramfs checks the first against its data); rpramfs frees the rest of the lease.
-    pub fn commit(self, crcs: &[u32]) -> io::Result<()> {
+    /// Makes the first `crcs.len()` leased pages, in order, the file's pages of `extents` (file
+    /// offset, pages: ascending, up to [`MAX_COMMIT_EXTENTS`]), with these CRCs (rpramfs checks
+    /// the first against its data); rpramfs frees the rest of the lease.
+    pub fn commit(self, extents: &[(u64, usize)], crcs: &[u32]) -> io::Result<()> {
         if crcs.is_empty() || crcs.len() > self.blocks.len() {
             return Err(out_of_lease(0, crcs.len(), self.blocks.len()));
         }
-        let mut arg = CommitArg::new(self.off, crcs.iter().copied());
+        let extents: Vec<Extent> = extents.iter().map(|&(off, n)| Extent::new(off, n as u32)).collect();
+        let mut arg = CommitArg::new(self.id, &extents, crcs.iter().copied()).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("a commit of {} extents with {} CRCs (at most {MAX_COMMIT_EXTENTS} extents, one CRC a page)", extents.len(), crcs.len()))
+        })?;
         ioctl(&self.file, IOC_COMMIT, &mut arg)
     }
 }
@@ -214,35 +215,42 @@ mod tests {
     fn lease(blocks: Vec<u32>) -> Lease {
         let map = memmap2::MmapOptions::new().len(16 * PAGE).map_anon().unwrap().into();
         let region = Arc::new(DirectRegion { map, blocks: 16 });
-        Lease { region, file: Arc::new(File::open("/dev/null").unwrap()), off: 0, blocks }
+        Lease { region, file: Arc::new(File::open("/dev/null").unwrap()), id: 0, blocks }
     }
 
     #[test]
     fn copies_follow_the_blocks_and_stay_in_the_lease() {
         let mut l = lease(vec![3, 4, 9, 10, 11, 1]);
         let data: Vec<u8> = (0..6 * PAGE).map(|i| (i / PAGE * 31 + i % 251) as u8).collect();
-        l.write(0, &data).unwrap();
+        // In two pieces that split pages (a buffered part, then the rest).
+        l.write(0, &data[..PAGE + 100]).unwrap();
+        l.write(PAGE + 100, &data[PAGE + 100..]).unwrap();
         let mut page = [0u8; PAGE];
         for i in 0..6 {
             l.read_page(i, &mut page).unwrap();
             assert_eq!(page[..], data[i * PAGE..(i + 1) * PAGE], "page {i}");
         }
-        assert_eq!(l.runs(0, 6).unwrap().map(|(at, _, k)| (at, k)).collect::<Vec<_>>(), vec![(0, 2), (2, 3), (5, 1)]);
-        // Through a descriptor, into pages 1..3.
+        let runs = |off, len| l.runs(off, len).unwrap().map(|(at, _, k)| (at, k)).collect::<Vec<_>>();
+        assert_eq!(runs(0, 6 * PAGE), vec![(0, 2 * PAGE), (2 * PAGE, 3 * PAGE), (5 * PAGE, PAGE)]);
+        assert_eq!(runs(PAGE + 7, 2 * PAGE), vec![(0, PAGE - 7), (PAGE - 7, PAGE + 7)]);
+        // Through a descriptor, into pages 1..3, starting mid-page.
         let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
         std::io::Write::write_all(&mut tx, &vec![0xab; 2 * PAGE]).unwrap();
-        l.receive(std::os::fd::AsFd::as_fd(&rx), 1, 2).unwrap();
+        l.receive(std::os::fd::AsFd::as_fd(&rx), PAGE, 100).unwrap();
+        l.receive(std::os::fd::AsFd::as_fd(&rx), PAGE + 100, 2 * PAGE - 100).unwrap();
         for (i, want) in [(0, data[0]), (1, 0xab), (2, 0xab), (3, data[3 * PAGE])] {
             l.read_page(i, &mut page).unwrap();
+            assert!(page.iter().all(|&b| b == want) || i == 0 || i == 3, "page {i}");
             assert_eq!(page[0], want, "page {i}");
         }
         drop(tx);
         assert_eq!(l.receive(std::os::fd::AsFd::as_fd(&rx), 0, 1).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
         // Out of the lease: refused, nothing written.
-        assert!(l.write(5, &data[..2 * PAGE]).is_err());
-        assert!(l.write(0, &data[..100]).is_err());
+        assert!(l.write(5 * PAGE, &data[..2 * PAGE]).is_err());
+        assert!(l.write(6 * PAGE, &data[..1]).is_err());
         assert!(l.read_page(6, &mut page).is_err());
         assert!(l.runs(usize::MAX, 2).is_err());
+        assert!(l.read_page(usize::MAX, &mut page).is_err());
     }
 
     #[test]

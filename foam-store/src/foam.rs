@@ -116,10 +116,11 @@ impl FoamFile {
         Ok((d, self.segment(0)?))
     }
 
-    /// Fresh blocks for `pages` pages at `vaddr`, to receive them into (direct writes only).
-    pub fn lease(&self, vaddr: u64, pages: usize) -> Result<Lease, Error> {
+    /// Fresh blocks for `pages` pages, wherever they lie, to receive them into (direct writes
+    /// only).
+    pub fn lease(&self, pages: usize) -> Result<Lease, Error> {
         let (d, f) = self.direct_target()?;
-        d.lease(f, vaddr, pages).map_err(|e| Error::io(&self.segment_path(0), e))
+        d.lease(f, pages).map_err(|e| Error::io(&self.segment_path(0), e))
     }
 
     /// The CRCs of leased pages `0..pages` as [`page_crcs`] gives them, into `out`: each page is
@@ -135,29 +136,39 @@ impl FoamFile {
         Ok(())
     }
 
-    /// Commits the leased pages filled so far (one CRC each, as computed by [`page_crcs`]) and
-    /// stores their CRCs in the `.crc` file.
-    pub fn commit_leased(&self, lease: Lease, crcs: &[u8]) -> Result<(), Error> {
-        let vaddr = lease.off();
-        self.commit_leased_pages(lease, crcs)?;
-        self.write_crcs(vaddr, crcs)
+    /// Commits the leased pages filled so far as the pages of `extents` (vaddr, pages: ascending;
+    /// one CRC each, as computed by [`page_crcs`]) and stores their CRCs in the `.crc` file.
+    pub fn commit_leased(&self, lease: Lease, extents: &[(u64, usize)], crcs: &[u8]) -> Result<(), Error> {
+        self.commit_leased_pages(lease, extents, crcs)?;
+        let mut at = 0;
+        for &(vaddr, n) in extents {
+            self.write_crcs(vaddr, &crcs[at..at + 4 * n])?;
+            at += 4 * n;
+        }
+        Ok(())
     }
 
-    /// Commits the leased pages filled so far, vouched for by their CRCs, without storing those
-    /// in the `.crc` file: the caller does that with [`FoamFile::write_crcs`] (the receiver
-    /// gathers a contiguous range's CRCs into one write).
-    pub fn commit_leased_pages(&self, lease: Lease, crcs: &[u8]) -> Result<(), Error> {
+    /// Commits the leased pages filled so far as the pages of `extents`, vouched for by their
+    /// CRCs, without storing those in the `.crc` file: the caller does that with
+    /// [`FoamFile::write_crcs`] (the receiver gathers many extents' CRCs into one write).
+    pub fn commit_leased_pages(&self, lease: Lease, extents: &[(u64, usize)], crcs: &[u8]) -> Result<(), Error> {
         let (_, f) = self.direct_target()?;
         if !lease.is_on(&f) {
             return Err(Error::Unsupported(format!("a lease of another file committed as {}'s pages", self.stem)));
         }
         let words: Vec<u32> = crcs.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
-        lease.commit(&words).map_err(|e| Error::io(&self.segment_path(0), e))
+        lease.commit(extents, &words).map_err(|e| Error::io(&self.segment_path(0), e))
     }
 
     /// Stores the CRCs of the pages from `vaddr` on (4 bytes each, as [`page_crcs`] gives them).
     pub fn write_crcs(&self, vaddr: u64, crcs: &[u8]) -> Result<(), Error> {
         self.crc.write_all_at(crcs, crc_offset(vaddr)).map_err(|e| Error::io(&self.crc_path(), e))
+    }
+
+    /// The stored CRCs of the pages from `vaddr` on into `out` (4 bytes each; zeros for pages
+    /// never stored).
+    pub fn read_crcs(&self, vaddr: u64, out: &mut [u8]) -> Result<(), Error> {
+        read_full_at(&self.crc, out, crc_offset(vaddr)).map_err(|e| Error::io(&self.crc_path(), e))
     }
 
     /// Opens an existing address space for reading.

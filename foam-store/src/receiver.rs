@@ -6,7 +6,10 @@
 //! stores each run while the session thread receives and checksums the next ones, so CRIU, which
 //! waits on a full socket while the app is frozen, is not held up by the store. On rpramfs a run
 //! is received straight into blocks leased from the region ([`crate::direct`]), and the writer
-//! checksums and commits it; elsewhere it goes through a page-aligned buffer and a write. The reply to
+//! checksums and commits it; there a run is a lease's worth of pages wherever they lie (up to
+//! [`MAX_COMMIT_EXTENTS`] extents), so an app's scattered dirty pages cost as few round trips
+//! through rpramfs's daemon as contiguous ones. Elsewhere a run is contiguous and goes through a
+//! page-aligned buffer and a write. The reply to
 //! OPEN2/PARENT says "a parent exists" only when the client was started for an incremental pass
 //! (`--prev-images-dir` with `--track-mem`): CRIU then checks its own parent inventory, and without
 //! one it aborts the dump.
@@ -21,7 +24,7 @@ use std::sync::Arc;
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
-use crate::direct::{Lease, MAX_LEASE_PAGES};
+use crate::direct::{Lease, MAX_COMMIT_EXTENTS, MAX_LEASE_PAGES};
 use crate::foam::FoamFile;
 use crate::protocol::{Cmd, Header, ProtocolError, Target, HEADER_LEN, PAGE_SIZE, PE_PARENT, PE_PRESENT};
 use crate::ranges::RangeMap;
@@ -86,7 +89,7 @@ pub struct Receiver<'a> {
 /// See [`Receiver::before_open`].
 pub type OpenHook<'a> = dyn Fn(Target) -> Result<(), String> + Sync + 'a;
 
-/// Contiguous pages of one address space on their way to the store.
+/// Pages of one address space on their way to the store.
 struct Run {
     /// Page-aligned (an anonymous mapping): an O_DIRECT write of a buffer that starts mid-page
     /// spans one page more than it holds, so FUSE would split every 1 MiB run into two requests,
@@ -96,7 +99,9 @@ struct Run {
     lease: Option<(Arc<FoamFile>, Lease)>,
     fill: usize,
     target: Option<Target>,
-    vaddr: u64,
+    /// Where the pages go, in the order received: (vaddr, pages), ascending. Without a lease,
+    /// one extent (the run is one write).
+    extents: Vec<(u64, usize)>,
     crcs: Vec<u8>,
 }
 
@@ -105,24 +110,51 @@ impl Run {
         self.lease.as_ref().map_or(self.buf.len(), |(_, l)| l.pages() * PAGE_SIZE as usize)
     }
 
+    /// Where the last extent ends.
+    fn end(&self) -> Option<u64> {
+        self.extents.last().map(|&(v, n)| v + n as u64 * PAGE_SIZE)
+    }
+
+    /// Whether pages of `t` from `at` on can go on in this run: it has room, and they follow the
+    /// last extent, or (leased) lie beyond it with room for another extent.
+    fn takes(&self, t: Target, at: u64) -> bool {
+        if self.target != Some(t) || self.fill == self.capacity() {
+            return false;
+        }
+        match self.end() {
+            Some(end) if end == at => true,
+            Some(end) => self.lease.is_some() && at > end && self.extents.len() < MAX_COMMIT_EXTENTS,
+            None => false,
+        }
+    }
+
+    /// Records that the next `pages` pages received go to `at`.
+    fn push(&mut self, at: u64, pages: usize) {
+        match self.extents.last_mut() {
+            Some((v, n)) if *v + *n as u64 * PAGE_SIZE == at => *n += pages,
+            _ => self.extents.push((at, pages)),
+        }
+    }
+
     /// Reads `n` bytes (whole pages, within the capacity) of page data from the session into
-    /// the run.
-    fn receive<S: Session>(&mut self, sock: &mut S, n: usize) -> Result<(), Error> {
+    /// the run: what the inbox holds first, then the rest.
+    fn receive<S: Session>(&mut self, inbox: &mut Inbox, sock: &mut S, n: usize) -> Result<(), Error> {
         debug_assert!(self.fill + n <= self.capacity());
         match &mut self.lease {
-            None => read_session(sock, &mut self.buf[self.fill..self.fill + n])?,
+            None => inbox.read_exact(sock, &mut self.buf[self.fill..self.fill + n])?,
             Some((file, lease)) => {
-                let page = PAGE_SIZE as usize;
-                let (first, count) = (self.fill / page, n / page);
+                let store_error = |e| Error::io(std::path::Path::new(file.stem()), e);
+                let held = inbox.take(n);
+                lease.write(self.fill, held).map_err(store_error)?;
+                let mut done = held.len();
                 if let Some(fd) = sock.unbuffered_fd() {
-                    lease.receive(fd, first, count).map_err(session_error)?;
+                    lease.receive(fd, self.fill + done, n - done).map_err(session_error)?;
                 } else {
                     // Through `buf`, which a leased run does not use otherwise.
-                    let mut done = 0;
-                    while done < count {
-                        let k = (count - done).min(self.buf.len() / page);
-                        read_session(sock, &mut self.buf[..k * page])?;
-                        lease.write(first + done, &self.buf[..k * page]).map_err(|e| Error::io(std::path::Path::new(file.stem()), e))?;
+                    while done < n {
+                        let k = (n - done).min(self.buf.len());
+                        inbox.read_exact(sock, &mut self.buf[..k])?;
+                        lease.write(self.fill + done, &self.buf[..k]).map_err(store_error)?;
                         done += k;
                     }
                 }
@@ -142,6 +174,57 @@ impl Run {
     }
 }
 
+/// The session's input. Headers come through a buffer, with whatever follows them, so a stream of
+/// one-page runs (an app's scattered dirty pages) costs a read(2) per buffer instead of two per
+/// run; page data beyond what the buffer holds goes from the socket straight to its run.
+struct Inbox {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Inbox {
+    const BYTES: usize = 64 << 10;
+
+    fn new() -> Inbox {
+        Inbox { buf: vec![0; Self::BYTES], start: 0, end: 0 }
+    }
+
+    /// Up to `n` buffered bytes, consumed.
+    fn take(&mut self, n: usize) -> &[u8] {
+        let k = n.min(self.end - self.start);
+        let at = self.start;
+        self.start += k;
+        &self.buf[at..at + k]
+    }
+
+    /// Exactly `out.len()` bytes: buffered ones first, then from the session (a read(2) into the
+    /// buffer, or straight into `out` when it wants more than the buffer holds).
+    fn read_exact<S: Read>(&mut self, sock: &mut S, out: &mut [u8]) -> Result<(), Error> {
+        let mut done = 0;
+        while done < out.len() {
+            if self.start == self.end {
+                if out.len() - done >= Self::BYTES {
+                    return read_session(sock, &mut out[done..]);
+                }
+                (self.start, self.end) = (0, 0);
+                self.end = loop {
+                    match sock.read(&mut self.buf) {
+                        Ok(0) => return Err(Error::SessionCut),
+                        Ok(n) => break n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(session_error(e)),
+                    }
+                };
+            }
+            let held = self.take(out.len() - done);
+            out[done..done + held.len()].copy_from_slice(held);
+            done += held.len();
+        }
+        Ok(())
+    }
+}
+
 /// The writer thread and the channels to it: full runs go there, emptied ones come back.
 struct Writer<'scope> {
     full: Option<SyncSender<Run>>,
@@ -155,7 +238,7 @@ impl<'scope> Writer<'scope> {
         let (empty_tx, empty) = sync_channel::<Run>(RUNS_IN_FLIGHT);
         for _ in 0..RUNS_IN_FLIGHT {
             let buf = memmap2::MmapMut::map_anon(RUN_BYTES).map_err(|e| Error::io(std::path::Path::new("(receive buffer)"), e))?;
-            let run = Run { buf, lease: None, fill: 0, target: None, vaddr: 0, crcs: Vec::with_capacity(RUN_BYTES / 4096 * 4) };
+            let run = Run { buf, lease: None, fill: 0, target: None, extents: Vec::new(), crcs: Vec::with_capacity(RUN_BYTES / 4096 * 4) };
             empty_tx.send(run).expect("the channel has room for every run");
         }
         let thread = std::thread::Builder::new()
@@ -168,14 +251,18 @@ impl<'scope> Writer<'scope> {
                         // and the session thread's copy is the only other work per byte.
                         run.checksum()?;
                         let (file, lease) = run.lease.take().expect("checked above");
-                        let vaddr = lease.off();
-                        file.commit_leased_pages(lease, &run.crcs)?;
-                        crcs.add(&file, vaddr, &run.crcs)?;
-                    } else if let Some(t) = run.target {
-                        spaces.get_or_create(t)?.write_pages_with_crcs(run.vaddr, &run.buf[..run.fill], &run.crcs)?;
+                        file.commit_leased_pages(lease, &run.extents, &run.crcs)?;
+                        let mut at = 0;
+                        for &(vaddr, n) in &run.extents {
+                            crcs.add(&file, vaddr, &run.crcs[at..at + 4 * n])?;
+                            at += 4 * n;
+                        }
+                    } else if let (Some(t), Some(&(vaddr, _))) = (run.target, run.extents.first()) {
+                        spaces.get_or_create(t)?.write_pages_with_crcs(vaddr, &run.buf[..run.fill], &run.crcs)?;
                     }
                     run.fill = 0;
                     run.target = None;
+                    run.extents.clear();
                     // The session may have ended (an error): nobody takes the run back then.
                     let _ = empty_tx.send(run);
                 }
@@ -219,37 +306,84 @@ impl<'scope> Writer<'scope> {
     }
 }
 
-/// The CRCs of committed direct-write runs, gathered while the runs are contiguous and written to
-/// the `.crc` file in one go: one FUSE write per contiguous range of a pass instead of one per
-/// run, each a round trip through rpramfs's daemon while the app is frozen. The writer flushes
-/// before it ends, so the session's closing reply still comes after every CRC is stored.
+/// The CRCs of committed direct-write runs, gathered and written to the `.crc` file a span at a
+/// time instead of one write per extent (each a round trip through rpramfs's daemon while the app
+/// is frozen). Extents whose CRCs lie within one 4 KiB block of each other in the `.crc` file
+/// (4 MiB of address space) share a span; a span with gaps is read first, so the CRCs of the
+/// pages in between (stored by an earlier pass) stay as they are: two round trips per span
+/// however scattered its pages. The writer flushes before it ends, so the session's closing
+/// reply still comes after every CRC is stored.
 #[derive(Default)]
 struct CrcBatch {
-    pending: Option<(Arc<FoamFile>, u64, Vec<u8>)>,
+    file: Option<Arc<FoamFile>>,
+    spans: Vec<CrcSpan>,
+    bytes: usize,
+}
+
+/// CRCs of the pages from `vaddr` on: `crcs[r]` for each `r` in `known` are new, the rest are
+/// the stored ones (read at the flush).
+struct CrcSpan {
+    vaddr: u64,
+    crcs: Vec<u8>,
+    known: Vec<std::ops::Range<usize>>,
+}
+
+impl CrcSpan {
+    fn end(&self) -> u64 {
+        self.vaddr + (self.crcs.len() / 4) as u64 * PAGE_SIZE
+    }
 }
 
 impl CrcBatch {
-    /// Past this many CRC bytes (64 Ki pages, 256 MiB of data) a batch is written anyway.
+    /// Past this many CRC bytes (64 Ki pages, 256 MiB of address space) a batch is written anyway.
     const MAX_BYTES: usize = 256 << 10;
+    /// Extents closer than this (one 4 KiB block of CRCs) go into one span.
+    const GAP_PAGES: u64 = 1024;
 
     fn add(&mut self, file: &Arc<FoamFile>, vaddr: u64, crcs: &[u8]) -> Result<(), Error> {
-        if let Some((f, start, bytes)) = &mut self.pending {
-            let end = *start + (bytes.len() / 4) as u64 * PAGE_SIZE;
-            if Arc::ptr_eq(f, file) && end == vaddr && bytes.len() + crcs.len() <= Self::MAX_BYTES {
-                bytes.extend_from_slice(crcs);
-                return Ok(());
-            }
+        let same_file = self.file.as_ref().is_some_and(|f| Arc::ptr_eq(f, file));
+        let in_order = self.spans.last().is_none_or(|s| s.end() <= vaddr);
+        if !same_file || !in_order || self.bytes + crcs.len() > Self::MAX_BYTES {
             self.flush()?;
+            self.file = Some(file.clone());
         }
-        self.pending = Some((file.clone(), vaddr, crcs.to_vec()));
+        match self.spans.last_mut() {
+            Some(s) if (vaddr - s.end()) / PAGE_SIZE < Self::GAP_PAGES => {
+                let gap = ((vaddr - s.end()) / PAGE_SIZE * 4) as usize;
+                s.crcs.resize(s.crcs.len() + gap, 0);
+                let at = s.crcs.len();
+                s.crcs.extend_from_slice(crcs);
+                match s.known.last_mut() {
+                    Some(r) if r.end == at => r.end += crcs.len(),
+                    _ => s.known.push(at..at + crcs.len()),
+                }
+                self.bytes += gap + crcs.len();
+            }
+            _ => {
+                let known = std::iter::once(0..crcs.len()).collect();
+                self.spans.push(CrcSpan { vaddr, crcs: crcs.to_vec(), known });
+                self.bytes += crcs.len();
+            }
+        }
         Ok(())
     }
 
     fn flush(&mut self) -> Result<(), Error> {
-        match self.pending.take() {
-            Some((f, vaddr, bytes)) => f.write_crcs(vaddr, &bytes),
-            None => Ok(()),
+        let Some(file) = self.file.take() else { return Ok(()) };
+        for s in std::mem::take(&mut self.spans) {
+            if s.known.len() == 1 && s.known[0] == (0..s.crcs.len()) {
+                file.write_crcs(s.vaddr, &s.crcs)?;
+            } else {
+                let mut stored = vec![0u8; s.crcs.len()];
+                file.read_crcs(s.vaddr, &mut stored)?;
+                for r in s.known {
+                    stored[r.clone()].copy_from_slice(&s.crcs[r]);
+                }
+                file.write_crcs(s.vaddr, &stored)?;
+            }
         }
+        self.bytes = 0;
+        Ok(())
     }
 }
 
@@ -311,12 +445,13 @@ impl<'a> Receiver<'a> {
     /// The session's commands, up to and including the closing reply.
     fn session<S: Session>(&self, sock: &mut S, writer: &mut Writer) -> Result<SessionReport, Error> {
         let mut report = SessionReport::default();
+        let mut inbox = Inbox::new();
         let mut pending = writer.take()?;
         let mut current: Option<Target> = None;
         let mut offset = 0usize;
         loop {
             let mut hb = [0u8; HEADER_LEN];
-            read_session(sock, &mut hb)?;
+            inbox.read_exact(sock, &mut hb)?;
             let h = Header::parse(&hb)?;
             if h.vaddr % PAGE_SIZE != 0 {
                 return Err(ProtocolError::Unaligned { offset, vaddr: h.vaddr }.into());
@@ -352,7 +487,7 @@ impl<'a> Receiver<'a> {
                     let (start, end) = (h.vaddr, h.vaddr + h.nr_pages as u64 * PAGE_SIZE);
                     let tr = report.targets.get_mut(&t).unwrap();
                     if flags & PE_PRESENT != 0 {
-                        self.receive_data(sock, writer, &mut pending, t, h.vaddr, h.nr_pages as u64 * PAGE_SIZE)?;
+                        self.receive_data(&mut inbox, sock, writer, &mut pending, t, h.vaddr, h.nr_pages as u64 * PAGE_SIZE)?;
                         tr.ranges.insert(start, end, flags);
                         tr.pages_data += h.nr_pages as u64;
                     } else if flags & PE_PARENT != 0 {
@@ -392,39 +527,37 @@ impl<'a> Receiver<'a> {
         Ok(report)
     }
 
-    fn receive_data<S: Session>(&self, sock: &mut S, writer: &mut Writer, run: &mut Run, t: Target, vaddr: u64, len: u64) -> Result<(), Error> {
+    #[allow(clippy::too_many_arguments)]
+    fn receive_data<S: Session>(&self, inbox: &mut Inbox, sock: &mut S, writer: &mut Writer, run: &mut Run, t: Target, vaddr: u64, len: u64) -> Result<(), Error> {
         let mut at = vaddr;
         let mut left = len as usize;
         while left > 0 {
-            let contiguous = run.target == Some(t) && run.vaddr + run.fill as u64 == at;
-            if !contiguous || run.fill == run.capacity() {
+            if !run.takes(t, at) {
                 if run.fill > 0 {
                     let next = writer.take()?;
                     writer.store(std::mem::replace(run, next))?;
                 }
                 run.target = Some(t);
-                run.vaddr = at;
-                // Direct writes: blocks for the rest of this header's pages, or, when the pages
-                // are coming in address order (this header goes on where the last run ended), as
-                // many as a lease holds, so the next contiguous headers fill the same run: each
-                // lease and commit is a round trip through rpramfs's daemon. A commit gives back
-                // what a run left unused.
+                run.extents.clear();
+                // Direct writes: a lease's worth of blocks, which the next headers of this address
+                // space fill wherever their pages lie (each lease and commit is a round trip
+                // through rpramfs's daemon). A commit gives back what a run left unused.
                 run.lease = None;
                 let file = self.spaces.get_or_create(t)?;
                 if file.writes_directly() {
-                    let needed = left / PAGE_SIZE as usize;
-                    let pages = if contiguous { MAX_LEASE_PAGES } else { needed.min(MAX_LEASE_PAGES) };
+                    let needed = (left / PAGE_SIZE as usize).min(MAX_LEASE_PAGES);
                     // A store about to fill up may have room for this header but not for a
                     // whole lease ahead.
-                    let lease = match file.lease(at, pages) {
-                        Err(_) if pages > needed => file.lease(at, needed)?,
+                    let lease = match file.lease(MAX_LEASE_PAGES) {
+                        Err(_) if MAX_LEASE_PAGES > needed => file.lease(needed)?,
                         r => r?,
                     };
                     run.lease = Some((file, lease));
                 }
             }
             let n = left.min(run.capacity() - run.fill);
-            run.receive(sock, n)?;
+            run.push(at, n / PAGE_SIZE as usize);
+            run.receive(inbox, sock, n)?;
             at += n as u64;
             left -= n;
             if let Some(c) = self.progress {

@@ -6,8 +6,9 @@
 //!
 //! - Direct writes: three ioctls on files of an rpramfs mount. [`IOC_DIRECT_INFO`] answers a
 //!   [`DirectInfo`] (how to map the region), [`IOC_LEASE`] takes and answers a [`LeaseArg`]
-//!   (fresh blocks for a range of a file), [`IOC_COMMIT`] takes a [`CommitArg`] (those blocks
-//!   become the file's, with their CRC32s).
+//!   (fresh blocks for a file, tied to no range of it), [`IOC_COMMIT`] takes a [`CommitArg`]
+//!   (those blocks become the file's pages in up to [`MAX_COMMIT_EXTENTS`] extents, with their
+//!   CRC32s), so pages scattered one by one cost a round trip per lease, not one per page.
 //! - CRC hints: `setxattr(file, CRC_HINT_XATTR, encode_crc_hint(offset, crcs))` hands the daemon
 //!   the CRC32s of the whole blocks about to be written; `getxattr` of [`CRC_HINT_XATTR`] answers
 //!   [`CRC_HINT_FORMAT`] on rpramfs only.
@@ -18,15 +19,18 @@
 //! ioctls, so each request number carries the size of its layout ([`ioc_size`]).
 //!
 //! ```
-//! use rpramfs_abi::{ioc_size, LeaseArg, IOC_LEASE, MAX_LEASE_BLOCKS};
+//! use rpramfs_abi::{ioc_size, CommitArg, Extent, LeaseArg, IOC_LEASE, MAX_LEASE_BLOCKS};
 //!
-//! // kup asks for 8 blocks at file offset 1 MiB ...
-//! let mut arg = LeaseArg::request(1 << 20, 8);
+//! // kup asks for 8 blocks ...
+//! let mut arg = LeaseArg::request(8);
 //! assert_eq!(ioc_size(IOC_LEASE), size_of::<LeaseArg>());
-//! // ... (ioctl(fd, IOC_LEASE, &mut arg)) and rpramfs answers with their block numbers.
-//! let answer = LeaseArg::answer(1 << 20, &[40, 41, 42, 43, 44, 45, 46, 47]);
+//! // ... (ioctl(fd, IOC_LEASE, &mut arg)) and rpramfs answers with the lease's id and its blocks.
+//! let answer = LeaseArg::answer(7, &[40, 41, 42, 43, 44, 45, 46, 47]);
 //! assert_eq!(answer.blocks().unwrap().collect::<Vec<_>>(), (40..48).collect::<Vec<_>>());
-//! assert!(LeaseArg::request(0, MAX_LEASE_BLOCKS as u32 + 1).blocks().is_none());
+//! assert!(LeaseArg::request(MAX_LEASE_BLOCKS as u32 + 1).blocks().is_none());
+//! // kup filled 3 of them: 1 page for offset 1 MiB, 2 for 3 MiB (blocks 40, then 41 and 42).
+//! let commit = CommitArg::new(7, &[Extent::new(1 << 20, 1), Extent::new(3 << 20, 2)], [11, 12, 13].into_iter()).unwrap();
+//! assert_eq!(commit.extents().unwrap().map(|e| (e.off.get(), e.n.get())).collect::<Vec<_>>(), [(1 << 20, 1), (3 << 20, 2)]);
 //! ```
 
 use zerocopy::byteorder::little_endian::{U32, U64};
@@ -36,10 +40,12 @@ use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligne
 pub const IOC_MAGIC: u8 = b'R';
 /// Version of the direct-write layouts, the first word of the DIRECT_INFO answer. A writer that
 /// finds another version does not write directly.
-pub const DIRECT_VERSION: u32 = 2;
+pub const DIRECT_VERSION: u32 = 3;
 /// Largest lease (4 MiB of 4 KiB blocks): the room for block numbers and CRCs in [`LeaseArg`]
 /// and [`CommitArg`].
 pub const MAX_LEASE_BLOCKS: usize = 1024;
+/// Most extents one commit carries (the argument must stay below `_IOC_SIZE`'s 16 KiB).
+pub const MAX_COMMIT_EXTENTS: usize = 512;
 
 /// The DIRECT_INFO answer: how a writer maps the region (open `/proc/<pid>/fd/<fd>`, the very
 /// object the daemon maps, and map `region_len` bytes of it).
@@ -58,25 +64,36 @@ pub struct DirectInfo {
     pub reserved: U32,
 }
 
-/// The LEASE argument. In: `off` (block-aligned file offset) and `n` (blocks wanted, at most
-/// [`MAX_LEASE_BLOCKS`]); out: the same and the first `n` entries of `blocks`.
+/// The LEASE argument. In: `n` (blocks wanted, at most [`MAX_LEASE_BLOCKS`]); out: the lease's
+/// `id` (what the commit names), `n` and the first `n` entries of `blocks`.
 #[repr(C)]
 #[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 pub struct LeaseArg {
-    pub off: U64,
+    pub id: U64,
     pub n: U32,
     pub reserved: U32,
     pub blocks: [U32; MAX_LEASE_BLOCKS],
 }
 
-/// The COMMIT argument: the first `k` blocks of the lease at `off` become the file's, with the
-/// CRC32s in the first `k` entries of `crcs`.
+/// `n` pages of a file from the block-aligned offset `off` on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct Extent {
+    pub off: U64,
+    pub n: U32,
+    pub reserved: U32,
+}
+
+/// The COMMIT argument: the first `k` blocks of lease `id` become the file's pages, taken in order
+/// by the first `extents` entries of `extent` (ascending, not overlapping; their `n` add up to
+/// `k`), with the CRC32s in the first `k` entries of `crcs`.
 #[repr(C)]
 #[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 pub struct CommitArg {
-    pub off: U64,
+    pub id: U64,
+    pub extents: U32,
     pub k: U32,
-    pub reserved: U32,
+    pub extent: [Extent; MAX_COMMIT_EXTENTS],
     pub crcs: [U32; MAX_LEASE_BLOCKS],
 }
 
@@ -148,18 +165,18 @@ impl DirectInfo {
 }
 
 impl LeaseArg {
-    /// A request for `n` blocks at file offset `off`.
-    pub fn request(off: u64, n: u32) -> LeaseArg {
+    /// A request for `n` blocks.
+    pub fn request(n: u32) -> LeaseArg {
         let mut a: LeaseArg = FromZeros::new_zeroed();
-        a.off = off.into();
         a.n = n.into();
         a
     }
 
-    /// The answer: `blocks` leased at `off`. Panics beyond [`MAX_LEASE_BLOCKS`].
-    pub fn answer(off: u64, blocks: &[u32]) -> LeaseArg {
+    /// The answer: `blocks` leased as lease `id`. Panics beyond [`MAX_LEASE_BLOCKS`].
+    pub fn answer(id: u64, blocks: &[u32]) -> LeaseArg {
         assert!(blocks.len() <= MAX_LEASE_BLOCKS, "a lease of {} blocks", blocks.len());
-        let mut a = LeaseArg::request(off, blocks.len() as u32);
+        let mut a = LeaseArg::request(blocks.len() as u32);
+        a.id = id.into();
         for (slot, &b) in a.blocks.iter_mut().zip(blocks) {
             *slot = b.into();
         }
@@ -173,19 +190,35 @@ impl LeaseArg {
     }
 }
 
+impl Extent {
+    pub fn new(off: u64, n: u32) -> Extent {
+        Extent { off: off.into(), n: n.into(), reserved: 0.into() }
+    }
+}
+
 impl CommitArg {
-    /// A commit of the first `crcs.len()` blocks of the lease at `off`. Panics beyond
-    /// [`MAX_LEASE_BLOCKS`].
-    pub fn new(off: u64, crcs: impl ExactSizeIterator<Item = u32>) -> CommitArg {
+    /// A commit of lease `id`'s first `crcs.len()` blocks as `extents`; `None` when there are
+    /// more extents or CRCs than the argument holds, or the extents' pages are not one CRC each.
+    pub fn new(id: u64, extents: &[Extent], crcs: impl ExactSizeIterator<Item = u32>) -> Option<CommitArg> {
         let k = crcs.len();
-        assert!(k <= MAX_LEASE_BLOCKS, "a commit of {k} blocks");
+        let pages: u64 = extents.iter().map(|e| u64::from(e.n.get())).sum();
+        if k > MAX_LEASE_BLOCKS || extents.len() > MAX_COMMIT_EXTENTS || pages != k as u64 {
+            return None;
+        }
         let mut a: CommitArg = FromZeros::new_zeroed();
-        a.off = off.into();
+        a.id = id.into();
+        a.extents = (extents.len() as u32).into();
         a.k = (k as u32).into();
+        a.extent[..extents.len()].copy_from_slice(extents);
         for (slot, c) in a.crcs.iter_mut().zip(crcs) {
             *slot = c.into();
         }
-        a
+        Some(a)
+    }
+
+    /// The first `extents` extents; `None` when `extents` exceeds the room for them.
+    pub fn extents(&self) -> Option<impl ExactSizeIterator<Item = &Extent> + '_> {
+        self.extent.get(..self.extents.get() as usize).map(|e| e.iter())
     }
 
     /// The first `k` CRCs; `None` when `k` exceeds the room for them.
@@ -198,14 +231,20 @@ impl CommitArg {
 impl std::fmt::Debug for LeaseArg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let n = (self.n.get() as usize).min(MAX_LEASE_BLOCKS);
-        f.debug_struct("LeaseArg").field("off", &self.off.get()).field("n", &self.n.get()).field("blocks", &&self.blocks[..n]).finish()
+        f.debug_struct("LeaseArg").field("id", &self.id.get()).field("n", &self.n.get()).field("blocks", &&self.blocks[..n]).finish()
     }
 }
 
 impl std::fmt::Debug for CommitArg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let k = (self.k.get() as usize).min(MAX_LEASE_BLOCKS);
-        f.debug_struct("CommitArg").field("off", &self.off.get()).field("k", &self.k.get()).field("crcs", &&self.crcs[..k]).finish()
+        let e = (self.extents.get() as usize).min(MAX_COMMIT_EXTENTS);
+        f.debug_struct("CommitArg")
+            .field("id", &self.id.get())
+            .field("extents", &&self.extent[..e])
+            .field("k", &self.k.get())
+            .field("crcs", &&self.crcs[..k])
+            .finish()
     }
 }
 
@@ -264,7 +303,7 @@ mod tests {
     fn layout_lease_arg() {
         assert_eq!(size_of::<LeaseArg>(), 16 + 4 * 1024);
         assert_eq!(align_of::<LeaseArg>(), 1);
-        assert_eq!(offset_of!(LeaseArg, off), 0);
+        assert_eq!(offset_of!(LeaseArg, id), 0);
         assert_eq!(offset_of!(LeaseArg, n), 8);
         assert_eq!(offset_of!(LeaseArg, reserved), 12);
         assert_eq!(offset_of!(LeaseArg, blocks), 16);
@@ -272,12 +311,17 @@ mod tests {
 
     #[test]
     fn layout_commit_arg() {
-        assert_eq!(size_of::<CommitArg>(), 16 + 4 * 1024);
+        assert_eq!(size_of::<Extent>(), 16);
+        assert_eq!(offset_of!(Extent, off), 0);
+        assert_eq!(offset_of!(Extent, n), 8);
+        assert_eq!(offset_of!(Extent, reserved), 12);
+        assert_eq!(size_of::<CommitArg>(), 16 + 16 * 512 + 4 * 1024);
         assert_eq!(align_of::<CommitArg>(), 1);
-        assert_eq!(offset_of!(CommitArg, off), 0);
-        assert_eq!(offset_of!(CommitArg, k), 8);
-        assert_eq!(offset_of!(CommitArg, reserved), 12);
-        assert_eq!(offset_of!(CommitArg, crcs), 16);
+        assert_eq!(offset_of!(CommitArg, id), 0);
+        assert_eq!(offset_of!(CommitArg, extents), 8);
+        assert_eq!(offset_of!(CommitArg, k), 12);
+        assert_eq!(offset_of!(CommitArg, extent), 16);
+        assert_eq!(offset_of!(CommitArg, crcs), 16 + 16 * 512);
     }
 
     #[test]
@@ -295,7 +339,7 @@ mod tests {
         // What the kernel's macros (through nix) make of the same, and the values kup has always used.
         assert_eq!(IOC_DIRECT_INFO as u64, nix::request_code_read!(b'R', 0x40, 32) as u64);
         assert_eq!(IOC_LEASE as u64, nix::request_code_readwrite!(b'R', 0x41, 4112) as u64);
-        assert_eq!(IOC_COMMIT as u64, nix::request_code_write!(b'R', 0x42, 4112) as u64);
+        assert_eq!(IOC_COMMIT as u64, nix::request_code_write!(b'R', 0x42, 12304) as u64);
         assert_eq!(IOC_DIRECT_INFO, 0x8020_5240);
     }
 
@@ -317,22 +361,34 @@ mod tests {
         assert_eq!(&b[16..24], &[3, 0, 0, 0, 4, 3, 2, 1]);
         assert!(b[24..].iter().all(|&x| x == 0));
 
-        let c = CommitArg::new(8192, [0xdead_beef, 1].into_iter());
+        let c = CommitArg::new(5, &[Extent::new(8192, 1), Extent::new(0x1_0000_0000, 1)], [0xdead_beef, 1].into_iter()).unwrap();
         let b = c.as_bytes();
-        assert_eq!(&b[..16], &[0, 0x20, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(&b[16..24], &[0xef, 0xbe, 0xad, 0xde, 1, 0, 0, 0]);
-        assert_eq!(CommitArg::read_from_bytes(b).unwrap().crcs().unwrap().collect::<Vec<_>>(), vec![0xdead_beef, 1]);
+        assert_eq!(&b[..16], &[5, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0]);
+        assert_eq!(&b[16..32], &[0, 0x20, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&b[32..48], &[0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+        let crcs = 16 + 16 * MAX_COMMIT_EXTENTS;
+        assert_eq!(&b[crcs..crcs + 8], &[0xef, 0xbe, 0xad, 0xde, 1, 0, 0, 0]);
+        let back = CommitArg::read_from_bytes(b).unwrap();
+        assert_eq!(back.crcs().unwrap().collect::<Vec<_>>(), vec![0xdead_beef, 1]);
+        assert_eq!(back.extents().unwrap().copied().collect::<Vec<_>>(), [Extent::new(8192, 1), Extent::new(0x1_0000_0000, 1)]);
     }
 
     #[test]
     fn counts_beyond_the_room_are_refused() {
-        let mut a = LeaseArg::request(0, MAX_LEASE_BLOCKS as u32);
+        let mut a = LeaseArg::request(MAX_LEASE_BLOCKS as u32);
         assert_eq!(a.blocks().unwrap().len(), MAX_LEASE_BLOCKS);
         a.n = (MAX_LEASE_BLOCKS as u32 + 1).into();
         assert!(a.blocks().is_none());
-        let mut c = CommitArg::new(0, std::iter::empty());
+        let mut c = CommitArg::new(0, &[], std::iter::empty()).unwrap();
         c.k = u32::MAX.into();
         assert!(c.crcs().is_none());
+        c.extents = (MAX_COMMIT_EXTENTS as u32 + 1).into();
+        assert!(c.extents().is_none());
+        // Built from too much, or from extents that are not one CRC a page.
+        let one = [Extent::new(0, 1)];
+        assert!(CommitArg::new(0, &[one[0]; MAX_COMMIT_EXTENTS + 1], std::iter::repeat_n(0, MAX_COMMIT_EXTENTS + 1)).is_none());
+        assert!(CommitArg::new(0, &one, [1, 2].into_iter()).is_none());
+        assert!(CommitArg::new(0, &[Extent::new(0, 1025)], std::iter::repeat_n(0, 1025)).is_none());
     }
 
     #[test]

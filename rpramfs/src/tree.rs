@@ -121,21 +121,35 @@ pub fn update_pages(
     last: u64,
     f: &mut dyn FnMut(&mut Tx<'_>, u64, BlkPtr) -> Result<BlkPtr>,
 ) -> Result<()> {
+    update_ranges(tx, tree, &[(first, last)], f)
+}
+
+/// As [`update_pages`] for every page of several ranges `(first, last)` (inclusive, ascending,
+/// not overlapping), in ascending page order, in one walk down the tree: pages scattered over a
+/// file cost a visit of the nodes above them, not a walk from the root each.
+pub fn update_ranges(
+    tx: &mut Tx<'_>,
+    tree: &mut Tree,
+    ranges: &[(u64, u64)],
+    f: &mut dyn FnMut(&mut Tx<'_>, u64, BlkPtr) -> Result<BlkPtr>,
+) -> Result<()> {
+    let Some(&(_, last)) = ranges.last() else { return Ok(()) };
+    debug_assert!(ranges.iter().all(|r| r.0 <= r.1) && ranges.windows(2).all(|w| w[0].1 < w[1].0), "ranges {ranges:?}");
     grow(tx, tree, last)?;
-    tree.ptr = update(tx, tree.ptr, tree.height, 0, first, last, f)?;
+    tree.ptr = update(tx, tree.ptr, tree.height, 0, ranges, f)?;
     if tree.ptr.is_null() {
         tree.height = 0;
     }
     Ok(())
 }
 
+/// The node at `ptr` of `height` covering pages from `base` on, with `ranges` (inside it) updated.
 fn update(
     tx: &mut Tx<'_>,
     ptr: BlkPtr,
     height: u8,
     base: u64,
-    first: u64,
-    last: u64,
+    ranges: &[(u64, u64)],
     f: &mut dyn FnMut(&mut Tx<'_>, u64, BlkPtr) -> Result<BlkPtr>,
 ) -> Result<BlkPtr> {
     if height == 0 {
@@ -143,11 +157,22 @@ fn update(
     }
     let mut node: Node = if ptr.is_null() { [BlkPtr::NULL; FANOUT as usize] } else { read_node(tx.region, ptr)? };
     let span = pages_covered(height - 1);
-    let lo = ((first - base) / span) as usize;
-    let hi = ((last - base) / span) as usize;
-    for (i, child) in node.iter_mut().enumerate().take(hi + 1).skip(lo) {
-        let cbase = base + i as u64 * span;
-        *child = update(tx, *child, height - 1, cbase, first.max(cbase), last.min(cbase + span - 1), f)?;
+    let mut rest = ranges.to_vec();
+    let mut r = 0;
+    while r < rest.len() {
+        // The child holding the next range's first page, and the ranges (or parts) inside it.
+        let i = ((rest[r].0 - base) / span) as usize;
+        let (cbase, cend) = (base + i as u64 * span, base + i as u64 * span + span - 1);
+        let j = r + rest[r..].iter().take_while(|x| x.0 <= cend).count();
+        let inside: Vec<(u64, u64)> = rest[r..j].iter().map(|&(a, b)| (a, b.min(cend))).collect();
+        node[i] = update(tx, node[i], height - 1, cbase, &inside, f)?;
+        if rest[j - 1].1 > cend {
+            // The last of them goes on in the next child.
+            rest[j - 1].0 = cend + 1;
+            r = j - 1;
+        } else {
+            r = j;
+        }
     }
     if ptr.is_null() && node.iter().all(|p| p.is_null()) {
         return Ok(BlkPtr::NULL);

@@ -288,13 +288,14 @@ fn direct_writes_commit_leased_blocks_and_never_leak_or_lie() {
     let pages: Vec<u8> = (0..8 * 4096u32).map(|i| (i * 29 % 253) as u8).collect();
     let crcs: Vec<u32> = pages.chunks(4096).map(crc32fast::hash).collect();
     assert!(fs.direct_info().is_ok());
+    let commit = |id: u64, off: u64, crcs: &[u32]| CommitRequest { id, extents: vec![(off, crcs.len())], crcs: crcs.to_vec() };
 
     // Lease 8 blocks, fill 6, commit 6: those read back (also after a crash), the other 2 are free again.
     let off = 0x7f00_0000_0000u64;
-    let ans = fs.lease(7, f, &LeaseRequest { off, n: 8 }).unwrap();
+    let ans = fs.lease(7, f, &LeaseRequest { n: 8 }).unwrap();
     assert_eq!(fs.usage().free_blocks, free0 - 8);
     fill_lease(&fs, &ans, &pages);
-    fs.commit_lease(7, f, &CommitRequest { off, crcs: crcs[..6].to_vec() }).unwrap();
+    fs.commit_lease(7, f, &commit(ans.id.get(), off, &crcs[..6])).unwrap();
     assert_eq!(fs.read_file(f, off, 6 * 4096).unwrap(), pages[..6 * 4096]);
     assert_eq!(fs.getattr(f).unwrap().inode.size, off + 6 * 4096);
     assert_eq!(fs.getattr(f).unwrap().inode.blocks, 6);
@@ -305,46 +306,88 @@ fn direct_writes_commit_leased_blocks_and_never_leak_or_lie() {
 
     // Overwriting committed pages: the new bytes, and the old blocks are freed (two generations on).
     let other: Vec<u8> = pages.iter().map(|b| b ^ 0x5a).collect();
-    let ans = fs.lease(7, f, &LeaseRequest { off, n: 2 }).unwrap();
+    let ans = fs.lease(7, f, &LeaseRequest { n: 2 }).unwrap();
     fill_lease(&fs, &ans, &other);
     let ocrcs: Vec<u32> = other.chunks(4096).map(crc32fast::hash).collect();
-    fs.commit_lease(7, f, &CommitRequest { off, crcs: ocrcs[..2].to_vec() }).unwrap();
+    fs.commit_lease(7, f, &commit(ans.id.get(), off, &ocrcs[..2])).unwrap();
     assert_eq!(fs.read_file(f, off, 4096 * 3).unwrap(), [&other[..8192], &pages[8192..12288]].concat());
 
-    // A commit whose first CRC does not match its data: EIO, the file keeps its bytes, the lease is freed.
-    let ans = fs.lease(7, f, &LeaseRequest { off, n: 2 }).unwrap();
+    // Scattered pages from one lease in one commit: leased blocks 0..7 become pages 10, 12, 13,
+    // 511, 512, 513 (across two leaves) and 262149 (under another node two levels up) of another
+    // file, holes stay holes; the same after a remount.
+    let g = file(&fs, "scattered.foam");
+    let ans = fs.lease(7, g, &LeaseRequest { n: 8 }).unwrap();
     fill_lease(&fs, &ans, &pages);
-    assert_eq!(fs.commit_lease(7, f, &CommitRequest { off, crcs: ocrcs[..2].to_vec() }).unwrap_err().errno(), libc::EIO);
+    let extents = vec![(10 * 4096, 1), (12 * 4096, 2), (511 * 4096, 3), (262_149 * 4096, 1)];
+    fs.commit_lease(7, g, &CommitRequest { id: ans.id.get(), extents, crcs: crcs[..7].to_vec() }).unwrap();
+    let page = |i: usize| &pages[i * 4096..(i + 1) * 4096];
+    let zero = [0u8; 4096];
+    let want: [(u64, &[u8]); 10] =
+        [(10, page(0)), (12, page(1)), (13, page(2)), (511, page(3)), (512, page(4)), (513, page(5)), (262_149, page(6)), (11, &zero), (14, &zero), (514, &zero)];
+    for (at, bytes) in want {
+        assert_eq!(fs.read_file(g, at * 4096, 4096).unwrap(), bytes, "page {at}");
+    }
+    assert_eq!((fs.getattr(g).unwrap().inode.size, fs.getattr(g).unwrap().inode.blocks), (262_150 * 4096, 7));
+    let (fs2, report) = reopen(&fs);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    for (at, bytes) in want {
+        assert_eq!(fs2.read_file(g, at * 4096, 4096).unwrap(), bytes, "page {at} after a remount");
+    }
+
+    // A commit whose first CRC does not match its data: EIO, the file keeps its bytes, the lease is freed.
+    let ans = fs.lease(7, f, &LeaseRequest { n: 2 }).unwrap();
+    fill_lease(&fs, &ans, &pages);
+    assert_eq!(fs.commit_lease(7, f, &commit(ans.id.get(), off, &ocrcs[..2])).unwrap_err().errno(), libc::EIO);
     assert_eq!(fs.read_file(f, off, 8192).unwrap(), other[..8192]);
     // A CRC right for the first block (checked) and wrong for the second (vouched): that block
     // fails to read and its bytes are never returned.
-    let ans = fs.lease(7, f, &LeaseRequest { off, n: 2 }).unwrap();
+    let ans = fs.lease(7, f, &LeaseRequest { n: 2 }).unwrap();
     fill_lease(&fs, &ans, &pages);
-    fs.commit_lease(7, f, &CommitRequest { off, crcs: vec![crcs[0], crcs[1] ^ 1] }).unwrap();
+    fs.commit_lease(7, f, &commit(ans.id.get(), off, &[crcs[0], crcs[1] ^ 1])).unwrap();
     assert_eq!(fs.read_file(f, off, 4096).unwrap(), pages[..4096]);
     assert!(fs.read_file(f, off + 4096, 4096).is_err());
 
     // Bad requests.
     let errno = |r: rpramfs::error::Result<rpramfs::fs::lease::LeaseArg>| r.unwrap_err().errno();
-    assert_eq!(errno(fs.lease(7, f, &LeaseRequest { off: 100, n: 1 })), libc::EINVAL);
-    assert_eq!(errno(fs.lease(7, f, &LeaseRequest { off, n: 0 })), libc::EINVAL);
-    assert_eq!(errno(fs.lease(7, f, &LeaseRequest { off, n: MAX_LEASE_BLOCKS + 1 })), libc::EINVAL);
-    assert_eq!(errno(fs.lease(7, f, &LeaseRequest { off: 1 << 48, n: 1 })), libc::EFBIG);
-    assert_eq!(errno(fs.lease(7, ROOT, &LeaseRequest { off: 0, n: 1 })), libc::EINVAL);
-    assert_eq!(fs.commit_lease(7, f, &CommitRequest { off: 0, crcs: vec![1] }).unwrap_err().errno(), libc::ENOENT);
-    fs.lease(7, f, &LeaseRequest { off: 0, n: 1 }).unwrap();
-    assert_eq!(fs.commit_lease(7, f, &CommitRequest { off: 0, crcs: vec![1, 2] }).unwrap_err().errno(), libc::EINVAL);
-    // That commit consumed its lease.
-    assert_eq!(fs.commit_lease(7, f, &CommitRequest { off: 0, crcs: vec![1] }).unwrap_err().errno(), libc::ENOENT);
-    for i in 0..MAX_LEASES_PER_HANDLE as u64 {
-        fs.lease(9, f, &LeaseRequest { off: i * 4096, n: 1 }).unwrap();
+    assert_eq!(errno(fs.lease(7, f, &LeaseRequest { n: 0 })), libc::EINVAL);
+    assert_eq!(errno(fs.lease(7, f, &LeaseRequest { n: MAX_LEASE_BLOCKS + 1 })), libc::EINVAL);
+    assert_eq!(errno(fs.lease(7, ROOT, &LeaseRequest { n: 1 })), libc::EINVAL);
+    assert_eq!(fs.commit_lease(7, f, &commit(12345, 0, &[1])).unwrap_err().errno(), libc::ENOENT);
+    // Extents that do not fit the lease, are unaligned, overlap, go backwards, are empty, reach
+    // past the largest file, or are not one CRC a page: refused, and each consumed its lease.
+    let two = vec![1, 2];
+    // (blocks leased, extents, CRCs, errno)
+    let bad: [(usize, Vec<(u64, usize)>, Vec<u32>, i32); 8] = [
+        (1, vec![(0, 2)], two.clone(), libc::EINVAL),
+        (3, vec![(100, 1)], vec![1], libc::EINVAL),
+        (3, vec![(0, 2), (4096, 1)], vec![1, 2, 3], libc::EINVAL),
+        (3, vec![(8192, 1), (0, 1)], two.clone(), libc::EINVAL),
+        (3, vec![(0, 0)], vec![], libc::EINVAL),
+        (3, vec![(1 << 48, 1)], vec![1], libc::EFBIG),
+        (3, vec![(0, 1)], two.clone(), libc::EINVAL),
+        (3, vec![], vec![], libc::EINVAL),
+    ];
+    for (n, extents, crcs, want) in bad {
+        let ans = fs.lease(7, f, &LeaseRequest { n }).unwrap();
+        let id = ans.id.get();
+        let what = format!("{extents:?} {crcs:?}");
+        assert_eq!(fs.commit_lease(7, f, &CommitRequest { id, extents, crcs }).unwrap_err().errno(), want, "{what}");
+        // That commit consumed its lease.
+        assert_eq!(fs.commit_lease(7, f, &commit(id, 0, &[1])).unwrap_err().errno(), libc::ENOENT, "{what}");
     }
-    assert_eq!(errno(fs.lease(9, f, &LeaseRequest { off: 1 << 30, n: 1 })), libc::EBUSY);
+    // A lease is its file's: committing it on another file finds nothing.
+    let ans = fs.lease(7, f, &LeaseRequest { n: 1 }).unwrap();
+    assert_eq!(fs.commit_lease(7, g, &commit(ans.id.get(), 0, &[1])).unwrap_err().errno(), libc::ENOENT);
+    fs.release_handle(7);
+    for _ in 0..MAX_LEASES_PER_HANDLE {
+        fs.lease(9, f, &LeaseRequest { n: 1 }).unwrap();
+    }
+    assert_eq!(errno(fs.lease(9, f, &LeaseRequest { n: 1 })), libc::EBUSY);
 
     // Closing the handle frees what it never committed; so does a crash (the mount walk).
     fs.release_handle(9);
     let free2 = fs.usage().free_blocks + fs.usage().pending_blocks;
-    fs.lease(11, f, &LeaseRequest { off: 0, n: 200 }).unwrap();
+    fs.lease(11, f, &LeaseRequest { n: 200 }).unwrap();
     let (fs3, report) = reopen(&fs);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(fs3.usage().free_blocks + fs3.usage().pending_blocks, free2);
@@ -364,12 +407,12 @@ fn regions_that_log_their_stores_hand_out_no_mapping_but_lease() {
     assert_eq!(fs.direct_info().unwrap_err().errno(), libc::ENOTTY);
     // ... but leases and commits work, and fills through the region are logged.
     let f = file(&fs, "x");
-    let ans = fs.lease(1, f, &LeaseRequest { off: 0, n: 1 }).unwrap();
+    let ans = fs.lease(1, f, &LeaseRequest { n: 1 }).unwrap();
     fs.region().take_store_log();
     let page = vec![0x5au8; 4096];
     fill_lease(&fs, &ans, &page);
     let log = fs.region().take_store_log();
     assert!(matches!(&log[..], [Store::Write { bytes, .. }] if *bytes == page), "{} stores logged", log.len());
-    fs.commit_lease(1, f, &CommitRequest { off: 0, crcs: vec![crc32fast::hash(&page)] }).unwrap();
+    fs.commit_lease(1, f, &CommitRequest { id: ans.id.get(), extents: vec![(0, 1)], crcs: vec![crc32fast::hash(&page)] }).unwrap();
     assert_eq!(fs.read_file(f, 0, 4096).unwrap(), page);
 }

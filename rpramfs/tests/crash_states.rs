@@ -38,13 +38,16 @@ enum Op {
     Fill(&'static str, u64),
     /// Commit the first `k` blocks of the lease at `page` with their CRCs (the rest is freed).
     Commit(&'static str, u64, usize),
+    /// The same as `k` one-page extents at every other page from `page` on (scattered pages in
+    /// one transaction).
+    CommitScattered(&'static str, u64, usize),
     /// A commit whose first CRC does not match the filled block: refused with EIO.
     CommitBadCrc(&'static str, u64, usize),
 }
 
 impl Op {
     fn is_direct(self) -> bool {
-        matches!(self, Op::Lease(..) | Op::Fill(..) | Op::Commit(..) | Op::CommitBadCrc(..))
+        matches!(self, Op::Lease(..) | Op::Fill(..) | Op::Commit(..) | Op::CommitScattered(..) | Op::CommitBadCrc(..))
     }
 
     /// Whether a mount can see the operation's effect: a lease, its fills and a refused commit
@@ -54,8 +57,8 @@ impl Op {
     }
 }
 
-/// Outstanding leases of the workload: (file, first page) → leased blocks.
-type Leases = HashMap<(&'static str, u64), Vec<u32>>;
+/// Outstanding leases of the workload: (file, first page) → lease id, leased blocks.
+type Leases = HashMap<(&'static str, u64), (u64, Vec<u32>)>;
 
 /// What a direct write stores at `page` (distinct from what [`data`] writes there).
 fn lease_data(page: u64, blocks: usize) -> Vec<u8> {
@@ -115,26 +118,31 @@ fn apply(fs: &Fs, op: Op, leases: &mut Leases) {
         }
         Op::Fsync => {} // every operation is already durable when it returns
         Op::Lease(p, page, n) => {
-            let answer = fs.lease(FH, ino(p), &LeaseRequest { off: page * 4096, n }).unwrap();
+            let answer = fs.lease(FH, ino(p), &LeaseRequest { n }).unwrap();
             let blocks: Vec<u32> = answer.blocks().expect("a lease answers its blocks").collect();
             assert_eq!(blocks.len(), n);
-            leases.insert((p, page), blocks);
+            leases.insert((p, page), (answer.id.get(), blocks));
         }
         Op::Fill(p, page) => {
-            let blocks = &leases[&(p, page)];
+            let (_, blocks) = &leases[&(p, page)];
             for (b, bytes) in blocks.iter().zip(lease_data(page, blocks.len()).chunks(4096)) {
                 fs.region().write(BlockNo(*b).offset(), bytes).unwrap();
             }
         }
         Op::Commit(p, page, k) => {
-            leases.remove(&(p, page)).unwrap();
-            fs.commit_lease(FH, ino(p), &CommitRequest { off: page * 4096, crcs: lease_crcs(page, k) }).unwrap();
+            let (id, _) = leases.remove(&(p, page)).unwrap();
+            fs.commit_lease(FH, ino(p), &CommitRequest { id, extents: vec![(page * 4096, k)], crcs: lease_crcs(page, k) }).unwrap();
+        }
+        Op::CommitScattered(p, page, k) => {
+            let (id, _) = leases.remove(&(p, page)).unwrap();
+            let extents = (0..k as u64).map(|i| ((page + 2 * i) * 4096, 1)).collect();
+            fs.commit_lease(FH, ino(p), &CommitRequest { id, extents, crcs: lease_crcs(page, k) }).unwrap();
         }
         Op::CommitBadCrc(p, page, k) => {
-            leases.remove(&(p, page)).unwrap();
+            let (id, _) = leases.remove(&(p, page)).unwrap();
             let mut crcs = lease_crcs(page, k);
             crcs[0] ^= 1;
-            let e = fs.commit_lease(FH, ino(p), &CommitRequest { off: page * 4096, crcs }).unwrap_err();
+            let e = fs.commit_lease(FH, ino(p), &CommitRequest { id, extents: vec![(page * 4096, k)], crcs }).unwrap_err();
             assert_eq!(e.errno(), libc::EIO);
         }
     }
@@ -231,7 +239,7 @@ fn check_workload(ops: &[Op]) -> usize {
 
     // The daemon's own count agrees: what it holds free, plus what is still leased, is what the
     // next mount finds free (a commit of k < n and a refused commit gave their blocks back).
-    let still_leased: usize = leases.values().map(Vec::len).sum();
+    let still_leased: usize = leases.values().map(|(_, b)| b.len()).sum();
     let u = fs.usage();
     assert_eq!(u.free_blocks + still_leased as u64, states.last().unwrap().1, "{ops:?}: the daemon's free count");
 
@@ -288,6 +296,8 @@ fn every_store_prefix_is_a_consistent_state() {
         vec![Creat("b"), Write("b", 0, 10_000), Lease("b", 3, 5), Fill("b", 3), Commit("b", 3, 2), Write("b", 0, 30_000)],
         // Overwriting existing pages, and the last partial page with the file growing.
         vec![Lease("a", 1, 3), Fill("a", 1), Commit("a", 1, 3)],
+        // Scattered pages of one lease, over data and past the end, in one transaction.
+        vec![Lease("a", 1, 5), Fill("a", 1), CommitScattered("a", 1, 4)],
         vec![Lease("a", 4, 2), Fill("a", 4), Commit("a", 4, 2)],
         // The daemon's own stores between lease, fills and commit.
         vec![Lease("a", 8, 2), Write("a", 0, 5000), Fill("a", 8), Truncate("a", 3000), Commit("a", 8, 2)],

@@ -3,13 +3,18 @@
  * keep dirtying memory for benchmarks.
  *
  *   memsubject --status FILE --private-mib N [--shared-mib N] [--memfd-mib N] [--seed S]
- *              [--dirty-pct P] [--dirty-mib-per-s R] [--dirty-on-signal]
+ *              [--dirty-pct P] [--dirty-mib-per-s R] [--dirty-on-signal] [--stride K]
  *
  * Regions (each absent when its size is 0):
  *   1 "private"  MAP_PRIVATE|MAP_ANONYMOUS, MADV_NOHUGEPAGE; when it has >= 64 pages, the 16 pages starting at
  *                its middle page are never touched (a hole that must read back as zero)
  *   2 "shared"   MAP_SHARED|MAP_ANONYMOUS
  *   3 "memfd"    memfd_create("memsubject", 0), ftruncate, MAP_SHARED; the fd stays open
+ *
+ * With --stride K > 1 only every K-th page of each region (page index a multiple of K) is ever written: the others
+ * are holes that must read back as zero, so the pages a dump sends, and those the dirtying rewrites, lie one by
+ * one instead of in long runs (an app whose writes are spread thinly over a large heap). The working set is then
+ * the written pages among the first P% of the region.
  *
  * Every written page describes itself: word 0 is its generation g (>= 1), words 1..511 are
  * mix64(key + i * GOLDEN) with key = mix64(mix64(mix64(mix64(seed) ^ region) ^ page) ^ g), mix64 being the
@@ -72,6 +77,7 @@ static struct region regions[3] = {
 };
 
 static uint64_t seed = 0x6b7570; /* "kup", as in scripts/criu-host/pattern.c */
+static uint64_t stride = 1;      /* only pages whose index is a multiple of it are written */
 
 /* Dirtying position. Kept here (in the dumped memory) so verification can compute exact generations. */
 static uint64_t passes;   /* completed passes over all working sets */
@@ -99,7 +105,7 @@ static uint64_t page_key(uint64_t s, uint64_t region, uint64_t page, uint64_t g)
 
 static int in_hole(const struct region *r, size_t page)
 {
-	return page >= r->hole_start && page < r->hole_end;
+	return (page >= r->hole_start && page < r->hole_end) || page % stride;
 }
 
 static uint64_t *page_addr(const struct region *r, size_t page)
@@ -143,8 +149,12 @@ static void rewrite_next(void)
 			continue;
 		}
 		size_t page = cur_page;
-		if (in_hole(r, page)) {
+		if (page >= r->hole_start && page < r->hole_end) {
 			cur_page = r->hole_end;
+			continue;
+		}
+		if (page % stride) {
+			cur_page += stride - page % stride;
 			continue;
 		}
 		write_page(r, page, page_addr(r, page)[0] + 1);
@@ -282,7 +292,7 @@ static int parse_u64(const char *opt, const char *s, uint64_t max, uint64_t *out
 static void usage(void)
 {
 	fprintf(stderr, "usage: memsubject --status FILE --private-mib N [--shared-mib N] [--memfd-mib N] "
-			"[--seed S] [--dirty-pct P] [--dirty-mib-per-s R] [--dirty-on-signal]\n");
+			"[--seed S] [--dirty-pct P] [--dirty-mib-per-s R] [--dirty-on-signal] [--stride K]\n");
 }
 
 static int map_region(struct region *r)
@@ -330,6 +340,7 @@ int main(int argc, char **argv)
 		{ "dirty-pct", required_argument, NULL, 'd' },
 		{ "dirty-mib-per-s", required_argument, NULL, 'r' },
 		{ "dirty-on-signal", no_argument, NULL, 'o' },
+		{ "stride", required_argument, NULL, 'k' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *status = NULL;
@@ -362,6 +373,12 @@ int main(int argc, char **argv)
 		case 'd':
 			if (parse_u64("dirty-pct", optarg, 100, &pct))
 				return 2;
+			break;
+		case 'k':
+			if (parse_u64("stride", optarg, 1 << 20, &stride) || !stride) {
+				fprintf(stderr, "memsubject: --stride must be 1..%d\n", 1 << 20);
+				return 2;
+			}
 			break;
 		case 'r': {
 			char *end;
@@ -407,9 +424,10 @@ int main(int argc, char **argv)
 			return 1;
 		r->ws = (r->pages * pct + 99) / 100; /* rounded up: any P > 0 dirties at least one page */
 		for (size_t page = 0; page < r->pages; page++)
-			if (!in_hole(r, page))
+			if (!in_hole(r, page)) {
 				write_page(r, page, 1);
-		ws_total += r->ws;
+				ws_total += page < r->ws; /* the pages one pass rewrites */
+			}
 	}
 	int dirtying = ws_total > 0 && !on_signal;
 	size_t burst_left = 0;

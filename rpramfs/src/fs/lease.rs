@@ -4,16 +4,20 @@
 //! copy in the daemon: under emulation those two copies were half of the work of storing a page
 //! while an app is frozen for its final dump.
 //!
-//! - **Lease** (`RPRAMFS_IOC_LEASE` on an open regular file): `n` blocks for file offset `off`
-//!   (block-aligned, `n` ≤ [`MAX_LEASE_BLOCKS`]). They are allocated but reachable from no commit,
-//!   so nothing else reads or reuses them, and a crash (daemon or kernel) simply leaves them free
-//!   at the next mount. The answer is their block numbers.
-//! - **Commit** (`RPRAMFS_IOC_COMMIT`): the first `k` ≤ `n` leased blocks become the file's pages
-//!   `off / 4096 ..`, with the CRCs given, in one transaction (the old pages are freed as by any
-//!   write); the other `n - k` go back to the allocator. As with CRC hints the writer's CRC vouches
-//!   for its data: the first block is checked on arrival (a mismatch refuses the commit with EIO
-//!   and frees the lease), and every read checks every block, so a wrong CRC can make a read fail,
-//!   never return wrong bytes. A commit consumes its lease whatever its outcome.
+//! - **Lease** (`RPRAMFS_IOC_LEASE` on an open regular file): `n` ≤ [`MAX_LEASE_BLOCKS`] blocks
+//!   for that file, tied to no offset in it. They are allocated but reachable from no commit, so
+//!   nothing else reads or reuses them, and a crash (daemon or kernel) simply leaves them free at
+//!   the next mount. The answer is the lease's id and the block numbers.
+//! - **Commit** (`RPRAMFS_IOC_COMMIT`): the first `k` ≤ `n` leased blocks become the file's pages,
+//!   taken in order by up to [`MAX_COMMIT_EXTENTS`] extents (block-aligned offsets, ascending, not
+//!   overlapping), with the CRCs given, in one transaction (the old pages are freed as by any
+//!   write); the other `n - k` go back to the allocator. So a writer whose pages come one by one
+//!   from all over an address space (an app's scattered dirty pages) pays one lease and one commit
+//!   per lease's worth of pages, as one whose pages are contiguous does. As with CRC hints the
+//!   writer's CRC vouches for its data: the commit's first block is checked on arrival (a mismatch
+//!   refuses the commit with EIO and frees the lease), and every read checks every block, so a
+//!   wrong CRC can make a read fail, never return wrong bytes. A commit consumes its lease
+//!   whatever its outcome.
 //! - A lease belongs to the open file (FUSE file handle) that took it: closing the file frees its
 //!   uncommitted leases. Stores into a lease after that land in free blocks; the writer's CRCs never
 //!   vouch for them, so they cannot reach a file.
@@ -40,8 +44,8 @@ use crate::error::Error;
 use crate::layout::BLOCK_SIZE;
 
 // MAX_LEASE_BLOCKS (4 MiB): each lease and each commit is a round trip through this daemon with
-// the writer's app frozen; kup leases this much ahead while CRIU's pages come in address order.
-pub use rpramfs_abi::{DirectInfo, LeaseArg, IOC_COMMIT, IOC_DIRECT_INFO, IOC_LEASE, MAX_LEASE_BLOCKS};
+// the writer's app frozen; kup leases this much ahead and fills it with whatever pages come next.
+pub use rpramfs_abi::{DirectInfo, LeaseArg, IOC_COMMIT, IOC_DIRECT_INFO, IOC_LEASE, MAX_COMMIT_EXTENTS, MAX_LEASE_BLOCKS};
 /// Leases one open file may hold at once (kup holds at most 8: its runs in flight).
 pub const MAX_LEASES_PER_HANDLE: usize = 64;
 
@@ -49,7 +53,7 @@ const BLOCK: u64 = BLOCK_SIZE as u64;
 
 struct Lease {
     ino: u64,
-    off: u64,
+    id: u64,
     blocks: Vec<u32>,
 }
 
@@ -59,17 +63,20 @@ pub(super) struct Leases {
     by_handle: HashMap<u64, Vec<Lease>>,
     /// Blocks leased and not yet committed or freed (allocated, but in no commit's count).
     pub blocks: u64,
+    /// The id the next lease gets.
+    next_id: u64,
 }
 
 /// A LEASE request ([`LeaseArg`] in).
 pub struct LeaseRequest {
-    pub off: u64,
     pub n: usize,
 }
 
-/// A COMMIT request ([`rpramfs_abi::CommitArg`]).
+/// A COMMIT request ([`rpramfs_abi::CommitArg`]): lease `id`'s blocks, in order, as the pages
+/// of `extents` (offset, pages), one CRC each.
 pub struct CommitRequest {
-    pub off: u64,
+    pub id: u64,
+    pub extents: Vec<(u64, usize)>,
     pub crcs: Vec<u32>,
 }
 
@@ -77,7 +84,7 @@ impl LeaseRequest {
     /// The request in an ioctl's argument bytes (exactly a [`LeaseArg`]).
     pub fn decode(b: &[u8]) -> Result<LeaseRequest> {
         let a = LeaseArg::ref_from_bytes(b).map_err(|_| Error::Posix(libc::EINVAL))?;
-        Ok(LeaseRequest { off: a.off.get(), n: a.n.get() as usize })
+        Ok(LeaseRequest { n: a.n.get() as usize })
     }
 }
 
@@ -86,7 +93,27 @@ impl CommitRequest {
     pub fn decode(b: &[u8]) -> Result<CommitRequest> {
         let a = rpramfs_abi::CommitArg::ref_from_bytes(b).map_err(|_| Error::Posix(libc::EINVAL))?;
         let crcs = a.crcs().ok_or(Error::Posix(libc::EINVAL))?.collect();
-        Ok(CommitRequest { off: a.off.get(), crcs })
+        let extents = a.extents().ok_or(Error::Posix(libc::EINVAL))?.map(|e| (e.off.get(), e.n.get() as usize)).collect();
+        Ok(CommitRequest { id: a.id.get(), extents, crcs })
+    }
+
+    /// Checks the extents: at least one, each non-empty, block-aligned and inside the largest
+    /// file, ascending without overlaps, and one CRC for each of their pages. Returns the end of
+    /// the last one.
+    fn check(&self) -> Result<u64> {
+        let mut end = 0u64;
+        let mut pages = 0usize;
+        for (i, &(off, n)) in self.extents.iter().enumerate() {
+            if n == 0 || !off.is_multiple_of(BLOCK) || (i > 0 && off < end) {
+                return posix(libc::EINVAL);
+            }
+            end = off.checked_add(n as u64 * BLOCK).filter(|&e| e <= MAX_FILE_SIZE).ok_or(Error::Posix(libc::EFBIG))?;
+            pages += n;
+        }
+        if self.extents.is_empty() || pages != self.crcs.len() {
+            return posix(libc::EINVAL);
+        }
+        Ok(end)
     }
 }
 
@@ -110,16 +137,12 @@ impl Fs {
         Ok(DirectInfo::new(BLOCK_SIZE as u32, self.region.len(), std::process::id(), self.region.file().as_raw_fd() as u32))
     }
 
-    /// Leases `n` fresh blocks for the regular file `ino` at `off` on behalf of handle `fh`;
-    /// returns the LEASE answer.
+    /// Leases `n` fresh blocks for the regular file `ino` on behalf of handle `fh`; returns the
+    /// LEASE answer.
     pub fn lease(&self, fh: u64, ino: u64, req: &LeaseRequest) -> Result<LeaseArg> {
         self.direct_writes_allowed()?;
-        let end = req.off.checked_add(req.n as u64 * BLOCK).ok_or(Error::Posix(libc::EFBIG))?;
-        if req.n == 0 || req.n > MAX_LEASE_BLOCKS || !req.off.is_multiple_of(BLOCK) {
+        if req.n == 0 || req.n > MAX_LEASE_BLOCKS {
             return posix(libc::EINVAL);
-        }
-        if end > MAX_FILE_SIZE {
-            return posix(libc::EFBIG);
         }
         if !self.getattr(ino)?.inode.is_reg() {
             return posix(libc::EINVAL);
@@ -140,18 +163,20 @@ impl Fs {
             blocks.push(inner.alloc.alloc(false)?.0);
         }
         inner.leases.blocks += blocks.len() as u64;
-        let answer = LeaseArg::answer(req.off, &blocks);
-        inner.leases.by_handle.entry(fh).or_default().push(Lease { ino, off: req.off, blocks });
+        let id = inner.leases.next_id;
+        inner.leases.next_id += 1;
+        let answer = LeaseArg::answer(id, &blocks);
+        inner.leases.by_handle.entry(fh).or_default().push(Lease { ino, id, blocks });
         Ok(answer)
     }
 
-    /// Commits the first `crcs.len()` blocks of handle `fh`'s lease at `off` as pages of `ino`
-    /// and frees the rest of the lease.
+    /// Commits the first `crcs.len()` blocks of handle `fh`'s lease `id` as the pages of the
+    /// request's extents in `ino` and frees the rest of the lease.
     pub fn commit_lease(&self, fh: u64, ino: u64, req: &CommitRequest) -> Result<()> {
         let lease = {
             let mut inner = self.inner.lock();
             let list = inner.leases.by_handle.get_mut(&fh).ok_or(Error::Posix(libc::ENOENT))?;
-            let i = list.iter().position(|l| l.ino == ino && l.off == req.off).ok_or(Error::Posix(libc::ENOENT))?;
+            let i = list.iter().position(|l| l.ino == ino && l.id == req.id).ok_or(Error::Posix(libc::ENOENT))?;
             let lease = list.swap_remove(i);
             if list.is_empty() {
                 inner.leases.by_handle.remove(&fh);
@@ -160,27 +185,33 @@ impl Fs {
             lease
         };
         let k = req.crcs.len();
-        if k == 0 || k > lease.blocks.len() {
-            self.free_leased(&lease.blocks);
-            return posix(libc::EINVAL);
-        }
+        let end = match req.check() {
+            Ok(end) if k <= lease.blocks.len() => end,
+            Ok(_) => {
+                self.free_leased(&lease.blocks);
+                return posix(libc::EINVAL);
+            }
+            Err(e) => {
+                self.free_leased(&lease.blocks);
+                return Err(e);
+            }
+        };
         self.free_leased(&lease.blocks[k..]);
         let used = &lease.blocks[..k];
         let mut first = [0u8; BLOCK_SIZE];
         self.region.read_into(crate::layout::BlockNo(used[0]).offset(), &mut first)?;
         if pagecrc::crc32(&first) != req.crcs[0] {
             self.free_leased(used);
-            error!(ino, offset = req.off, "direct write refused: its first block does not match the CRC32 its writer gave");
+            error!(ino, offset = req.extents[0].0, "direct write refused: its first block does not match the CRC32 its writer gave");
             return posix(libc::EIO);
         }
-        let end = req.off + k as u64 * BLOCK;
         // A failed transaction gives the adopted blocks back to the allocator itself.
         self.mutate(false, |w| {
             let mut inode = w.inode(ino)?;
             if !inode.is_reg() {
                 return posix(libc::EINVAL);
             }
-            adopt_blocks(&mut w.tx, &mut inode, req.off, used, &req.crcs)?;
+            adopt_blocks(&mut w.tx, &mut inode, &req.extents, used, &req.crcs)?;
             inode.size = inode.size.max(end);
             touch_mc(&mut inode, w.now);
             w.put_inode(ino, &inode)

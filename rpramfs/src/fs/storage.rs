@@ -294,25 +294,32 @@ pub(super) fn write_data(tx: &mut Tx<'_>, inode: &mut Inode, off: u64, data: &[u
     Ok(())
 }
 
-/// Makes the filled blocks `blocks` (with their CRCs) the file's pages from `off` on, freeing the
-/// pages they replace (a direct writer's commit, see [`super::lease`]).
-pub(super) fn adopt_blocks(tx: &mut Tx<'_>, inode: &mut Inode, off: u64, blocks: &[u32], crcs: &[u32]) -> Result<()> {
+/// Makes the filled blocks `blocks` (with their CRCs), in order, the file's pages of `extents`
+/// (byte offset, pages: block-aligned, ascending, not overlapping, as many pages as blocks),
+/// freeing the pages they replace, in one walk of the file's tree (a direct writer's commit, see
+/// [`super::lease`]).
+pub(super) fn adopt_blocks(tx: &mut Tx<'_>, inode: &mut Inode, extents: &[(u64, usize)], blocks: &[u32], crcs: &[u32]) -> Result<()> {
     debug_assert_eq!(blocks.len(), crcs.len());
-    let first = page_of(off);
+    debug_assert_eq!(extents.iter().map(|e| e.1).sum::<usize>(), blocks.len());
     for &b in blocks {
         tx.adopt(BlockNo(b));
     }
+    let ranges: Vec<(u64, u64)> = extents.iter().map(|&(off, n)| (page_of(off), page_of(off) + n as u64 - 1)).collect();
     let mut t = data_tree(inode);
     let mut added = 0u64;
-    tree::update_pages(tx, &mut t, first, first + blocks.len() as u64 - 1, &mut |tx, page, old| {
-        let i = (page - first) as usize;
+    // The walk visits the extents' pages in ascending order: the order of the blocks.
+    let mut i = 0usize;
+    tree::update_ranges(tx, &mut t, &ranges, &mut |tx, _page, old| {
         if old.is_null() {
             added += 1;
         } else {
             tx.free_block(old.block());
         }
-        Ok(BlkPtr { blk: blocks[i], crc: crcs[i] })
+        let new = BlkPtr { blk: blocks[i], crc: crcs[i] };
+        i += 1;
+        Ok(new)
     })?;
+    debug_assert_eq!(i, blocks.len());
     inode.blocks += added;
     set_data_tree(inode, t);
     Ok(())

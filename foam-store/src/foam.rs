@@ -288,35 +288,27 @@ impl FoamFile {
         self.dir.join(format!("{}.crc", self.stem))
     }
 
-    /// Punches holes everywhere outside `keep`, so the files hold exactly the last dump's image.
-    pub fn keep_only(&self, keep: &RangeMap) -> Result<(), Error> {
-        for path in self.data_paths() {
-            let seg = self.segment_of_path(&path);
-            let f = self.segment(seg)?;
-            let len = f.metadata().map_err(|e| Error::io(&path, e))?.len();
-            let base = if self.mode.segment_bits() >= 64 { 0 } else { seg << self.mode.segment_bits() };
-            let seg_keep = RangeMap::from_ranges(
-                &keep.covered(base, base + len).into_iter().map(|mut r| { r.start -= base; r.end -= base; r }).collect::<Vec<_>>(),
-            );
-            for (a, b) in seg_keep.gaps(len) {
-                punch(&f, a, b - a).map_err(|e| Error::io(&path, e))?;
+    /// Punches out what earlier passes stored (`stored`) and the last dump's image (`keep`) no
+    /// longer names, so the files hold exactly that image. Pages never stored need no punch: each
+    /// is a round trip through FUSE, and a sparse image has a gap per run.
+    pub fn keep_only(&self, keep: &RangeMap, stored: &RangeMap) -> Result<(), Error> {
+        let mut dropped = stored.clone();
+        for r in keep.iter() {
+            dropped.remove(r.start, r.end);
+        }
+        for r in dropped.iter() {
+            for (seg, off, _, n) in self.pieces(r.start, (r.end - r.start) as usize) {
+                let f = self.segment(seg)?;
+                punch(&f, off, n as u64).map_err(|e| Error::io(&self.segment_path(seg), e))?;
+            }
+            // Their CRCs where they fill whole blocks of the `.crc` file: the few bytes at the
+            // edges are never read (the manifest does not name their pages).
+            let (a, b) = (crc_offset(r.start).next_multiple_of(4096), crc_offset(r.end) / 4096 * 4096);
+            if a < b {
+                punch(&self.crc, a, b - a).map_err(|e| Error::io(&self.crc_path(), e))?;
             }
         }
-        let crc_len = self.crc.metadata().map_err(|e| Error::io(&self.crc_path(), e))?.len();
-        let crc_keep = RangeMap::from_ranges(
-            &keep.iter().map(|r| crate::ranges::Range { start: crc_offset(r.start), end: crc_offset(r.end), flags: r.flags }).collect::<Vec<_>>(),
-        );
-        for (a, b) in crc_keep.gaps(crc_len) {
-            punch(&self.crc, a, b - a).map_err(|e| Error::io(&self.crc_path(), e))?;
-        }
         Ok(())
-    }
-
-    fn segment_of_path(&self, path: &Path) -> u64 {
-        match self.mode {
-            FileMode::Single => 0,
-            FileMode::Split { .. } => path.extension().and_then(|e| e.to_str()).and_then(|e| u64::from_str_radix(e, 16).ok()).unwrap_or(0),
-        }
     }
 
     /// Makes everything written durable.
@@ -486,7 +478,12 @@ mod tests {
         f.write_pages(0, &vec![7u8; 64 * PAGE]).unwrap();
         let mut keep = RangeMap::new();
         keep.insert(8 * PAGE_SIZE, 16 * PAGE_SIZE, PE_PRESENT | PE_LAZY);
-        f.keep_only(&keep).unwrap();
+        let mut stored = RangeMap::new();
+        stored.insert(0, 64 * PAGE_SIZE, PE_PRESENT);
+        // What was stored and is kept: nothing to punch.
+        f.keep_only(&stored, &stored).unwrap();
+        assert!(f.allocated_bytes() >= 64 * PAGE as u64, "{}", f.allocated_bytes());
+        f.keep_only(&keep, &stored).unwrap();
         let mut buf = vec![0; 8 * PAGE];
         f.read_pages(8 * PAGE_SIZE, &mut buf).unwrap();
         assert!(buf.iter().all(|&b| b == 7));

@@ -8,7 +8,9 @@
 //! is received straight into blocks leased from the region ([`crate::direct`]), and the writer
 //! checksums and commits it; there a run is a lease's worth of pages wherever they lie (up to
 //! [`MAX_COMMIT_EXTENTS`] extents), so an app's scattered dirty pages cost as few round trips
-//! through rpramfs's daemon as contiguous ones. Elsewhere a run is contiguous and goes through a
+//! through rpramfs's daemon as contiguous ones. Headers are read on their own (24 bytes), so that
+//! page data is copied once, from the socket into the region: under emulation a copy costs more
+//! than the read(2) a buffer for headers would save. Elsewhere a run is contiguous and goes through a
 //! page-aligned buffer and a write. The reply to
 //! OPEN2/PARENT says "a parent exists" only when the client was started for an incremental pass
 //! (`--prev-images-dir` with `--track-mem`): CRIU then checks its own parent inventory, and without
@@ -137,24 +139,21 @@ impl Run {
     }
 
     /// Reads `n` bytes (whole pages, within the capacity) of page data from the session into
-    /// the run: what the inbox holds first, then the rest.
-    fn receive<S: Session>(&mut self, inbox: &mut Inbox, sock: &mut S, n: usize) -> Result<(), Error> {
+    /// the run.
+    fn receive<S: Session>(&mut self, sock: &mut S, n: usize) -> Result<(), Error> {
         debug_assert!(self.fill + n <= self.capacity());
         match &mut self.lease {
-            None => inbox.read_exact(sock, &mut self.buf[self.fill..self.fill + n])?,
+            None => read_session(sock, &mut self.buf[self.fill..self.fill + n])?,
             Some((file, lease)) => {
-                let store_error = |e| Error::io(std::path::Path::new(file.stem()), e);
-                let held = inbox.take(n);
-                lease.write(self.fill, held).map_err(store_error)?;
-                let mut done = held.len();
                 if let Some(fd) = sock.unbuffered_fd() {
-                    lease.receive(fd, self.fill + done, n - done).map_err(session_error)?;
+                    lease.receive(fd, self.fill, n).map_err(session_error)?;
                 } else {
                     // Through `buf`, which a leased run does not use otherwise.
+                    let mut done = 0;
                     while done < n {
                         let k = (n - done).min(self.buf.len());
-                        inbox.read_exact(sock, &mut self.buf[..k])?;
-                        lease.write(self.fill + done, &self.buf[..k]).map_err(store_error)?;
+                        read_session(sock, &mut self.buf[..k])?;
+                        lease.write(self.fill + done, &self.buf[..k]).map_err(|e| Error::io(std::path::Path::new(file.stem()), e))?;
                         done += k;
                     }
                 }
@@ -169,57 +168,6 @@ impl Run {
         match &self.lease {
             None => crate::foam::page_crcs(&self.buf[..self.fill], &mut self.crcs),
             Some((file, lease)) => file.leased_page_crcs(lease, self.fill / PAGE_SIZE as usize, &mut self.crcs)?,
-        }
-        Ok(())
-    }
-}
-
-/// The session's input. Headers come through a buffer, with whatever follows them, so a stream of
-/// one-page runs (an app's scattered dirty pages) costs a read(2) per buffer instead of two per
-/// run; page data beyond what the buffer holds goes from the socket straight to its run.
-struct Inbox {
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-}
-
-impl Inbox {
-    const BYTES: usize = 64 << 10;
-
-    fn new() -> Inbox {
-        Inbox { buf: vec![0; Self::BYTES], start: 0, end: 0 }
-    }
-
-    /// Up to `n` buffered bytes, consumed.
-    fn take(&mut self, n: usize) -> &[u8] {
-        let k = n.min(self.end - self.start);
-        let at = self.start;
-        self.start += k;
-        &self.buf[at..at + k]
-    }
-
-    /// Exactly `out.len()` bytes: buffered ones first, then from the session (a read(2) into the
-    /// buffer, or straight into `out` when it wants more than the buffer holds).
-    fn read_exact<S: Read>(&mut self, sock: &mut S, out: &mut [u8]) -> Result<(), Error> {
-        let mut done = 0;
-        while done < out.len() {
-            if self.start == self.end {
-                if out.len() - done >= Self::BYTES {
-                    return read_session(sock, &mut out[done..]);
-                }
-                (self.start, self.end) = (0, 0);
-                self.end = loop {
-                    match sock.read(&mut self.buf) {
-                        Ok(0) => return Err(Error::SessionCut),
-                        Ok(n) => break n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(session_error(e)),
-                    }
-                };
-            }
-            let held = self.take(out.len() - done);
-            out[done..done + held.len()].copy_from_slice(held);
-            done += held.len();
         }
         Ok(())
     }
@@ -445,13 +393,12 @@ impl<'a> Receiver<'a> {
     /// The session's commands, up to and including the closing reply.
     fn session<S: Session>(&self, sock: &mut S, writer: &mut Writer) -> Result<SessionReport, Error> {
         let mut report = SessionReport::default();
-        let mut inbox = Inbox::new();
         let mut pending = writer.take()?;
         let mut current: Option<Target> = None;
         let mut offset = 0usize;
         loop {
             let mut hb = [0u8; HEADER_LEN];
-            inbox.read_exact(sock, &mut hb)?;
+            read_session(sock, &mut hb)?;
             let h = Header::parse(&hb)?;
             if h.vaddr % PAGE_SIZE != 0 {
                 return Err(ProtocolError::Unaligned { offset, vaddr: h.vaddr }.into());
@@ -487,7 +434,7 @@ impl<'a> Receiver<'a> {
                     let (start, end) = (h.vaddr, h.vaddr + h.nr_pages as u64 * PAGE_SIZE);
                     let tr = report.targets.get_mut(&t).unwrap();
                     if flags & PE_PRESENT != 0 {
-                        self.receive_data(&mut inbox, sock, writer, &mut pending, t, h.vaddr, h.nr_pages as u64 * PAGE_SIZE)?;
+                        self.receive_data(sock, writer, &mut pending, t, h.vaddr, h.nr_pages as u64 * PAGE_SIZE)?;
                         tr.ranges.insert(start, end, flags);
                         tr.pages_data += h.nr_pages as u64;
                     } else if flags & PE_PARENT != 0 {
@@ -527,8 +474,7 @@ impl<'a> Receiver<'a> {
         Ok(report)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn receive_data<S: Session>(&self, inbox: &mut Inbox, sock: &mut S, writer: &mut Writer, run: &mut Run, t: Target, vaddr: u64, len: u64) -> Result<(), Error> {
+    fn receive_data<S: Session>(&self, sock: &mut S, writer: &mut Writer, run: &mut Run, t: Target, vaddr: u64, len: u64) -> Result<(), Error> {
         let mut at = vaddr;
         let mut left = len as usize;
         while left > 0 {
@@ -557,7 +503,7 @@ impl<'a> Receiver<'a> {
             }
             let n = left.min(run.capacity() - run.fill);
             run.push(at, n / PAGE_SIZE as usize);
-            run.receive(inbox, sock, n)?;
+            run.receive(sock, n)?;
             at += n as u64;
             left -= n;
             if let Some(c) = self.progress {

@@ -286,6 +286,9 @@ struct Passes {
     staging: Option<staging::Staging>,
     options: Vec<String>,
     previous: BTreeMap<Target, RangeMap>,
+    /// Every page the passes before the final dump stored (what trimming to the final image may
+    /// have to punch out).
+    stored: BTreeMap<Target, RangeMap>,
     /// PPP: each process's pins taken while it ran (the frozen pass takes them over), and how
     /// long those and their CRCs took.
     ppp_pre: parking_lot::Mutex<BTreeMap<u32, crate::ppp::Pinned>>,
@@ -316,7 +319,7 @@ fn pre_dumps(sh: &Shared<'_>, p: &Process, name: &str, ticket: &mut Ticket<'_>) 
     }
     options.extend(sh.a.criu_options.iter().cloned());
     let mut app = App { name: name.to_string(), pid: p.pid, comm: p.comm.clone(), criu_options: options.clone(), passes: vec![], spaces: vec![], ppp: None };
-    let mut ps = Passes { spaces, staging, options, previous: BTreeMap::new(), ppp_pre: Default::default(), ppp_dirty: Default::default(), ppp_dirty_ms: Default::default(), ppp_precopied: BTreeMap::new(), ppp_checksum_ms: 0.0, ppp_catch_up: vec![], ppp_listed: BTreeMap::new() };
+    let mut ps = Passes { spaces, staging, options, previous: BTreeMap::new(), stored: BTreeMap::new(), ppp_pre: Default::default(), ppp_dirty: Default::default(), ppp_dirty_ms: Default::default(), ppp_precopied: BTreeMap::new(), ppp_checksum_ms: 0.0, ppp_catch_up: vec![], ppp_listed: BTreeMap::new() };
     for pass in 1..sh.passes {
         let mut run = start_pass(sh, p, name, &ps, pass)?;
         let (session, waited) = run.serve(sh, &ps, None);
@@ -325,6 +328,12 @@ fn pre_dumps(sh: &Shared<'_>, p: &Process, name: &str, ticket: &mut Ticket<'_>) 
         let stats = read_dump_stats(&run.store_dir).ok();
         app.passes.push(run.record(sh, name, &session, stats));
         ps.previous = session.targets.iter().map(|(t, r)| (*t, r.ranges.clone())).collect();
+        for (t, r) in &session.targets {
+            let stored = ps.stored.entry(*t).or_default();
+            for range in r.ranges.iter() {
+                stored.insert(range.start, range.end, range.flags);
+            }
+        }
     }
     if let Some(ppp) = sh.ppp {
         ppp_prepass(ppp, p, &mut ps, &app_dir)?;
@@ -453,7 +462,7 @@ fn final_dump(sh: &Shared<'_>, index: usize, p: &Process, name: &str, ps: &Passe
                 None => read_dump_stats(&run.store_dir).ok(),
             };
             app.passes.push(run.record(sh, name, &session, stats));
-            if let Err(e) = trim_to_final_image(&ps.spaces, &session) {
+            if let Err(e) = trim_to_final_image(ps, &session) {
                 eprintln!("kup: warning: {name}: pages the final dump no longer names stay in the store (they are never restored): {e}");
             }
             Ok(())
@@ -821,12 +830,21 @@ fn final_image(spaces: &Spaces, last: &SessionReport) -> Result<Vec<Space>> {
     Ok(out)
 }
 
-/// Frees what earlier passes stored and the final dump no longer names (unmapped since).
-fn trim_to_final_image(spaces: &Spaces, last: &SessionReport) -> Result<()> {
-    for t in spaces.existing()? {
+/// Frees what earlier passes stored and the final dump no longer names (unmapped since); the
+/// pages PPP copied while the app ran count as stored.
+fn trim_to_final_image(ps: &Passes, last: &SessionReport) -> Result<()> {
+    for t in ps.spaces.existing()? {
         match last.targets.get(&t) {
-            Some(r) => spaces.get_or_create(t)?.keep_only(&r.ranges)?,
-            None => spaces.remove(t)?,
+            Some(r) => {
+                let mut stored = ps.stored.get(&t).cloned().unwrap_or_default();
+                if let Target::Pid(pid) = t {
+                    for range in ps.ppp_precopied.get(&pid).iter().flat_map(|m| m.iter()) {
+                        stored.insert(range.start, range.end, range.flags);
+                    }
+                }
+                ps.spaces.get_or_create(t)?.keep_only(&r.ranges, &stored)?
+            }
+            None => ps.spaces.remove(t)?,
         }
     }
     Ok(())

@@ -852,9 +852,9 @@ fn scattered_pages_cost_about_what_contiguous_ones_do() {
     took_contiguous.sort();
     let (s, c) = (took_scattered[2].as_secs_f64() * 1e3, took_contiguous[2].as_secs_f64() * 1e3);
     eprintln!("scattered: {PAGES} one-page runs stored in {s:.1} ms, {PAGES} contiguous pages in {c:.1} ms (median of 5): {:.2}x", s / c);
-    // 1.1-1.7 on the development host; a round trip through the daemon per run (as before the
-    // extents) made it 11.
-    assert!(s <= 2.0 * c + 20.0, "{PAGES} scattered pages took {s:.1} ms against {c:.1} ms contiguous");
+    // 1.3-2.4 on the development host (a header of 24 bytes read on its own per run: the page
+    // data is copied once); a round trip through the daemon per run (before the extents) made it 11.
+    assert!(s <= 3.0 * c + 20.0, "{PAGES} scattered pages took {s:.1} ms against {c:.1} ms contiguous");
 }
 
 /// The same through the real CRIU: a process whose pages lie one by one (every other page of

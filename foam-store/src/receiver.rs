@@ -132,9 +132,10 @@ impl Run {
 
     /// Records that the next `pages` pages received go to `at`.
     fn push(&mut self, at: u64, pages: usize) {
-        match self.extents.last_mut() {
-            Some((v, n)) if *v + *n as u64 * PAGE_SIZE == at => *n += pages,
-            _ => self.extents.push((at, pages)),
+        if self.end() == Some(at) {
+            self.extents.last_mut().expect("an extent ends at `at`").1 += pages;
+        } else {
+            self.extents.push((at, pages));
         }
     }
 

@@ -185,12 +185,9 @@ impl Fs {
             lease
         };
         let k = req.crcs.len();
-        let end = match req.check() {
-            Ok(end) if k <= lease.blocks.len() => end,
-            Ok(_) => {
-                self.free_leased(&lease.blocks);
-                return posix(libc::EINVAL);
-            }
+        let checked = req.check().and_then(|end| if k <= lease.blocks.len() { Ok(end) } else { posix(libc::EINVAL) });
+        let end = match checked {
+            Ok(end) => end,
             Err(e) => {
                 self.free_leased(&lease.blocks);
                 return Err(e);

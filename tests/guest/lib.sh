@@ -307,9 +307,12 @@ stop_qemu() {
 # log, echoes the bench's own lines (GUEST:, KUP:) live, and stops QEMU when more than $2 boots of the
 # bench's init are seen (a reboot loop), or when the first kernel has not reached the bench's init
 # within $3 seconds: an early-boot hang of the emulator, before any project code ran (a normal boot
-# takes 3-10 s). That case leaves the file $4, so the caller can boot once more.
+# takes 3-10 s). That case leaves the file $4, so the caller can boot once more. Likewise, when the
+# console stays silent for $5 seconds after a switch began (kexec or reset) with no new /init and no
+# GUEST: line since, it stops QEMU and leaves the file $6.
 console_reader() {
-    local log=$1 max_boots=$2 boot_deadline=$3 hung_mark=$4 t0 now line us boots=0 partial= got
+    local log=$1 max_boots=$2 boot_deadline=$3 hung_mark=$4 switch_deadline=$5 switch_mark=$6
+    local t0 now line us boots=0 partial= got switch_at=0
     t0=${EPOCHREALTIME/./}
     while :; do
         line= got=1
@@ -329,7 +332,16 @@ console_reader() {
             kill -TERM -- "-$QEMU_GROUP" 2>/dev/null
             boots=-1 # report once
         fi
+        # A switch is followed by silence (quiet kernels) until the next /init, 4-80 s under TCG.
+        if ((switch_at && (now - switch_at) / 1000000 >= switch_deadline && !got)); then
+            printf '%s\n' "[host] nothing on the console for $switch_deadline s after the switch" \
+                "(the old kernel's shutdown or the new kernel's early boot hung): stopping QEMU" | tee -a "$log"
+            : >"$switch_mark"
+            kill -TERM -- "-$QEMU_GROUP" 2>/dev/null
+            switch_at=0
+        fi
         ((got)) || continue
+        ((switch_at)) && switch_at=$now # silence counts from the last line
         us=$((now - t0))
         line=${line//$'\r'/}
         line=${line//$'\e'[[(]*([0-9;?])[a-zA-Z]/} # terminal escapes (firmware, console resets)
@@ -338,6 +350,10 @@ console_reader() {
         printf '%s\n' "$line" >>"$log"
         case $line in
             *'GUEST: '* | *'KUP: '*) printf '%s\n' "$line" ;;
+        esac
+        case $line in
+            *'KUP: kexec-e '* | *'KUP: reset-now'* | *'kup update: checkpoint '*'; switching to '*) switch_at=$now ;;
+            *'KUP: init '* | *'GUEST: '*) switch_at=0 ;;
         esac
         if [[ $line == *'KUP: init '* ]] && ((boots >= 0 && ++boots > max_boots)); then
             printf '%s\n' "[host] more than $max_boots boots: stopping QEMU" | tee -a "$log"
@@ -362,8 +378,9 @@ run_qemu() {
     setsid timeout -k 10 "$TIMEOUT" qemu-system-x86_64 "${args[@]}" \
         </dev/null >"$WORK/console.fifo" 2>"$WORK/qemu.stderr" &
     QEMU_GROUP=$!
-    rm -f "$WORK/boot-hung"
-    console_reader "$log" "$MAX_BOOTS" "$BOOT_DEADLINE" "$WORK/boot-hung" <"$WORK/console.fifo" &
+    rm -f "$WORK/boot-hung" "$WORK/switch-hung"
+    console_reader "$log" "$MAX_BOOTS" "$BOOT_DEADLINE" "$WORK/boot-hung" "$SWITCH_DEADLINE" "$WORK/switch-hung" \
+        <"$WORK/console.fifo" &
     READER_PID=$!
     wait "$QEMU_GROUP" || rc=$?
     QEMU_GROUP=

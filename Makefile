@@ -56,6 +56,7 @@ test-guest: build
 	tests/guest/run crash-kexec
 	tests/guest/run cold
 	tests/guest/run checkpoint
+	tests/guest/run converge
 	tests/guest/run update
 	tests/guest/run update-multi
 	tests/guest/run update-refuse

@@ -52,6 +52,9 @@ pub struct Pass {
     /// the checkpoint durable and all apps agreed (part of `frozen_time_us`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_ms: Option<f64>,
+    /// A pre-dump that ran with the app's CPU limited (auto-converge): how.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttled: Option<String>,
 }
 
 /// One address space of the final image.
@@ -76,6 +79,9 @@ pub struct App {
     /// The pages that stay in place across kexec (PPP), when the checkpoint used it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ppp: Option<PppPages>,
+    /// Why the pre-dumps stopped where they did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub converged: Option<String>,
 }
 
 /// What PPP kept of one app: its pages' PFNs are in one PFN list per process
@@ -217,6 +223,7 @@ mod tests {
                 passes: vec![],
                 spaces: vec![Space { name: "42".into(), pages: 2, ranges: vec![Range { start: 0x1000, end: 0x3000, flags: 6 }] }],
                 ppp: None,
+                converged: Some("the last pre-dump sent 12 pages".into()),
             }],
         }
     }

@@ -43,6 +43,9 @@ pub struct Args {
     pub ppp: bool,
     /// PPP: take each kept page's CRC, so that restore checks it before the app can read it.
     pub ppp_crc: bool,
+    /// Auto-converge: the share (percent) of its CPU use an app whose dirty set stops shrinking
+    /// keeps during one more pre-dump; `None`: no throttling.
+    pub throttle: Option<u32>,
 }
 
 /// PPP during one checkpoint: the module, the arena and the checkpoint's pin tag.
@@ -130,7 +133,8 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
         m.save(&dir).map_err(Into::into)
     });
     let out = Mutex::new(());
-    let shared = Shared { criu, a, dir: &dir, mode, sync_copies: !write_mode.durable_on_reply(), passes, incremental, staging: &staging, bars: &bars, out: &out, hooks: &hooks, commit: &commit_gate, ppp: ppp.as_ref() };
+    let policy = crate::converge::Policy { max_passes: passes, throttle: a.throttle };
+    let shared = Shared { criu, a, dir: &dir, mode, sync_copies: !write_mode.durable_on_reply(), passes, policy, incremental, staging: &staging, bars: &bars, out: &out, hooks: &hooks, commit: &commit_gate, ppp: ppp.as_ref() };
     let results: Vec<std::result::Result<App, AppFailure>> = std::thread::scope(|s| {
         let handles: Vec<_> = procs
             .iter()
@@ -237,7 +241,9 @@ struct Shared<'a> {
     mode: FileMode,
     /// Whether copies into the store need an fsync (not on rpramfs).
     sync_copies: bool,
+    /// Passes at most (`--iterations`; one without dirty tracking or with PPP).
     passes: u32,
+    policy: crate::converge::Policy,
     incremental: bool,
     staging: &'a staging::Plan,
     bars: &'a indicatif::MultiProgress,
@@ -245,6 +251,16 @@ struct Shared<'a> {
     hooks: &'a Hooks,
     commit: &'a CommitGate<'a, (usize, App)>,
     ppp: Option<&'a PppRun>,
+}
+
+impl Shared<'_> {
+    /// A line of the pass table (none with --json).
+    fn say(&self, line: &str) {
+        if !self.a.json {
+            let _g = self.out.lock();
+            println!("{line}");
+        }
+    }
 }
 
 /// Why an app's checkpoint failed, in words that say what became of the app.
@@ -269,19 +285,25 @@ fn checkpoint_app(sh: &Shared<'_>, index: usize, p: &Process, mut ticket: Ticket
     let name = format!("{}-{}", p.comm.replace(['/', ' '], "_"), p.pid);
     // Every app reports to the commit gate exactly once; an early return reports it failed.
     let mut report = ReportOnce { gate: sh.commit, name: name.clone(), done: false };
-    let (ps, mut app) = match pre_dumps(sh, p, &name, &mut ticket) {
+    let (mut ps, mut app) = match pre_dumps(sh, p, &name, &mut ticket) {
         Ok(v) => v,
         Err(e) => {
             report.failed(&e.0);
             return Err(AppFailure::before_final(e.0));
         }
     };
-    final_dump(sh, index, p, &name, &ps, &mut app, &mut report).map_err(|why| AppFailure { why })?;
+    let limit = ps.limit.take();
+    final_dump(sh, index, p, &name, &ps, limit, &mut app, &mut report).map_err(|why| AppFailure { why })?;
     Ok(app)
 }
 
 /// What the passes before the final dump leave for it.
 struct Passes {
+    /// The pre-dumps done, and why there were no more.
+    done: u32,
+    stop: crate::converge::Stop,
+    /// The throttled pass's CPU limit, held until the final dump starts (dropping it lifts it).
+    limit: Option<crate::throttle::Throttle>,
     spaces: Spaces,
     staging: Option<staging::Staging>,
     options: Vec<String>,
@@ -318,13 +340,46 @@ fn pre_dumps(sh: &Shared<'_>, p: &Process, name: &str, ticket: &mut Ticket<'_>) 
         options.extend(sh.criu.network_lock_options());
     }
     options.extend(sh.a.criu_options.iter().cloned());
-    let mut app = App { name: name.to_string(), pid: p.pid, comm: p.comm.clone(), criu_options: options.clone(), passes: vec![], spaces: vec![], ppp: None };
-    let mut ps = Passes { spaces, staging, options, previous: BTreeMap::new(), stored: BTreeMap::new(), ppp_pre: Default::default(), ppp_dirty: Default::default(), ppp_dirty_ms: Default::default(), ppp_precopied: BTreeMap::new(), ppp_checksum_ms: 0.0, ppp_catch_up: vec![], ppp_listed: BTreeMap::new() };
-    for pass in 1..sh.passes {
-        let mut run = start_pass(sh, p, name, &ps, pass)?;
-        let (session, waited) = run.serve(sh, &ps, None);
+    let mut app = App { name: name.to_string(), pid: p.pid, comm: p.comm.clone(), criu_options: options.clone(), passes: vec![], spaces: vec![], ppp: None, converged: None };
+    let mut ps = Passes { done: 0, stop: crate::converge::Stop::Limit(sh.passes), limit: None, spaces, staging, options, previous: BTreeMap::new(), stored: BTreeMap::new(), ppp_pre: Default::default(), ppp_dirty: Default::default(), ppp_dirty_ms: Default::default(), ppp_precopied: BTreeMap::new(), ppp_checksum_ms: 0.0, ppp_catch_up: vec![], ppp_listed: BTreeMap::new() };
+    let mut sent = vec![];
+    let mut throttled = false;
+    // The CPUs the app used during the last pre-dump: a throttled pass gets a share of that.
+    let mut cpus = 0.0;
+    loop {
+        // After the first pass: what a second would send (private pages; reading the bits
+        // leaves them to CRIU).
+        let written = if sent.len() == 1 { crate::ppp::count_soft_dirty(&p.tree()).ok() } else { None };
+        match sh.policy.next(&sent, throttled, written) {
+            crate::converge::Next::Final(stop) => {
+                ps.stop = stop;
+                break;
+            }
+            crate::converge::Next::PreDump { throttled: t } => throttled = t,
+        }
+        let (cpu_before, started) = (procs::cpu_seconds(&p.tree()), Instant::now());
+        let mut run = start_pass(sh, p, name, &ps, ps.done + 1, PassKind::PreDump)?;
+        // A throttled pass limits the app from its first page on: CRIU sends a pre-dump's pages
+        // after it has thawed the app, and its parasite, which runs in the app's cgroup while the
+        // app is frozen, must not be slowed down. Lifted just before the final dump's CRIU starts
+        // (not later: CRIU records the app's cgroup), whatever happens.
+        let mut limit = None;
+        let mut not_throttled = None;
+        let (session, waited) = {
+            let mut start_limit = || match sh.policy.throttle.filter(|_| throttled).map(|pct| crate::throttle::Throttle::start(&p.tree(), pct, cpus)) {
+                Some(Ok(t)) => limit = Some(t),
+                Some(Err(e)) => not_throttled = Some(e),
+                None => {}
+            };
+            run.serve(sh, &ps, None, Some(&mut start_limit))
+        };
+        run.throttle = limit.as_ref().map(|t| t.describe());
         let Waited::Exited(status) = waited? else { unreachable!("only final dumps are held") };
         let session = run.finish(&ps, status, session)?;
+        cpus = (procs::cpu_seconds(&p.tree()) - cpu_before) / started.elapsed().as_secs_f64().max(1e-3);
+        ps.limit = limit;
+        ps.done += 1;
+        sent.push(session.pages_data);
         let stats = read_dump_stats(&run.store_dir).ok();
         app.passes.push(run.record(sh, name, &session, stats));
         ps.previous = session.targets.iter().map(|(t, r)| (*t, r.ranges.clone())).collect();
@@ -334,7 +389,16 @@ fn pre_dumps(sh: &Shared<'_>, p: &Process, name: &str, ticket: &mut Ticket<'_>) 
                 stored.insert(range.start, range.end, range.flags);
             }
         }
+        if let Some(e) = not_throttled {
+            sh.say(&format!("  {name}: pass {} ran unthrottled ({e}); the final dump follows", ps.done));
+            ps.stop = crate::converge::Stop::NotShrinking { pages: sent[sent.len() - 2], before: sent[sent.len() - 3] };
+            break;
+        }
     }
+    if sh.passes > 1 {
+        sh.say(&format!("  {name}: pre-dumps stopped after {} pass(es): {}", ps.done, ps.stop.describe()));
+    }
+    app.converged = Some(ps.stop.describe());
     if let Some(ppp) = sh.ppp {
         ppp_prepass(ppp, p, &mut ps, &app_dir)?;
     }
@@ -400,15 +464,17 @@ const CATCH_UP_ENOUGH: u64 = 512;
 
 /// The final dump, held at CRIU's post-dump action until every app's is in the store. The error
 /// says what became of the app.
-fn final_dump(sh: &Shared<'_>, index: usize, p: &Process, name: &str, ps: &Passes, app: &mut App, report: &mut ReportOnce<'_>) -> std::result::Result<(), String> {
-    let mut run = match start_pass(sh, p, name, ps, sh.passes) {
+#[allow(clippy::too_many_arguments)]
+fn final_dump(sh: &Shared<'_>, index: usize, p: &Process, name: &str, ps: &Passes, limit: Option<crate::throttle::Throttle>, app: &mut App, report: &mut ReportOnce<'_>) -> std::result::Result<(), String> {
+    drop(limit);
+    let mut run = match start_pass(sh, p, name, ps, ps.done + 1, PassKind::Dump) {
         Ok(r) => r,
         Err(e) => {
             report.failed(&e.0);
             return Err(AppFailure::before_final(e.0).why);
         }
     };
-    let (session, waited) = run.serve(sh, ps, Some(name));
+    let (session, waited) = run.serve(sh, ps, Some(name), None);
     let held = match waited {
         Ok(Waited::Held(held)) => held,
         Ok(Waited::Exited(status)) => {
@@ -630,10 +696,11 @@ struct PassRun {
     elapsed: Duration,
     /// Final dump: from CRIU's post-dump action until kup gave the verdict.
     held: Option<Duration>,
+    /// A pre-dump that ran with the app's CPU limited: how.
+    throttle: Option<String>,
 }
 
-fn start_pass(sh: &Shared<'_>, p: &Process, name: &str, ps: &Passes, pass: u32) -> Result<PassRun> {
-    let kind = if pass < sh.passes { PassKind::PreDump } else { PassKind::Dump };
+fn start_pass(sh: &Shared<'_>, p: &Process, name: &str, ps: &Passes, pass: u32, kind: PassKind) -> Result<PassRun> {
     let rel = format!("criu/{pass}");
     let store_dir = sh.dir.join(name).join(&rel);
     let criu_dir = ps.staging.as_ref().map_or_else(|| store_dir.clone(), |s| s.dir(&rel));
@@ -679,7 +746,7 @@ fn start_pass(sh: &Shared<'_>, p: &Process, name: &str, ps: &Passes, pass: u32) 
     let start = Instant::now();
     let child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", sh.criu.path.display()))?;
     drop(theirs);
-    Ok(PassRun { pass, kind, rel, store_dir, criu_dir, child, ours: Some(ours), received: AtomicU64::new(0), bar, start, elapsed: Duration::ZERO, held: None })
+    Ok(PassRun { pass, kind, rel, store_dir, criu_dir, child, ours: Some(ours), received: AtomicU64::new(0), bar, start, elapsed: Duration::ZERO, held: None, throttle: None })
 }
 
 type Session = std::thread::Result<std::result::Result<SessionReport, foam_store::Error>>;
@@ -695,7 +762,9 @@ impl PassRun {
 
     /// Serves CRIU's pages until CRIU exits or, for the final dump of app `hold`, reaches the
     /// post-dump action.
-    fn serve(&mut self, sh: &Shared<'_>, ps: &Passes, hold: Option<&str>) -> (Session, Result<Waited>) {
+    /// Serves the pass until CRIU exits (or, `hold`, is held at post-dump); `on_pages` runs once,
+    /// when the first page data has arrived.
+    fn serve(&mut self, sh: &Shared<'_>, ps: &Passes, hold: Option<&str>, mut on_pages: Option<&mut dyn FnMut()>) -> (Session, Result<Waited>) {
         // Pre-dumps say "has parent" from the second pass on, when CRIU has --prev-images-dir;
         // under PPP the final dump's parent is the app's memory itself.
         let has_parent = sh.incremental && self.pass > 1;
@@ -742,7 +811,13 @@ impl PassRun {
                 if let Some(held) = hold.and_then(|name| sh.hooks.poll(name)) {
                     break Ok(Waited::Held(held));
                 }
-                bar.set_position(received.load(Ordering::Relaxed));
+                let got = received.load(Ordering::Relaxed);
+                if got > 0 {
+                    if let Some(f) = on_pages.take() {
+                        f();
+                    }
+                }
+                bar.set_position(got);
                 // The final dump is polled often: the app is frozen while kup has not noticed.
                 std::thread::sleep(Duration::from_millis(if hold.is_some() { 2 } else { 50 }));
             };
@@ -792,6 +867,7 @@ impl PassRun {
             seconds: self.elapsed.as_secs_f64(),
             criu: stats,
             held_ms: self.held.map(|d| d.as_secs_f64() * 1e3),
+            throttled: self.throttle.clone(),
         }
     }
 
@@ -802,6 +878,9 @@ impl PassRun {
             let mut frozen = stats.map(|s| format!("  frozen {:.1} ms", s.frozen_time_us as f64 / 1e3)).unwrap_or_default();
             if let Some(h) = self.held {
                 frozen.push_str(&format!(" (held {:.1} ms for the commit)", h.as_secs_f64() * 1e3));
+            }
+            if let Some(t) = &self.throttle {
+                frozen.push_str(&format!("  throttled: {t}"));
             }
             println!(
                 "  {name} pass {}/{} {:<8} {:>9} pages sent {:>10}  {:>8} unchanged  {}{frozen}",
@@ -884,6 +963,7 @@ pub fn summary_json(m: &Manifest, notes: &[String]) -> serde_json::Value {
             "pages": a.pages(),
             "frozen_ms": a.passes.last().and_then(|p| p.criu).map(|c| c.frozen_time_us as f64 / 1e3),
             "ppp": a.ppp,
+            "converged": a.converged,
             "passes": a.passes.iter().map(|p| serde_json::json!({
                 "kind": p.kind,
                 "pages_sent": p.pages_data,
@@ -892,6 +972,7 @@ pub fn summary_json(m: &Manifest, notes: &[String]) -> serde_json::Value {
                 "seconds": p.seconds,
                 "frozen_ms": p.criu.map(|c| c.frozen_time_us as f64 / 1e3),
                 "held_ms": p.held_ms,
+                "throttled": p.throttled,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })

@@ -5,6 +5,7 @@
 
 mod checkpoint;
 mod commit;
+mod converge;
 mod criu;
 mod error;
 mod faults;
@@ -22,6 +23,7 @@ mod report;
 mod restore;
 mod resume;
 mod staging;
+mod throttle;
 mod os;
 mod update;
 
@@ -52,9 +54,14 @@ enum Cmd {
         /// The store directory (e.g. /kup on rpramfs)
         #[arg(long)]
         store: PathBuf,
-        /// Passes in all: N-1 pre-dumps while the app runs, then the final dump
-        #[arg(long, default_value_t = 2)]
+        /// Passes at most: up to N-1 pre-dumps while the app runs, then the final dump. The
+        /// pre-dumps stop early when few pages are left or the dirty set stops shrinking
+        #[arg(long, default_value_t = 4)]
         iterations: u32,
+        /// When the dirty set stops shrinking: `off` (go to the final dump) or the share in percent
+        /// of its CPU use the app keeps during one more pre-dump (cgroup v2 cpu.max; docs/operator-guide.md)
+        #[arg(long, default_value = "30")]
+        throttle: converge::ThrottleArg,
         /// Keep the apps running after the final dump (default: CRIU stops them)
         #[arg(long)]
         leave_running: bool,
@@ -106,8 +113,12 @@ enum Cmd {
         store: String,
         #[arg(long = "pid", required = true)]
         pids: Vec<u32>,
-        #[arg(long, default_value_t = 2)]
+        /// Passes at most (see `kup checkpoint --help`)
+        #[arg(long, default_value_t = 4)]
         iterations: u32,
+        /// When the dirty set stops shrinking: `off` or the share in percent of its CPU use the app keeps during one more pre-dump
+        #[arg(long, default_value = "30")]
+        throttle: converge::ThrottleArg,
         /// A command that exits 0 when the apps are healthy (default: their tasks run and their listening ports accept)
         #[arg(long)]
         health_check: Option<String>,
@@ -245,8 +256,8 @@ fn main() {
     let cli = Cli::parse();
 
     let result = match &cli.cmd {
-        Cmd::Checkpoint { pids, store, iterations, leave_running, name, criu_opts, ppp, no_page_crc } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
-            let a = checkpoint::Args { pids: pids.clone(), store: store.clone(), iterations: *iterations, leave_running: *leave_running, name: name.clone(), json: cli.json, criu_options: criu_opts.clone(), ppp: *ppp, ppp_crc: !*no_page_crc };
+        Cmd::Checkpoint { pids, store, iterations, throttle, leave_running, name, criu_opts, ppp, no_page_crc } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
+            let a = checkpoint::Args { pids: pids.clone(), store: store.clone(), iterations: *iterations, leave_running: *leave_running, name: name.clone(), json: cli.json, criu_options: criu_opts.clone(), ppp: *ppp, ppp_crc: !*no_page_crc, throttle: throttle.0 };
             checkpoint::run(&c, &a).map(|_| ())
         }),
         Cmd::Restore { store, checkpoint, lazy: _, eager, work_dir, timeout } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
@@ -255,7 +266,7 @@ fn main() {
             restore::run(&c, &a).map(|_| ())
         }),
         Cmd::Inspect { store, verify } => inspect::run(store, *verify, cli.json),
-        Cmd::Update { kernel, initrd, append, store, pids, iterations, health_check, dry_run, old_kernel, old_initrd, old_append, ppp, no_ppp, no_page_crc, ram } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
+        Cmd::Update { kernel, initrd, append, store, pids, iterations, throttle, health_check, dry_run, old_kernel, old_initrd, old_append, ppp, no_ppp, no_page_crc, ram } => criu::Criu::locate(cli.criu.as_deref()).and_then(|c| {
             let (store, region) = ram.resolve(store);
             let a = update::Args {
                 kernel: kernel.clone(),
@@ -265,6 +276,7 @@ fn main() {
                 region,
                 pids: pids.clone(),
                 iterations: *iterations,
+                throttle: throttle.0,
                 health_check: health_check.clone(),
                 dry_run: *dry_run,
                 old_kernel: old_kernel.clone(),

@@ -608,6 +608,7 @@ fn merge_into<T: Copy>(a: &mut Vec<T>, b: Vec<T>, key: impl Fn(&T) -> u64) {
 /// /proc/PID/pagemap: a page is present; its frame number (shown to root only).
 const PM_PRESENT: u64 = 1 << 63;
 const PM_PFN: u64 = (1 << 55) - 1;
+const PM_SOFT_DIRTY: u64 = 1 << 55;
 
 /// Calls `f(mapping, vaddr, pagemap word)` for every page of `pid`'s private mappings, mapping
 /// being the index of its mapping.
@@ -680,6 +681,26 @@ fn bit_runs(bits: &[u64], nr: u64) -> Vec<(u64, u64)> {
 /// each sets its bit again).
 pub fn reset_soft_dirty(pid: u32) -> Result<()> {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "4").map_err(|e| format!("resetting the soft-dirty bits of process {pid}: {e}").into())
+}
+
+/// Present pages of the processes `pids`' private mappings written since their soft-dirty bits
+/// were last reset (by CRIU's last pre-dump), which it leaves as they are.
+pub fn count_soft_dirty(pids: &[u32]) -> Result<u64> {
+    let mut written = 0u64;
+    for &pid in pids {
+        each_pagemap_word(pid, |_, _, w| written += u64::from(w & PM_PRESENT != 0 && w & PM_SOFT_DIRTY != 0))?;
+    }
+    Ok(written)
+}
+
+/// Distinct pages the processes `pids` write per second, measured over `window` from their
+/// soft-dirty bits (which this resets: no checkpoint may be using them).
+pub fn write_rate(pids: &[u32], window: Duration) -> Result<f64> {
+    for &pid in pids {
+        reset_soft_dirty(pid)?;
+    }
+    std::thread::sleep(window);
+    Ok(count_soft_dirty(pids)? as f64 / window.as_secs_f64())
 }
 
 /// Runs [start, end) of present pages of `pid`'s private mappings, each within one mapping.

@@ -110,6 +110,19 @@ pub fn is_stopped(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "T"))).unwrap_or(false)
 }
 
+/// CPU seconds the processes `pids` have used so far (user and system, all their threads; a
+/// process that is gone counts 0).
+pub fn cpu_seconds(pids: &[u32]) -> f64 {
+    let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let ticks = |pid: u32| -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields 14 and 15 (utime, stime), counted from the state, field 3, after the comm.
+        let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        Some(rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?)
+    };
+    pids.iter().filter_map(|&p| ticks(p)).sum::<u64>() as f64 / ticks_per_s
+}
+
 /// Waits until `pid` no longer exists (its parent reaped it); restore needs the pid free.
 pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
     let start = Instant::now();

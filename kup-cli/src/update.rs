@@ -28,6 +28,8 @@ pub struct Args {
     pub region: Option<PathBuf>,
     pub pids: Vec<u32>,
     pub iterations: u32,
+    /// Auto-converge's CPU share (`--throttle`), see checkpoint::Args.
+    pub throttle: Option<u32>,
     pub health_check: Option<String>,
     pub dry_run: bool,
     pub old_kernel: Option<PathBuf>,
@@ -64,6 +66,34 @@ fn store_write_rate(store: &std::path::Path) -> std::io::Result<f64> {
     drop(f);
     std::fs::remove_file(&path)?;
     Ok((32u64 << 20) as f64 / secs.max(1e-6))
+}
+
+/// The dry run's FOAM estimate: the apps' write rate measured over a second, the passes the
+/// checkpoint's rule would make of it (converge.rs), and the final dump's share of the store's rate.
+fn foam_estimate(criu: &Criu, a: &Args, procs_: &[Process], store_rate: f64) -> String {
+    let pids: Vec<u32> = procs_.iter().flat_map(|p| p.tree()).collect();
+    let pages = procs_.iter().map(|p| p.memory_bytes()).sum::<u64>() / 4096;
+    let tracked = criu.has_dirty_tracking();
+    let rate = match tracked.then(|| crate::ppp::write_rate(&pids, std::time::Duration::from_secs(1))) {
+        None => 0.0,
+        Some(Ok(r)) => r,
+        Some(Err(e)) => return format!("none (measuring the apps' write rate failed: {e})"),
+    };
+    let policy = crate::converge::Policy { max_passes: if tracked { a.iterations } else { 1 }, throttle: a.throttle };
+    let e = policy.estimate(pages, rate, store_rate / 4096.0);
+    let mib = |p: u64| format!("{:.1} MiB", p as f64 / 256.0);
+    let pre = if e.sent.is_empty() {
+        "no pre-dump (one pass)".to_string()
+    } else {
+        format!("pre-dumps of {} ({})", e.sent.iter().map(|&p| mib(p)).collect::<Vec<_>>().join(", "), e.stop.describe())
+    };
+    let written = if tracked { format!("the apps write {:.1} MiB/s of distinct pages (measured over 1 s)", rate / 256.0) } else { "CRIU tracks no dirty pages here".into() };
+    format!(
+        "{written} and the store takes {:.0} MiB/s: {pre}, then a final dump of ~{} frozen for ~{:.1} s; the kernel's boot and the restore come on top",
+        store_rate / 1048576.0,
+        mib(e.final_pages),
+        e.final_pages as f64 * 4096.0 / store_rate
+    )
 }
 
 pub fn run(criu: &Criu, a: &Args) -> Result<()> {
@@ -129,11 +159,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
                 "  estimate:   CRIU's final dump sends only the pages written after kup checksummed them; pinning the {} kept pages and storing the {} others takes the rest of the frozen time; the kernel's boot and the restore come on top",
                 plan.in_arena, plan.outside
             ),
-            (Err(_), Ok(rate)) => println!(
-                "  estimate:   the final dump takes ~{:.1} s if a tenth of that memory changes during the pre-dump (the store takes {:.0} MiB/s); the kernel's boot and the restore come on top",
-                memory as f64 / 10.0 / rate,
-                rate / 1048576.0
-            ),
+            (Err(_), Ok(rate)) => println!("  estimate:   {}", foam_estimate(criu, a, &procs_, rate)),
             (Err(_), Err(e)) => println!("  estimate:   none (measuring the store failed: {e})"),
         }
         println!("  preflight passed (the new kernel loads, its command line keeps the region, the pids exist, the store has room); nothing was stopped");
@@ -152,6 +178,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
         criu_options: vec![],
         ppp: ppp.is_ok(),
         ppp_crc: a.ppp_crc,
+        throttle: a.throttle,
     };
     let m = match checkpoint::run(criu, &ck) {
         Ok(m) => m,

@@ -49,7 +49,7 @@ stage_a() {
     sed "s/^/GUEST: INFO dry-run: /" /tmp/out
     [ $rc -eq 0 ] || fail "--dry-run exited $rc"
     grep -q "preflight passed" /tmp/out || fail "--dry-run did not report its preflight"
-    grep -q "estimate:   the final dump takes" /tmp/out || fail "--dry-run printed no downtime estimate"
+    grep -Eq "estimate:   the apps write [0-9.]+ MiB/s of distinct pages .*then a final dump of ~[0-9.]+ MiB frozen for ~[0-9.]+ s" /tmp/out || fail "--dry-run printed no downtime estimate from the measured write rate"
     [ "$(pidof memcached)" = "$mc" ] || fail "--dry-run stopped memcached"
     out=$(mctool verify --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE) || fail "after --dry-run: $out"
     pass "5 bad inputs refused before anything stopped, --dry-run passed; memcached kept serving: $out"

@@ -57,6 +57,7 @@ test-guest: build
 	tests/guest/run cold
 	tests/guest/run checkpoint
 	tests/guest/run converge
+	tests/guest/run foam-bench-mc
 	tests/guest/run update
 	tests/guest/run update-multi
 	tests/guest/run update-refuse
@@ -76,9 +77,11 @@ bench: build
 	$(CARGO) run --release -p rpramfs --example bench
 
 # FOAM checkpoints against plain CRIU, lazy against eager restore, in a QEMU guest (docs/benchmarks.md);
-# 10-25 minutes under TCG. KUP_BENCH_SIZES="64 128" KUP_BENCH_DIRTY="10" for a quick run.
+# 10-25 minutes under TCG. KUP_BENCH_SIZES="64 128" KUP_BENCH_DIRTY="10" for a quick run. Then
+# memcached with 70000 small items under a set load (foam-bench-mc; make test runs it with 20000).
 bench-foam: build
 	tests/guest/run foam-bench
+	KUP_BENCH_MC_SMALL_ITEMS=70000 KUP_BENCH_SAMPLES=$${KUP_BENCH_SAMPLES:-3} tests/guest/run foam-bench-mc
 
 # PPP against plain CRIU and FOAM 1/2-pass, frozen time and outage against the working set (the
 # paper's Fig. 7), one real kexec per working set; then memcached's downtime per technique (Fig. 4)

@@ -3,7 +3,19 @@
 //! all back and compares, and probes availability.
 //!
 //!   mctool load   [--addr A] --items N --value-size B [--seed S]   pipelined `set … noreply`
-//!   mctool verify [--addr A] --items N --value-size B [--seed S]   multi-get, byte-for-byte check
+//!   mctool verify [--addr A] --items N --value-size B [--seed S] [--acked F]
+//!                                                                  multi-get, byte-for-byte check
+//!   mctool churn  [--addr A] --items N --value-sizes MIN-MAX [--seed S] [--rate R] --until-file F --out ACKED
+//!                 overwrites random items one `set` at a time (each waits for STORED), at most R
+//!                 sets/s (0: as fast as answers come), until F appears; ACKED then lists every
+//!                 item's newest acknowledged generation ("index generation" lines). Connection
+//!                 errors and 500 ms without an answer (a frozen or stopped memcached) are counted,
+//!                 and the client connects again.
+//! `--value-sizes MIN-MAX` instead of `--value-size` gives item i a size of its own in [MIN, MAX]
+//! and a value that names its generation (8 bytes, little endian, then bytes derived from (seed,
+//! i, generation)); load writes generation 0. verify then accepts any generation whose bytes
+//! match, but with `--acked F` none older than F says was acknowledged: a set memcached answered
+//! before a checkpoint froze it must be in the restored memcached (stale=… counts the others).
 //!   mctool probe  [--addr A] --interval-ms I --until-file F [--out O]
 //!                 one `get` every I ms; when F appears, writes the longest outage to O (or stdout).
 //!                 Gaps are measured on the wall clock, so the probe may itself be checkpointed and
@@ -28,10 +40,14 @@ struct Opts {
     interval_ms: u64,
     until_file: String,
     out: String,
+    /// `--value-sizes MIN-MAX`: mixed sizes, values with generations.
+    sizes: Option<(usize, usize)>,
+    rate: u64,
+    acked: String,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
-    let mut o = Opts { addr: "127.0.0.1:11211".into(), items: 0, value_size: 65536, seed: 1, interval_ms: 10, until_file: String::new(), out: String::new() };
+    let mut o = Opts { addr: "127.0.0.1:11211".into(), items: 0, value_size: 65536, seed: 1, interval_ms: 10, until_file: String::new(), out: String::new(), sizes: None, rate: 0, acked: String::new() };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut v = || it.next().cloned().ok_or(format!("{a} needs a value"));
@@ -43,6 +59,18 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--interval-ms" => o.interval_ms = v()?.parse().map_err(|e| format!("--interval-ms: {e}"))?,
             "--until-file" => o.until_file = v()?,
             "--out" => o.out = v()?,
+            "--value-sizes" => {
+                let text = v()?;
+                let bad = || format!("--value-sizes: {text:?} is not MIN-MAX with 8 <= MIN <= MAX");
+                let (lo, hi) = text.split_once('-').ok_or_else(bad)?;
+                let (lo, hi): (usize, usize) = (lo.parse().map_err(|_| bad())?, hi.parse().map_err(|_| bad())?);
+                if lo < 8 || lo > hi {
+                    return Err(bad());
+                }
+                o.sizes = Some((lo, hi));
+            }
+            "--rate" => o.rate = v()?.parse().map_err(|e| format!("--rate: {e}"))?,
+            "--acked" => o.acked = v()?,
             _ => return Err(format!("unknown argument {a}")),
         }
     }
@@ -53,18 +81,54 @@ fn key(o: &Opts, i: u64) -> String {
     format!("kup-{}-{i}", o.seed)
 }
 
-/// The value of item `i`: xorshift bytes seeded by (seed, i), so any corruption shows.
-fn value(o: &Opts, i: u64) -> Vec<u8> {
-    let mut x = o.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xBF58_476D_1CE4_E5B9) | 1;
-    let mut v = Vec::with_capacity(o.value_size + 8);
-    while v.len() < o.value_size {
+/// The splitmix64 step: sizes and seeds that differ for neighbouring items.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Item `i`'s size.
+fn size(o: &Opts, i: u64) -> usize {
+    match o.sizes {
+        None => o.value_size,
+        Some((lo, hi)) => lo + (mix(o.seed ^ mix(i)) % (hi - lo + 1) as u64) as usize,
+    }
+}
+
+/// Xorshift bytes from a nonzero seed.
+fn bytes(mut x: u64, len: usize, v: &mut Vec<u8>) {
+    let end = v.len() + len;
+    while v.len() < end {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         v.extend_from_slice(&x.to_le_bytes());
     }
-    v.truncate(o.value_size);
+    v.truncate(end);
+}
+
+/// The value of item `i` (generation `g` with `--value-sizes`): xorshift bytes seeded by (seed,
+/// i), so any corruption shows.
+fn value(o: &Opts, i: u64, g: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(size(o, i) + 8);
+    if o.sizes.is_none() {
+        bytes(o.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xBF58_476D_1CE4_E5B9) | 1, o.value_size, &mut v);
+    } else {
+        v.extend_from_slice(&g.to_le_bytes());
+        bytes(mix(mix(o.seed ^ mix(i)) ^ g) | 1, size(o, i) - 8, &mut v);
+    }
     v
+}
+
+/// Whether `data` is a value item `i` can have: the generation it names, if so.
+fn generation_of(o: &Opts, i: u64, data: &[u8]) -> Option<u64> {
+    let g = match o.sizes {
+        None => 0,
+        Some(_) => u64::from_le_bytes(data.get(..8)?.try_into().ok()?),
+    };
+    (data == value(o, i, g)).then_some(g)
 }
 
 fn connect(addr: &str) -> std::io::Result<TcpStream> {
@@ -77,9 +141,12 @@ fn load(o: &Opts) -> Result<String, String> {
     let start = Instant::now();
     let mut s = connect(&o.addr).map_err(|e| format!("connect {}: {e}", o.addr))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, s.try_clone().map_err(|e| e.to_string())?);
+    let mut total = 0u64;
     for i in 0..o.items {
-        write!(w, "set {} 0 0 {} noreply\r\n", key(o, i), o.value_size).map_err(|e| e.to_string())?;
-        w.write_all(&value(o, i)).map_err(|e| e.to_string())?;
+        let v = value(o, i, 0);
+        total += v.len() as u64;
+        write!(w, "set {} 0 0 {} noreply\r\n", key(o, i), v.len()).map_err(|e| e.to_string())?;
+        w.write_all(&v).map_err(|e| e.to_string())?;
         w.write_all(b"\r\n").map_err(|e| e.to_string())?;
     }
     // A request with a reply: once it arrives, every set before it was processed.
@@ -90,7 +157,7 @@ fn load(o: &Opts) -> Result<String, String> {
     if !line.starts_with("VERSION") {
         return Err(format!("memcached answered {line:?} after the sets (out of memory? see memcached -m)"));
     }
-    let mib = (o.items * o.value_size as u64) as f64 / 1048576.0;
+    let mib = total as f64 / 1048576.0;
     Ok(format!("loaded items={} mib={mib:.1} seconds={:.2}", o.items, start.elapsed().as_secs_f64()))
 }
 
@@ -99,7 +166,8 @@ fn verify(o: &Opts) -> Result<String, String> {
     let s = connect(&o.addr).map_err(|e| format!("connect {}: {e}", o.addr))?;
     let mut r = BufReader::with_capacity(1 << 20, s.try_clone().map_err(|e| e.to_string())?);
     let mut w = s;
-    let (mut ok, mut missing, mut wrong) = (0u64, 0u64, 0u64);
+    let acked = if o.acked.is_empty() { Default::default() } else { read_pairs(&o.acked)? };
+    let (mut ok, mut missing, mut wrong, mut stale) = (0u64, 0u64, 0u64, 0u64);
     let mut first_bad = String::new();
     const BATCH: u64 = 32;
     let mut i = 0;
@@ -135,23 +203,84 @@ fn verify(o: &Opts) -> Result<String, String> {
                         first_bad = format!("{k} missing");
                     }
                 }
-                Some(v) if *v != value(o, j) => {
-                    wrong += 1;
-                    if first_bad.is_empty() {
-                        first_bad = format!("{k} has a wrong value");
+                Some(v) => match generation_of(o, j, v) {
+                    None => {
+                        wrong += 1;
+                        if first_bad.is_empty() {
+                            first_bad = format!("{k} has a wrong value");
+                        }
                     }
-                }
-                Some(_) => ok += 1,
+                    Some(g) if g < acked.get(&j).copied().unwrap_or(0) => {
+                        stale += 1;
+                        if first_bad.is_empty() {
+                            first_bad = format!("{k} has generation {g}, but {} was acknowledged", acked[&j]);
+                        }
+                    }
+                    Some(_) => ok += 1,
+                },
             }
         }
         i += n;
     }
-    let line = format!("verified keys={ok}/{} missing={missing} wrong={wrong} seconds={:.2}", o.items, start.elapsed().as_secs_f64());
+    let stale_part = if o.acked.is_empty() { String::new() } else { format!(" stale={stale} acked={}", acked.len()) };
+    let line = format!("verified keys={ok}/{} missing={missing} wrong={wrong}{stale_part} seconds={:.2}", o.items, start.elapsed().as_secs_f64());
     if ok == o.items {
         Ok(line)
     } else {
         Err(format!("{line} first={first_bad}"))
     }
+}
+
+/// Random overwrites, one `set` at a time, until the until-file appears.
+fn churn(o: &Opts) -> Result<String, String> {
+    if o.sizes.is_none() || o.items == 0 || o.until_file.is_empty() || o.out.is_empty() {
+        return Err("churn needs --items N, --value-sizes MIN-MAX, --until-file F and --out ACKED".into());
+    }
+    let start = Instant::now();
+    let mut gens = vec![0u64; o.items as usize];
+    let mut conn: Option<(TcpStream, BufReader<TcpStream>)> = None;
+    let (mut sets, mut errors, mut x) = (0u64, 0u64, mix(o.seed) | 1);
+    while !std::path::Path::new(&o.until_file).exists() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let i = x % o.items;
+        let g = gens[i as usize] + 1;
+        let v = value(o, i, g);
+        sets += 1;
+        let stored = (|| -> std::io::Result<bool> {
+            if conn.is_none() {
+                let s = TcpStream::connect_timeout(&o.addr.parse().map_err(std::io::Error::other)?, Duration::from_millis(200))?;
+                s.set_nodelay(true)?;
+                s.set_read_timeout(Some(Duration::from_millis(500)))?;
+                conn = Some((s.try_clone()?, BufReader::new(s)));
+            }
+            let (w, r) = conn.as_mut().unwrap();
+            let mut req = format!("set {} 0 0 {}\r\n", key(o, i), v.len()).into_bytes();
+            req.extend_from_slice(&v);
+            req.extend_from_slice(b"\r\n");
+            w.write_all(&req)?;
+            let mut line = String::new();
+            r.read_line(&mut line)?;
+            Ok(line == "STORED\r\n")
+        })();
+        match stored {
+            Ok(true) => gens[i as usize] = g,
+            _ => {
+                errors += 1;
+                conn = None;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if o.rate > 0 {
+            let due = Duration::from_secs_f64(sets as f64 / o.rate as f64);
+            std::thread::sleep(due.saturating_sub(start.elapsed()));
+        }
+    }
+    let text: String = gens.iter().enumerate().filter(|(_, g)| **g > 0).map(|(i, g)| format!("{i} {g}\n")).collect();
+    std::fs::write(&o.out, text).map_err(|e| format!("{}: {e}", o.out))?;
+    let secs = start.elapsed().as_secs_f64();
+    Ok(format!("churn sets={sets} errors={errors} rate={:.0} seconds={secs:.1}", sets as f64 / secs))
 }
 
 /// One `get` every interval; the longest stretch without a successful answer is the outage.
@@ -245,7 +374,8 @@ fn pfns(pid: &str) -> Result<Vec<(u64, u64)>, String> {
     Ok(out)
 }
 
-fn read_pfns(path: &str) -> Result<std::collections::BTreeMap<u64, u64>, String> {
+/// "a b" lines (PFN lists, acknowledged generations).
+fn read_pairs(path: &str) -> Result<std::collections::BTreeMap<u64, u64>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
     text.lines().map(|l| l.split_once(' ').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?))).ok_or(format!("{path}: bad line {l:?}"))).collect()
 }
@@ -259,17 +389,18 @@ fn main() {
             std::fs::write(&args[5], text).map_err(|e| format!("{}: {e}", args[5]))?;
             Ok(format!("pages={}", v.len()))
         }),
-        Some("pfns-compare") if args.len() == 4 => read_pfns(&args[2]).and_then(|before| {
-            let after = read_pfns(&args[3])?;
+        Some("pfns-compare") if args.len() == 4 => read_pairs(&args[2]).and_then(|before| {
+            let after = read_pairs(&args[3])?;
             let same = before.iter().filter(|(a, p)| after.get(a) == Some(p)).count();
             Ok(format!("in_place={same}/{}", before.len()))
         }),
-        Some(cmd @ ("load" | "verify" | "probe")) => parse(&args[2..]).and_then(|o| match cmd {
+        Some(cmd @ ("load" | "verify" | "probe" | "churn")) => parse(&args[2..]).and_then(|o| match cmd {
             "load" => load(&o),
             "verify" => verify(&o),
+            "churn" => churn(&o),
             _ => probe(&o),
         }),
-        _ => Err("usage: mctool now | load|verify|probe [--addr A] [--items N] [--value-size B] [--seed S] [--interval-ms I] [--until-file F]".into()),
+        _ => Err("usage: mctool now | load|verify|probe|churn [--addr A] [--items N] [--value-size B | --value-sizes MIN-MAX] [--seed S] [--interval-ms I] [--until-file F] [--out F] [--rate R] [--acked F]".into()),
     };
     match result {
         Ok(line) => println!("{line}"),

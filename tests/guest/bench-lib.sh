@@ -112,6 +112,25 @@ median() {
 }
 
 
+# kup_json NAME PID ARGS...: `kup --json checkpoint --pid PID --store $MNT ARGS...`, the JSON in
+# /tmp/NAME.json; a failure shows kup's error and CRIU's logs and fails the scenario. Sets K_PASSES
+# (how many passes), K_FROZEN, K_FINAL (the final dump's pages) and K_WHY (why the pre-dumps stopped).
+kup_json() {
+    name=$1 pid=$2
+    shift 2
+    rc=0
+    kup --json checkpoint --pid "$pid" --store $MNT "$@" >/tmp/"$name".json 2>/tmp/"$name".err || rc=$?
+    if [ $rc -ne 0 ]; then
+        sed 's/^/GUEST: INFO kup checkpoint: /' /tmp/"$name".err
+        show_logs criu $MNT/*/*/criu/*/criu.log
+        fail "kup checkpoint $* exited $rc: $(tail -n 1 /tmp/"$name".err)"
+    fi
+    K_PASSES=$(json_flat </tmp/"$name".json | grep -c '^apps\.0\.passes\.[0-9]*\.kind=')
+    K_FROZEN=$(jget /tmp/"$name".json apps.0.frozen_ms)
+    K_FINAL=$(jget /tmp/"$name".json "apps.0.passes.$((K_PASSES - 1)).pages_sent")
+    K_WHY=$(jget /tmp/"$name".json apps.0.converged)
+}
+
 # kup_checkpoint ITERATIONS [STORE]: checkpoints $PID into the store (default: rpramfs on /kup).
 # Sets CK_ID CK_FROZEN CK_WALL CK_STATS; JSON in /tmp/ck.json.
 kup_checkpoint() {

@@ -18,18 +18,11 @@
 . /bench/bench-lib.sh
 CG=/sys/fs/cgroup
 
-# ck NAME ARGS...: kup --json checkpoint of $PID into /kup; the JSON in /tmp/NAME.json, the pass table
-# (a second, non-JSON run is not possible: the reason is in the JSON too) printed as INFO lines.
+# ck NAME PID ARGS...: kup --json checkpoint of PID (bench-lib's kup_json), the figures that decide
+# as INFO lines.
 ck() {
+    kup_json "$@"
     name=$1
-    shift
-    rc=0
-    kup --json checkpoint --pid "$PID" --store $MNT "$@" >/tmp/"$name".json 2>/tmp/"$name".err || rc=$?
-    if [ $rc -ne 0 ]; then
-        sed 's/^/GUEST: INFO kup checkpoint: /' /tmp/"$name".err
-        show_logs criu $MNT/*/*/criu/*/criu.log
-        fail "kup checkpoint $* exited $rc: $(tail -n 1 /tmp/"$name".err)"
-    fi
     json_flat </tmp/"$name".json | grep -E '^apps\.0\.(converged|frozen_ms|passes\.[0-9]+\.(kind|pages_sent|seconds|frozen_ms|throttled))=' |
         sed "s/^/GUEST: INFO $name: /"
 }
@@ -51,7 +44,7 @@ stage_a() {
     SUBJ_OPTS="--dirty-mib-per-s $R" subj_start "$W" "$D"
 
     # 1. No throttle: the pre-dumps stop on their own before the limit of 6 passes.
-    ck plain --iterations 6 --throttle off --leave-running
+    ck plain "$PID" --iterations 6 --throttle off --leave-running
     n=$(passes plain)
     why=$(jget /tmp/plain.json apps.0.converged)
     p_why=$why
@@ -70,7 +63,7 @@ stage_a() {
     kill -0 "$PID" || fail "the subject did not keep running after --leave-running"
 
     # 2. Throttled to 10 % of a CPU for one more pre-dump.
-    ck throttled --iterations 6 --throttle "$T"
+    ck throttled "$PID" --iterations 6 --throttle "$T"
     reap
     n=$(passes throttled)
     why=$(jget /tmp/throttled.json apps.0.converged)
@@ -96,7 +89,7 @@ stage_a() {
     echo +cpu >$CG/cgroup.subtree_control
     mkdir -p $CG/app
     echo "$PID" >$CG/app/cgroup.procs || fail "cannot move the restored subject into $CG/app"
-    ck own --iterations 6 --throttle "$T" --leave-running
+    ck own "$PID" --iterations 6 --throttle "$T" --leave-running
     n=$(passes own)
     how=$(jget /tmp/own.json "apps.0.passes.$((n - 2)).throttled")
     case $how in "$T % of the "*" through $CG/app/cpu.max") ;; *) fail "own: the last pre-dump was not throttled through $CG/app/cpu.max: $how" ;; esac

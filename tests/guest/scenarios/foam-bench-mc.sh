@@ -32,23 +32,13 @@ churn_stop() {
     info "set load: $(cat /tmp/churn.out)"
 }
 
-# kup_ck NAME ARGS...: kup --json checkpoint of $mc; sets K_FROZEN K_FINAL (final dump's pages) K_WHY.
+# kup_ck NAME ARGS...: kup --json checkpoint of $mc (bench-lib's kup_json), reported.
 kup_ck() {
-    name=$1
+    n=$1
     shift
-    rc=0
-    kup --json checkpoint --pid "$mc" --store $MNT "$@" >/tmp/"$name".json 2>/tmp/"$name".err || rc=$?
-    if [ $rc -ne 0 ]; then
-        sed 's/^/GUEST: INFO kup checkpoint: /' /tmp/"$name".err
-        show_logs criu $MNT/*/*/criu/*/criu.log
-        fail "kup checkpoint $* exited $rc: $(tail -n 1 /tmp/"$name".err)"
-    fi
-    n=$(json_flat </tmp/"$name".json | grep -c '^apps\.0\.passes\.[0-9]*\.kind=')
-    K_FROZEN=$(jget /tmp/"$name".json apps.0.frozen_ms)
-    K_FINAL=$(jget /tmp/"$name".json "apps.0.passes.$((n - 1)).pages_sent")
-    K_WHY=$(jget /tmp/"$name".json apps.0.converged)
-    sent=$(json_flat </tmp/"$name".json | sed -n 's/^apps\.0\.passes\.[0-9]*\.pages_sent=//p' | tr '\n' ' ')
-    info "kup checkpoint $*: $n passes sent $sent pages; final dump frozen $K_FROZEN ms; pre-dumps stopped: $K_WHY"
+    kup_json "$n" "$mc" "$@"
+    sent=$(json_flat </tmp/"$n".json | sed -n 's/^apps\.0\.passes\.[0-9]*\.pages_sent=//p' | tr '\n' ' ')
+    info "kup checkpoint $*: $K_PASSES passes sent ${sent% } pages; final dump frozen $K_FROZEN ms; pre-dumps stopped: $K_WHY"
 }
 
 stage_a() {

@@ -137,6 +137,15 @@ fn connect(addr: &str) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
+/// A connection that gives up after 200 ms (connect) and 500 ms (each answer): for clients that
+/// must notice a frozen or stopped memcached and connect again.
+fn connect_impatient(addr: &str) -> std::io::Result<(TcpStream, BufReader<TcpStream>)> {
+    let s = TcpStream::connect_timeout(&addr.parse().map_err(std::io::Error::other)?, Duration::from_millis(200))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    Ok((s.try_clone()?, BufReader::new(s)))
+}
+
 fn load(o: &Opts) -> Result<String, String> {
     let start = Instant::now();
     let mut s = connect(&o.addr).map_err(|e| format!("connect {}: {e}", o.addr))?;
@@ -249,13 +258,10 @@ fn churn(o: &Opts) -> Result<String, String> {
         let v = value(o, i, g);
         sets += 1;
         let stored = (|| -> std::io::Result<bool> {
-            if conn.is_none() {
-                let s = TcpStream::connect_timeout(&o.addr.parse().map_err(std::io::Error::other)?, Duration::from_millis(200))?;
-                s.set_nodelay(true)?;
-                s.set_read_timeout(Some(Duration::from_millis(500)))?;
-                conn = Some((s.try_clone()?, BufReader::new(s)));
-            }
-            let (w, r) = conn.as_mut().unwrap();
+            let (w, r) = match &mut conn {
+                Some(c) => c,
+                None => conn.insert(connect_impatient(&o.addr)?),
+            };
             let mut req = format!("set {} 0 0 {}\r\n", key(o, i), v.len()).into_bytes();
             req.extend_from_slice(&v);
             req.extend_from_slice(b"\r\n");
@@ -296,13 +302,10 @@ fn probe(o: &Opts) -> Result<String, String> {
         let t = SystemTime::now();
         probes += 1;
         let ok = (|| -> std::io::Result<()> {
-            if conn.is_none() {
-                let s = TcpStream::connect_timeout(&o.addr.parse().map_err(std::io::Error::other)?, Duration::from_millis(200))?;
-                s.set_nodelay(true)?;
-                s.set_read_timeout(Some(Duration::from_millis(500)))?;
-                conn = Some((s.try_clone()?, BufReader::new(s)));
-            }
-            let (w, r) = conn.as_mut().unwrap();
+            let (w, r) = match &mut conn {
+                Some(c) => c,
+                None => conn.insert(connect_impatient(&o.addr)?),
+            };
             w.write_all(b"get kup-probe\r\n")?;
             let mut line = String::new();
             r.read_line(&mut line)?;

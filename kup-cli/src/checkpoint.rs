@@ -134,7 +134,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
     });
     let out = Mutex::new(());
     let policy = crate::converge::Policy { max_passes: passes, throttle: a.throttle };
-    let shared = Shared { criu, a, dir: &dir, mode, sync_copies: !write_mode.durable_on_reply(), passes, policy, incremental, staging: &staging, bars: &bars, out: &out, hooks: &hooks, commit: &commit_gate, ppp: ppp.as_ref() };
+    let shared = Shared { criu, a, dir: &dir, mode, sync_copies: !write_mode.durable_on_reply(), policy, incremental, staging: &staging, bars: &bars, out: &out, hooks: &hooks, commit: &commit_gate, ppp: ppp.as_ref() };
     let results: Vec<std::result::Result<App, AppFailure>> = std::thread::scope(|s| {
         let handles: Vec<_> = procs
             .iter()
@@ -241,8 +241,8 @@ struct Shared<'a> {
     mode: FileMode,
     /// Whether copies into the store need an fsync (not on rpramfs).
     sync_copies: bool,
-    /// Passes at most (`--iterations`; one without dirty tracking or with PPP).
-    passes: u32,
+    /// When the pre-dumps stop; its `max_passes` is `--iterations`, or one without dirty
+    /// tracking or with PPP.
     policy: crate::converge::Policy,
     incremental: bool,
     staging: &'a staging::Plan,
@@ -299,9 +299,6 @@ fn checkpoint_app(sh: &Shared<'_>, index: usize, p: &Process, mut ticket: Ticket
 
 /// What the passes before the final dump leave for it.
 struct Passes {
-    /// The pre-dumps done, and why there were no more.
-    done: u32,
-    stop: crate::converge::Stop,
     /// The throttled pass's CPU limit, held until the final dump starts (dropping it lifts it).
     limit: Option<crate::throttle::Throttle>,
     spaces: Spaces,
@@ -341,24 +338,21 @@ fn pre_dumps(sh: &Shared<'_>, p: &Process, name: &str, ticket: &mut Ticket<'_>) 
     }
     options.extend(sh.a.criu_options.iter().cloned());
     let mut app = App { name: name.to_string(), pid: p.pid, comm: p.comm.clone(), criu_options: options.clone(), passes: vec![], spaces: vec![], ppp: None, converged: None };
-    let mut ps = Passes { done: 0, stop: crate::converge::Stop::Limit(sh.passes), limit: None, spaces, staging, options, previous: BTreeMap::new(), stored: BTreeMap::new(), ppp_pre: Default::default(), ppp_dirty: Default::default(), ppp_dirty_ms: Default::default(), ppp_precopied: BTreeMap::new(), ppp_checksum_ms: 0.0, ppp_catch_up: vec![], ppp_listed: BTreeMap::new() };
-    let mut sent = vec![];
+    let mut ps = Passes { limit: None, spaces, staging, options, previous: BTreeMap::new(), stored: BTreeMap::new(), ppp_pre: Default::default(), ppp_dirty: Default::default(), ppp_dirty_ms: Default::default(), ppp_precopied: BTreeMap::new(), ppp_checksum_ms: 0.0, ppp_catch_up: vec![], ppp_listed: BTreeMap::new() };
     let mut throttled = false;
     // The CPUs the app used during the last pre-dump: a throttled pass gets a share of that.
     let mut cpus = 0.0;
-    loop {
+    let stop = loop {
+        let sent: Vec<u64> = app.passes.iter().map(|pass| pass.pages_data).collect();
         // After the first pass: what a second would send (private pages; reading the bits
         // leaves them to CRIU).
         let written = if sent.len() == 1 { crate::ppp::count_soft_dirty(&p.tree()).ok() } else { None };
         match sh.policy.next(&sent, throttled, written) {
-            crate::converge::Next::Final(stop) => {
-                ps.stop = stop;
-                break;
-            }
+            crate::converge::Next::Final(stop) => break stop,
             crate::converge::Next::PreDump { throttled: t } => throttled = t,
         }
         let (cpu_before, started) = (procs::cpu_seconds(&p.tree()), Instant::now());
-        let mut run = start_pass(sh, p, name, &ps, ps.done + 1, PassKind::PreDump)?;
+        let mut run = start_pass(sh, p, name, &ps, sent.len() as u32 + 1, PassKind::PreDump)?;
         // A throttled pass limits the app from its first page on: CRIU sends a pre-dump's pages
         // after it has thawed the app, and its parasite, which runs in the app's cgroup while the
         // app is frozen, must not be slowed down. Lifted just before the final dump's CRIU starts
@@ -378,8 +372,6 @@ fn pre_dumps(sh: &Shared<'_>, p: &Process, name: &str, ticket: &mut Ticket<'_>) 
         let session = run.finish(&ps, status, session)?;
         cpus = (procs::cpu_seconds(&p.tree()) - cpu_before) / started.elapsed().as_secs_f64().max(1e-3);
         ps.limit = limit;
-        ps.done += 1;
-        sent.push(session.pages_data);
         let stats = read_dump_stats(&run.store_dir).ok();
         app.passes.push(run.record(sh, name, &session, stats));
         ps.previous = session.targets.iter().map(|(t, r)| (*t, r.ranges.clone())).collect();
@@ -390,15 +382,15 @@ fn pre_dumps(sh: &Shared<'_>, p: &Process, name: &str, ticket: &mut Ticket<'_>) 
             }
         }
         if let Some(e) = not_throttled {
-            sh.say(&format!("  {name}: pass {} ran unthrottled ({e}); the final dump follows", ps.done));
-            ps.stop = crate::converge::Stop::NotShrinking { pages: sent[sent.len() - 2], before: sent[sent.len() - 3] };
-            break;
+            // The comparison that asked for the throttle: the two pre-dumps before this one.
+            sh.say(&format!("  {name}: pass {} ran unthrottled ({e}); the final dump follows", sent.len() + 1));
+            break crate::converge::Stop::NotShrinking { pages: sent[sent.len() - 1], before: sent[sent.len() - 2] };
         }
+    };
+    if sh.policy.max_passes > 1 {
+        sh.say(&format!("  {name}: pre-dumps stopped after {} pass(es): {}", app.passes.len(), stop.describe()));
     }
-    if sh.passes > 1 {
-        sh.say(&format!("  {name}: pre-dumps stopped after {} pass(es): {}", ps.done, ps.stop.describe()));
-    }
-    app.converged = Some(ps.stop.describe());
+    app.converged = Some(stop.describe());
     if let Some(ppp) = sh.ppp {
         ppp_prepass(ppp, p, &mut ps, &app_dir)?;
     }
@@ -467,7 +459,7 @@ const CATCH_UP_ENOUGH: u64 = 512;
 #[allow(clippy::too_many_arguments)]
 fn final_dump(sh: &Shared<'_>, index: usize, p: &Process, name: &str, ps: &Passes, limit: Option<crate::throttle::Throttle>, app: &mut App, report: &mut ReportOnce<'_>) -> std::result::Result<(), String> {
     drop(limit);
-    let mut run = match start_pass(sh, p, name, ps, ps.done + 1, PassKind::Dump) {
+    let mut run = match start_pass(sh, p, name, ps, app.passes.len() as u32 + 1, PassKind::Dump) {
         Ok(r) => r,
         Err(e) => {
             report.failed(&e.0);
@@ -742,7 +734,7 @@ fn start_pass(sh: &Shared<'_>, p: &Process, name: &str, ps: &Passes, pass: u32, 
     widen_send_buffer(&theirs, PAGE_SERVER_SNDBUF);
     let theirs: OwnedFd = theirs.into();
     crate::os::pass_socket(&mut cmd, &theirs);
-    let bar = sh.bars.add(report::progress_bar(p.memory_bytes(), sh.a.json, format!("{name} pass {pass}/{}", sh.passes)));
+    let bar = sh.bars.add(report::progress_bar(p.memory_bytes(), sh.a.json, format!("{name} pass {pass}/{}", sh.policy.max_passes)));
     let start = Instant::now();
     let child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", sh.criu.path.display()))?;
     drop(theirs);
@@ -885,7 +877,7 @@ impl PassRun {
             println!(
                 "  {name} pass {}/{} {:<8} {:>9} pages sent {:>10}  {:>8} unchanged  {}{frozen}",
                 self.pass,
-                sh.passes,
+                sh.policy.max_passes,
                 self.verb(),
                 session.pages_data,
                 report::bytes(session.bytes),

@@ -105,9 +105,16 @@ pub fn exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// The fields of /proc/PID/stat after the comm (which may hold spaces), from the state (field 3)
+/// on; `None` when the process is gone.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat.rsplit_once(')')?.1.split_whitespace().map(str::to_string).collect())
+}
+
 /// Whether `pid` is in a group stop (state T in /proc/PID/stat).
 pub fn is_stopped(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "T"))).unwrap_or(false)
+    stat_fields(pid).is_some_and(|f| f.first().is_some_and(|st| st == "T"))
 }
 
 /// CPU seconds the processes `pids` have used so far (user and system, all their threads; a
@@ -115,10 +122,9 @@ pub fn is_stopped(pid: u32) -> bool {
 pub fn cpu_seconds(pids: &[u32]) -> f64 {
     let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
     let ticks = |pid: u32| -> Option<u64> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Fields 14 and 15 (utime, stime), counted from the state, field 3, after the comm.
-        let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        Some(rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?)
+        // Fields 14 and 15: utime, stime.
+        let f = stat_fields(pid)?;
+        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
     };
     pids.iter().filter_map(|&p| ticks(p)).sum::<u64>() as f64 / ticks_per_s
 }

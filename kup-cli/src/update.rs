@@ -70,9 +70,9 @@ fn store_write_rate(store: &std::path::Path) -> std::io::Result<f64> {
 
 /// The dry run's FOAM estimate: the apps' write rate measured over a second, the passes the
 /// checkpoint's rule would make of it (converge.rs), and the final dump's share of the store's rate.
-fn foam_estimate(criu: &Criu, a: &Args, procs_: &[Process], store_rate: f64) -> String {
+fn foam_estimate(criu: &Criu, a: &Args, procs_: &[Process], memory: u64, store_rate: f64) -> String {
     let pids: Vec<u32> = procs_.iter().flat_map(|p| p.tree()).collect();
-    let pages = procs_.iter().map(|p| p.memory_bytes()).sum::<u64>() / 4096;
+    let pages = memory / 4096;
     let tracked = criu.has_dirty_tracking();
     let rate = match tracked.then(|| crate::ppp::write_rate(&pids, std::time::Duration::from_secs(1))) {
         None => 0.0,
@@ -159,7 +159,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
                 "  estimate:   CRIU's final dump sends only the pages written after kup checksummed them; pinning the {} kept pages and storing the {} others takes the rest of the frozen time; the kernel's boot and the restore come on top",
                 plan.in_arena, plan.outside
             ),
-            (Err(_), Ok(rate)) => println!("  estimate:   {}", foam_estimate(criu, a, &procs_, rate)),
+            (Err(_), Ok(rate)) => println!("  estimate:   {}", foam_estimate(criu, a, &procs_, memory, rate)),
             (Err(_), Err(e)) => println!("  estimate:   none (measuring the store failed: {e})"),
         }
         println!("  preflight passed (the new kernel loads, its command line keeps the region, the pids exist, the store has room); nothing was stopped");

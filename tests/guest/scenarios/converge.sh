@@ -27,8 +27,7 @@ ck() {
         sed "s/^/GUEST: INFO $name: /"
 }
 
-# passes NAME: the number of passes in /tmp/NAME.json; sent NAME I: pages pass I (0-based) sent.
-passes() { json_flat </tmp/"$1".json | grep -c '^apps\.0\.passes\.[0-9]*\.kind='; }
+# sent NAME I: the pages pass I (0-based) of /tmp/NAME.json sent.
 sent() { jget /tmp/"$1".json "apps.0.passes.$2.pages_sent"; }
 
 stage_a() {
@@ -45,33 +44,28 @@ stage_a() {
 
     # 1. No throttle: the pre-dumps stop on their own before the limit of 6 passes.
     ck plain "$PID" --iterations 6 --throttle off --leave-running
-    n=$(passes plain)
-    why=$(jget /tmp/plain.json apps.0.converged)
-    p_why=$why
+    n=$K_PASSES why=$K_WHY p_why=$K_WHY
     [ "$n" -lt 6 ] || fail "plain: all 6 passes ran although the subject rewrites the same $D % all the time ($why)"
     last=$(sent plain $((n - 2)))
     before=$(sent plain $((n - 3)))
     case $why in
         *"stopped shrinking"*)
             [ $((last * 10)) -gt $((before * 8)) ] || fail "plain: \"$why\" but the last pre-dump sent $last pages after $before" ;;
-        *"sent "*" pages (at most"*)
+        *" pages were written during the last pre-dump (at most"*)
             [ "$last" -le 512 ] || fail "plain: \"$why\" but the last pre-dump sent $last pages" ;;
         *) fail "plain: the pre-dumps stopped for no reason the scenario knows: $why" ;;
     esac
-    p_final=$(sent plain $((n - 1)))
-    p_frozen=$(jget /tmp/plain.json apps.0.frozen_ms)
+    p_final=$K_FINAL p_frozen=$K_FROZEN
     kill -0 "$PID" || fail "the subject did not keep running after --leave-running"
 
-    # 2. Throttled to 10 % of a CPU for one more pre-dump.
+    # 2. Throttled to $T % of its CPU use for one more pre-dump.
     ck throttled "$PID" --iterations 6 --throttle "$T"
     reap
-    n=$(passes throttled)
-    why=$(jget /tmp/throttled.json apps.0.converged)
+    n=$K_PASSES why=$K_WHY
     case $why in *"ran throttled"*) ;; *) fail "throttled: no throttled pre-dump ($why)" ;; esac
     how=$(jget /tmp/throttled.json "apps.0.passes.$((n - 2)).throttled")
     case $how in "$T % of the "*" in $CG/kup-throttle-"*) ;; *) fail "throttled: the last pre-dump was not throttled as asked: $how" ;; esac
-    t_final=$(sent throttled $((n - 1)))
-    t_frozen=$(jget /tmp/throttled.json apps.0.frozen_ms)
+    t_final=$K_FINAL t_frozen=$K_FROZEN
     left=$(ls -d $CG/kup-throttle-* 2>/dev/null || true)
     [ -z "$left" ] || fail "throttled: kup left $left behind"
     [ $((t_final * 10)) -lt $((p_final * 9)) ] || fail "throttled: the final dump sent $t_final pages, not under 0.9x the $p_final without the throttle"
@@ -90,8 +84,7 @@ stage_a() {
     mkdir -p $CG/app
     echo "$PID" >$CG/app/cgroup.procs || fail "cannot move the restored subject into $CG/app"
     ck own "$PID" --iterations 6 --throttle "$T" --leave-running
-    n=$(passes own)
-    how=$(jget /tmp/own.json "apps.0.passes.$((n - 2)).throttled")
+    how=$(jget /tmp/own.json "apps.0.passes.$((K_PASSES - 2)).throttled")
     case $how in "$T % of the "*" through $CG/app/cpu.max") ;; *) fail "own: the last pre-dump was not throttled through $CG/app/cpu.max: $how" ;; esac
     max=$(cat $CG/app/cpu.max)
     [ "$max" = "max 100000" ] || fail "own: $CG/app/cpu.max is \"$max\" after the checkpoint, not \"max 100000\" as before"

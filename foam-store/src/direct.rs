@@ -21,7 +21,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::sync::Arc;
 
-use rpramfs_abi::{ioc_size, CommitArg, DirectInfo, Extent, LeaseArg, IOC_COMMIT, IOC_DIRECT_INFO, IOC_LEASE};
+use rpramfs_abi::{ioc_size, CommitArg, DirectInfo, Extent, LeaseArg, MapArg, IOC_COMMIT, IOC_DIRECT_INFO, IOC_LEASE, IOC_MAP};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::protocol::PAGE_SIZE;
@@ -99,6 +99,44 @@ impl DirectRegion {
             return Err(io::Error::other(format!("rpramfs answered a lease of {pages} pages with {arg:?}")));
         }
         Ok(Lease { region: self.clone(), file, id: arg.id.get(), blocks })
+    }
+
+    /// Copies the pages of `file` (on this mount) from the block-aligned offset `off` on into
+    /// `out` (whole pages), straight out of the region: rpramfs says which blocks hold them
+    /// (MAP, [`MAX_LEASE_PAGES`] at a time), pages without a block read as zeros. Nothing vouches
+    /// for the bytes but the caller's own CRCs: a write to the file meanwhile moves its pages and
+    /// frees the old blocks. A daemon without MAP answers ENOTTY.
+    pub fn read(&self, file: &File, off: u64, out: &mut [u8]) -> io::Result<()> {
+        if !out.len().is_multiple_of(PAGE) || !off.is_multiple_of(PAGE_SIZE) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("a direct read of {} bytes at {off:#x}: whole pages only", out.len())));
+        }
+        for (i, chunk) in out.chunks_mut(MAX_LEASE_PAGES * PAGE).enumerate() {
+            let at = off + (i * MAX_LEASE_PAGES * PAGE) as u64;
+            let pages = chunk.len() / PAGE;
+            let mut arg = MapArg::request(at, pages as u32);
+            ioctl(file, IOC_MAP, &mut arg)?;
+            let blocks: Vec<u32> = arg.blocks().map(|b| b.collect()).unwrap_or_default();
+            if blocks.len() != pages || blocks.iter().any(|&b| u64::from(b) >= self.blocks) {
+                return Err(io::Error::other(format!("rpramfs answered a map of {pages} pages at {at:#x} with {} blocks, or blocks outside the region", blocks.len())));
+            }
+            let mut p = 0;
+            while p < pages {
+                let b = blocks[p];
+                let k = if b == 0 { 1 } else { 1 + blocks[p..].windows(2).take_while(|w| w[1] == w[0] + 1).count() };
+                let dst = &mut chunk[p * PAGE..(p + k) * PAGE];
+                if b == 0 {
+                    dst.fill(0);
+                } else {
+                    let src = self.block_ptr(b, k);
+                    // SAFETY: `k` pages of the mapping from block `b` on (block_ptr checks they
+                    // lie inside it); `dst` is this process's own memory, not the mapping, so the
+                    // two do not overlap, and no reference into the mapping is made.
+                    unsafe { std::ptr::copy_nonoverlapping(src.cast_const(), dst.as_mut_ptr(), k * PAGE) };
+                }
+                p += k;
+            }
+        }
+        Ok(())
     }
 
     /// Where block `block` starts in this process, for `pages` pages from there.

@@ -80,7 +80,7 @@ pub struct FoamFile {
     write: WriteMode,
     segments: Mutex<BTreeMap<u64, std::sync::Arc<File>>>,
     crc: File,
-    /// rpramfs's region, for direct writes (single-file layout only).
+    /// rpramfs's region, for direct writes and reads (single-file layout only).
     direct: Option<std::sync::Arc<DirectRegion>>,
 }
 
@@ -98,21 +98,21 @@ impl FoamFile {
         self
     }
 
-    /// Writes pages straight into rpramfs's region from now on (see [`crate::direct`]); ignored
-    /// in the split layout, which rpramfs never needs.
+    /// Writes (if opened for writing) and reads pages straight into and out of rpramfs's region
+    /// from now on (see [`crate::direct`]); ignored in the split layout, which rpramfs never needs.
     pub fn with_direct(mut self, direct: Option<std::sync::Arc<DirectRegion>>) -> FoamFile {
-        self.direct = direct.filter(|_| self.mode == FileMode::Single && self.writable);
+        self.direct = direct.filter(|_| self.mode == FileMode::Single);
         self
     }
 
     /// Whether pages are received into leased blocks ([`FoamFile::lease`]).
     pub fn writes_directly(&self) -> bool {
-        self.direct.is_some()
+        self.direct.is_some() && self.writable
     }
 
     /// The region and the data file, for a direct write.
     fn direct_target(&self) -> Result<(&std::sync::Arc<DirectRegion>, std::sync::Arc<File>), Error> {
-        let d = self.direct.as_ref().ok_or_else(|| Error::Unsupported("direct writes are off for this store".into()))?;
+        let d = self.direct.as_ref().filter(|_| self.writable).ok_or_else(|| Error::Unsupported("direct writes are off for this store".into()))?;
         Ok((d, self.segment(0)?))
     }
 
@@ -266,11 +266,16 @@ impl FoamFile {
         self.write_crcs(vaddr, crcs)
     }
 
-    /// Reads whole pages at `vaddr` into `buf`, checking every page against its CRC.
+    /// Reads whole pages at `vaddr` into `buf`, checking every page against its CRC; out of
+    /// rpramfs's region where it offers that (one copy, no FUSE read), else through the file.
     pub fn read_pages(&self, vaddr: u64, buf: &mut [u8]) -> Result<(), Error> {
         for (seg, off, at, n) in self.pieces(vaddr, buf.len()) {
             let f = self.segment(seg)?;
-            read_full_at(&f, &mut buf[at..at + n], off).map_err(|e| Error::io(&self.segment_path(seg), e))?;
+            let piece = &mut buf[at..at + n];
+            let direct = self.direct.as_ref().map(|d| d.read(&f, off, piece));
+            if !matches!(direct, Some(Ok(()))) {
+                read_full_at(&f, piece, off).map_err(|e| Error::io(&self.segment_path(seg), e))?;
+            }
         }
         let mut crcs = vec![0u8; buf.len() / PAGE * 4];
         read_full_at(&self.crc, &mut crcs, crc_offset(vaddr)).map_err(|e| Error::io(&self.crc_path(), e))?;

@@ -30,6 +30,9 @@ pub struct LazyReport {
     pub requests: u64,
     pub pages: u64,
     pub elapsed: Duration,
+    /// Of `elapsed`, the time spent answering (reading, checking and sending pages) rather than
+    /// waiting for the next request.
+    pub busy: Duration,
 }
 
 /// Serves GETs until CLOSE/FORCE_CLOSE. `spaces` is keyed by the pid in the checkpoint (GET's
@@ -42,6 +45,7 @@ pub fn serve<S: Read + Write>(sock: &mut S, spaces: &BTreeMap<u32, LazySpace>, p
         let mut hb = [0u8; HEADER_LEN];
         read_session(sock, &mut hb)?;
         let h = Header::parse(&hb)?;
+        let t = Instant::now();
         match h.cmd {
             Cmd::Get => {
                 let pid = u32::try_from(h.dst_id).map_err(|_| Error::UnknownPage { space: format!("{:#x}", h.dst_id), vaddr: h.vaddr })?;
@@ -61,6 +65,7 @@ pub fn serve<S: Read + Write>(sock: &mut S, spaces: &BTreeMap<u32, LazySpace>, p
                 if let Some(c) = pages_done {
                     c.fetch_add(m as u64, Ordering::Relaxed);
                 }
+                report.busy += t.elapsed();
             }
             Cmd::Close | Cmd::ForceClose => {
                 sock.write_all(&0i32.to_le_bytes()).map_err(Error::Socket)?;

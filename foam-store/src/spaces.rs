@@ -32,8 +32,10 @@ impl Spaces {
         Ok(Spaces { dir: dir.into(), mode, writable: true, write, direct, files: Mutex::new(BTreeMap::new()) })
     }
 
+    /// Opens for reading, straight out of rpramfs's region where it offers that.
     pub fn open(dir: &Path, mode: FileMode) -> Spaces {
-        Spaces { dir: dir.into(), mode, writable: false, write: WriteMode::default(), direct: None, files: Mutex::new(BTreeMap::new()) }
+        let direct = DirectRegion::probe(dir).map(Arc::new);
+        Spaces { dir: dir.into(), mode, writable: false, write: WriteMode::default(), direct, files: Mutex::new(BTreeMap::new()) }
     }
 
     pub fn dir(&self) -> &Path {
@@ -49,7 +51,7 @@ impl Spaces {
         let f = Arc::new(if self.writable {
             FoamFile::create(&self.dir, &t.stem(), self.mode)?.with_write_mode(self.write).with_direct(self.direct.clone())
         } else {
-            FoamFile::open(&self.dir, &t.stem(), self.mode)?
+            FoamFile::open(&self.dir, &t.stem(), self.mode)?.with_direct(self.direct.clone())
         });
         files.insert(t, f.clone());
         Ok(f)

@@ -9,6 +9,7 @@ mod converge;
 mod criu;
 mod error;
 mod faults;
+mod fill;
 // Each binary uses its own side of the wire.
 #[allow(dead_code)]
 mod hook_wire;

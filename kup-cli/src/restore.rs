@@ -3,7 +3,9 @@
 //! Both modes give CRIU an images directory made of the final dump's own images plus a pagemap
 //! and pages image synthesized from FOAM (page CRCs checked). Lazy: private anonymous memory is
 //! marked PE_LAZY and served on demand by kup's GET server to `criu lazy-pages`, so the app runs
-//! as soon as its non-memory state is back; eager: every page goes into the pages image first.
+//! as soon as its non-memory state is back. Eager: a process's own pages are holes in CRIU's
+//! image; CRIU leaves the tasks stopped, kup writes the pages into them (crate::fill) and lets
+//! them run; shared memory goes into the pages image.
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -68,6 +70,18 @@ pub struct AppRestore {
     pub pages_copied_in: u64,
     pub pages_guarded: u64,
     pub map_ms: f64,
+    /// Eager: writing the pages into the stopped tasks (crate::fill), and how many of them went
+    /// through /proc/PID/mem (mappings the process may not write).
+    pub fill_ms: f64,
+    pub pages_forced: u64,
+    /// Of `fill_ms`, the time spent reading and checking the pages, and writing them (the two
+    /// overlap).
+    pub fill_read_ms: f64,
+    pub fill_write_ms: f64,
+    /// Lazy: the requests `criu lazy-pages` sent kup's page server, and the time the server spent
+    /// answering them (the rest of the fetch is CRIU's daemon and the app).
+    pub lazy_requests: u64,
+    pub server_busy_ms: f64,
 }
 
 /// PPP pages of the checkpoint being restored: the module and every process's PFN list.
@@ -113,14 +127,15 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Vec<AppRestore>> {
             println!("  note: this kernel's userfaultfd lacks what criu lazy-pages needs (uffd-noncoop); restoring eagerly");
         }
     }
-    // The pages image of an eager restore is a copy of the image, written into the store.
+    // An eager restore writes the pages of shared memory (shmem, memfds) into CRIU's pages image
+    // in the store; a process's own pages go straight into it (crate::fill).
     if mode == Mode::Eager {
-        // (Under PPP the image names only the pages that went the FOAM way, and a few kept ones.)
-        let need: u64 = m.apps.iter().map(|a| a.pages() * 4096).sum();
+        let shared = m.apps.iter().flat_map(|a| &a.spaces).filter(|s| !matches!(Target::from_stem(&s.name), Some(Target::Pid(_))));
+        let need: u64 = shared.flat_map(|s| &s.ranges).map(|r| r.pages() * 4096).sum();
         let free = crate::checkpoint::free_bytes(&a.store)?;
         if need > free {
             return fail(format!(
-                "an eager restore writes CRIU's pages image ({}) into the store, which has {} free; restore lazily (--lazy, the default) or free space in the store",
+                "an eager restore writes CRIU's pages image of the apps' shared memory ({}) into the store, which has {} free; restore lazily (--lazy, the default) or free space in the store",
                 report::bytes(need),
                 report::bytes(free)
             ));
@@ -160,7 +175,8 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Vec<AppRestore>> {
                 ", {} pages put back in place and {} copied (pinned on this boot, or into pages the restore had written), {} of them kept intact until the apps are healthy, in {:.1} ms",
                 r.pages_in_place, r.pages_copied_in, r.pages_guarded, r.map_ms
             ) } else { String::new() };
-            println!("  {}: running again after {:.1} ms (images {:.1} ms){fetched}{in_place}", r.name, r.running_ms, r.images_ms);
+            let filled = if r.mode == Mode::Eager { format!(", memory written into the stopped tasks in {:.1} ms", r.fill_ms) } else { String::new() };
+            println!("  {}: running again after {:.1} ms (images {:.1} ms{filled}){fetched}{in_place}", r.name, r.running_ms, r.images_ms);
         }
     }
     if !errors.is_empty() {
@@ -245,12 +261,17 @@ fn ppp_map_and_start(p: &PppRestore, app: &App, guard: bool, out: &mut AppRestor
         }
     }
     out.map_ms = report::ms(t.elapsed());
+    start_tasks(app);
+    Ok(())
+}
+
+/// Lets the tasks `criu restore --leave-stopped` left stopped run.
+fn start_tasks(app: &App) {
     for s in &app.spaces {
         if let Some(Target::Pid(pid)) = Target::from_stem(&s.name) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGCONT);
         }
     }
-    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -275,6 +296,7 @@ fn restore_app(criu: &Criu, a: &Args, m: &Manifest, ckpt_dir: &Path, app: &App, 
     let spaces = Spaces::open(&app_dir.join("mem"), m.file_mode);
     let mut lazy_spaces = BTreeMap::new();
     let mut synth = SynthStats::default();
+    let mut fills = Vec::new();
     for (i, s) in app.spaces.iter().enumerate() {
         let t = Target::from_stem(&s.name).ok_or_else(|| format!("manifest names an unknown address space {:?}", s.name))?;
         let file = spaces.get_or_create(t)?;
@@ -284,6 +306,17 @@ fn restore_app(criu: &Criu, a: &Args, m: &Manifest, ckpt_dir: &Path, app: &App, 
             for e in p.lists.get(&(app.name.clone(), pid)).into_iter().flatten() {
                 ranges.remove(e.vaddr, e.vaddr + 4096);
             }
+        }
+        if let (Mode::Eager, Target::Pid(pid)) = (mode, t) {
+            // The pages CRIU could restore lazily (private anonymous memory, not stacks) may be
+            // missing while it restores: kup writes them into the stopped process itself
+            // (crate::fill), and they are holes in CRIU's image, as PPP's are.
+            let fill = RangeMap::from_ranges(&ranges.iter().filter(|r| r.lazy()).collect::<Vec<_>>());
+            for r in fill.iter() {
+                ranges.remove(r.start, r.end);
+            }
+            synth.pages_copied += fill.pages();
+            fills.push((pid, Arc::clone(&file), fill));
         }
         let st = write_restore_images(&images, t, i as u32 + 1, Some(&file), &ranges, mode == Mode::Lazy)
             .map_err(|e| format!("{e} (app {}, address space {})", app.name, s.name))?;
@@ -304,17 +337,35 @@ fn restore_app(criu: &Criu, a: &Args, m: &Manifest, ckpt_dir: &Path, app: &App, 
     restore.arg("restore").arg("-D").arg(&images).arg("-W").arg(&work).args(["-o", "restore.log", "-d"]).args(&app.criu_options);
     restore.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
     let restore_log = work.join("restore.log");
-    let mut out = AppRestore { name: app.name.clone(), pid: app.pid, mode, running_ms: 0.0, images_ms, fetched_ms: None, pages_eager: synth.pages_copied, pages_lazy: synth.pages_lazy, pages_served: 0, pages_in_place: 0, pages_copied_in: 0, pages_guarded: 0, map_ms: 0.0 };
-    if ppp.is_some() {
-        // The tasks wait, stopped, until their pages are back in place.
+    let mut out = AppRestore { name: app.name.clone(), pid: app.pid, mode, running_ms: 0.0, images_ms, fetched_ms: None, pages_eager: synth.pages_copied, pages_lazy: synth.pages_lazy, pages_served: 0, pages_in_place: 0, pages_copied_in: 0, pages_guarded: 0, map_ms: 0.0, fill_ms: 0.0, pages_forced: 0, fill_read_ms: 0.0, fill_write_ms: 0.0, lazy_requests: 0, server_busy_ms: 0.0 };
+    if ppp.is_some() || !fills.is_empty() {
+        // The tasks wait, stopped, until their pages are back.
         restore.arg("--leave-stopped");
     }
 
     if mode == Mode::Eager || lazy_spaces.is_empty() {
         let child = restore.spawn().map_err(|e| format!("cannot start {}: {e}", criu.path.display()))?;
         criu::finish(child, "criu restore", &restore_log, a.timeout)?;
+        let t = Instant::now();
+        for (pid, file, ranges) in &fills {
+            match crate::fill::fill(*pid, file, ranges) {
+                Ok(f) => {
+                    out.pages_forced += f.forced;
+                    out.fill_read_ms += report::ms(f.read);
+                    out.fill_write_ms += report::ms(f.write);
+                }
+                Err(e) => {
+                    // The app must not run on part of its memory.
+                    kill_tasks(app);
+                    return fail(format!("{e} (app {}); its restored tasks were killed", app.name));
+                }
+            }
+        }
+        out.fill_ms = report::ms(t.elapsed());
         if let Some(p) = ppp {
             ppp_map_and_start(p, app, a.keep_ppp_pages, &mut out)?;
+        } else if !fills.is_empty() {
+            start_tasks(app);
         }
         out.running_ms = report::ms(start.elapsed());
         remove_images(&images);
@@ -373,6 +424,8 @@ fn restore_app(criu: &Criu, a: &Args, m: &Manifest, ckpt_dir: &Path, app: &App, 
         match served_result {
             Ok(r) => {
                 out.pages_served = r.pages;
+                out.lazy_requests = r.requests;
+                out.server_busy_ms = report::ms(r.busy);
                 if !daemon_status.success() {
                     return fail(format!("criu lazy-pages failed ({daemon_status}); see {}{}", daemon_log.display(), criu::log_errors(&daemon_log)));
                 }

@@ -240,15 +240,32 @@ fn a_512_mib_process_survives_checkpoint_and_eager_and_lazy_restore() {
     assert_eq!(c, 0);
     assert!(out.contains("CRC ok"), "{out}");
 
-    // Without room for the pages image, an eager restore is refused up front.
+    // An eager restore writes the process's own pages straight into it: a store with no room for
+    // a copy of the private memory restores eagerly all the same ...
     let filler = store.join("filler");
-    let (c, _, e) = run(Command::new("fallocate").args(["-l", "400M"]).arg(&filler), Duration::from_secs(60));
+    let free_mib = || nix::sys::statvfs::statvfs(&store).map(|v| v.blocks_available() as u64 * v.fragment_size() as u64 >> 20).unwrap();
+    let (c, _, e) = run(Command::new("fallocate").args(["-l", &format!("{}M", free_mib() - 200)]).arg(&filler), Duration::from_secs(60));
+    assert_eq!(c, 0, "{e}");
+    assert!(free_mib() < 384, "{} MiB free", free_mib());
+    let (c, out, err) = kup(&["--json", "restore", "--store", store_s, "--eager"]);
+    assert_eq!(c, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["mode"], "eager");
+    assert!(v["apps"][0]["pages_eager"].as_u64().unwrap() >= 500 * 256, "{v}");
+    assert!(v["apps"][0]["fill_ms"].as_f64().unwrap() > 0.0, "{v}");
+    let ok = s.verify();
+    assert!(ok.starts_with("OK") && ok.contains("private=384 shared=64 memfd=64"), "{ok}");
+    s.kill_and_wait();
+    // ... and one without room for its shared memory's pages image is refused up front.
+    let filler2 = store.join("filler2");
+    let (c, _, e) = run(Command::new("fallocate").args(["-l", &format!("{}M", free_mib() - 64)]).arg(&filler2), Duration::from_secs(60));
     assert_eq!(c, 0, "{e}");
     let (c, _, err) = kup(&["restore", "--store", store_s, "--eager"]);
     assert_eq!(c, 1);
-    assert!(err.contains("eager restore writes") && err.contains("--lazy"), "{err}");
+    assert!(err.contains("eager restore writes CRIU's pages image of the apps' shared memory") && err.contains("--lazy"), "{err}");
     assert!(!s.alive());
     std::fs::remove_file(&filler).unwrap();
+    std::fs::remove_file(&filler2).unwrap();
 
     // One flipped byte in a private page: inspect names it, eager restore refuses before CRIU
     // starts, lazy restore stops the app; no restore ever runs on the wrong byte.
@@ -274,10 +291,12 @@ fn a_512_mib_process_survives_checkpoint_and_eager_and_lazy_restore() {
     assert_eq!(c, 1);
     assert!(out.contains("DAMAGED") && out.contains(&page), "{out}{err}");
 
+    // The eager restore finds the page while it writes the memory into the stopped tasks, and
+    // kills them before they ever run.
     let (c, _, err) = kup(&["restore", "--store", store_s, "--eager"]);
     assert_eq!(c, 1);
-    assert!(err.contains("fails its CRC") && err.contains(&page) && err.contains(&app.name), "{err}");
-    assert!(!s.alive(), "eager restore must not start the app");
+    assert!(err.contains("fails its CRC") && err.contains(&page) && err.contains(&app.name) && err.contains("its restored tasks were killed"), "{err}");
+    assert!(s.gone_within(Duration::from_secs(10)), "the eagerly restored app was not stopped");
 
     let (c, _, err) = kup(&["restore", "--store", store_s, "--lazy"]);
     assert_eq!(c, 1);
@@ -296,7 +315,7 @@ fn a_512_mib_process_survives_checkpoint_and_eager_and_lazy_restore() {
     let (c, _, err) = kup(&["restore", "--store", store_s, "--eager"]);
     assert_eq!(c, 1);
     assert!(err.contains("fails its CRC") && err.contains(&app.name), "{err}");
-    assert!(!s.alive());
+    assert!(s.gone_within(Duration::from_secs(10)));
 
     // A damaged manifest: named, and restore does not fall back to anything older on its own.
     let mpath = ckpt.join("manifest");
@@ -677,6 +696,47 @@ fn direct_writes_replace_what_the_kernel_cached() {
     assert!(back, "the closed file's lease was not given back: {} free, {} before", free(), before);
 }
 
+/// Direct reads through a real mount: pages copied out of the region are the bytes a read through
+/// the mount returns (holes and the tail past the end as zeros), and follow a rewrite at once.
+#[test]
+fn direct_reads_see_what_reads_through_the_mount_see() {
+    use foam_store::direct::DirectRegion;
+    use std::os::unix::fs::FileExt;
+    let fs = Rpramfs::new("64M");
+    let dir = fs.store();
+    let region = DirectRegion::probe(&dir).expect("rpramfs offers direct access");
+    let path = dir.join("f");
+    let f = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
+    let page = |v: u8| (0..4096u32).map(|i| (i % 251) as u8 ^ v).collect::<Vec<u8>>();
+    // Pages 0, 1, 3 and half of 4; page 2 is a hole; 4 more pages asked past the end.
+    for (i, v) in [(0u64, 1u8), (1, 2), (3, 3)] {
+        f.write_all_at(&page(v), i * 4096).unwrap();
+    }
+    f.write_all_at(&page(4)[..2048], 4 * 4096).unwrap();
+    let mut through = vec![0u8; 9 * 4096];
+    let n = f.read_at(&mut through, 0).unwrap();
+    assert_eq!(n, 4 * 4096 + 2048);
+    let mut direct = vec![0xffu8; 9 * 4096];
+    region.read(&f, 0, &mut direct).unwrap();
+    assert_eq!(direct, through, "direct read against a read through the mount");
+    assert!(direct[2 * 4096..3 * 4096].iter().all(|&b| b == 0), "the hole");
+    // A rewrite moves the page; the next direct read finds it.
+    f.write_all_at(&page(9), 4096).unwrap();
+    let mut one = vec![0u8; 4096];
+    region.read(&f, 4096, &mut one).unwrap();
+    assert_eq!(one, page(9));
+    // More than one MAP's worth (1024 pages) in one call.
+    let big: Vec<u8> = (0..1500 * 4096u32).map(|i| (i / 4096 % 253) as u8).collect();
+    f.write_all_at(&big, 0).unwrap();
+    let mut back = vec![0u8; big.len()];
+    region.read(&f, 0, &mut back).unwrap();
+    assert!(back == big, "1500 pages read directly differ");
+    // Whole pages only, and regular files only.
+    assert!(region.read(&f, 100, &mut one).unwrap_err().to_string().contains("whole pages only"));
+    let d = std::fs::File::open(&dir).unwrap();
+    assert_eq!(region.read(&d, 0, &mut one).unwrap_err().raw_os_error(), Some(libc::EINVAL));
+}
+
 /// With `allow_other` other users reach the mount, but only root gets leases.
 #[test]
 fn direct_writes_are_root_only() {
@@ -692,6 +752,13 @@ fn direct_writes_are_root_only() {
         rpramfs_abi::INFO_SIZE
     );
     let out = Command::new("python3").args(["-c", &script]).arg(fs.store()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.trim(), format!("errno {}", libc::EPERM), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    // Nor where a file's pages lie in the region (MAP), which would let them read it.
+    std::fs::write(fs.store().join("secret"), [7u8; 4096]).unwrap();
+    let script = script.replace(&format!("{:#x}", rpramfs_abi::IOC_DIRECT_INFO), &format!("{:#x}", rpramfs_abi::IOC_MAP)).replace(&format!("bytearray({})", rpramfs_abi::INFO_SIZE), &format!("bytearray({})", rpramfs_abi::MAP_SIZE));
+    std::fs::set_permissions(fs.store().join("secret"), std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = Command::new("python3").args(["-c", &script]).arg(fs.store().join("secret")).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.trim(), format!("errno {}", libc::EPERM), "{text} {}", String::from_utf8_lossy(&out.stderr));
     // Root gets the answer on the same mount.

@@ -9,6 +9,8 @@
 //!   (fresh blocks for a file, tied to no range of it), [`IOC_COMMIT`] takes a [`CommitArg`]
 //!   (those blocks become the file's pages in up to [`MAX_COMMIT_EXTENTS`] extents, with their
 //!   CRC32s), so pages scattered one by one cost a round trip per lease, not one per page.
+//! - Direct reads: [`IOC_MAP`] takes and answers a [`MapArg`] (the blocks that hold a range of a
+//!   file's pages), so a reader that maps the region copies pages out of it without a FUSE read.
 //! - CRC hints: `setxattr(file, CRC_HINT_XATTR, encode_crc_hint(offset, crcs))` hands the daemon
 //!   the CRC32s of the whole blocks about to be written; `getxattr` of [`CRC_HINT_XATTR`] answers
 //!   [`CRC_HINT_FORMAT`] on rpramfs only.
@@ -97,9 +99,23 @@ pub struct CommitArg {
     pub crcs: [U32; MAX_LEASE_BLOCKS],
 }
 
+/// The MAP argument. In: `off` (block-aligned) and `n` (pages wanted, at most
+/// [`MAX_LEASE_BLOCKS`]); out: `n` as asked and, in the first `n` entries of `blocks`, the block
+/// that holds each of those pages of the file (0: none, a hole or past the end). Blocks move when a
+/// file is written, so what a reader copies from them is vouched for by its own CRCs only.
+#[repr(C)]
+#[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct MapArg {
+    pub off: U64,
+    pub n: U32,
+    pub reserved: U32,
+    pub blocks: [U32; MAX_LEASE_BLOCKS],
+}
+
 pub const INFO_SIZE: usize = size_of::<DirectInfo>();
 pub const LEASE_SIZE: usize = size_of::<LeaseArg>();
 pub const COMMIT_SIZE: usize = size_of::<CommitArg>();
+pub const MAP_SIZE: usize = size_of::<MapArg>();
 
 // The generic ioctl number encoding (include/uapi/asm-generic/ioctl.h); powerpc, mips, sparc and
 // alpha use other widths for `dir` and `size`.
@@ -138,6 +154,8 @@ pub const IOC_DIRECT_INFO: u32 = ioc(IOC_READ, 0x40, INFO_SIZE);
 pub const IOC_LEASE: u32 = ioc(IOC_READ | IOC_WRITE, 0x41, LEASE_SIZE);
 /// `_IOW('R', 0x42, CommitArg)`.
 pub const IOC_COMMIT: u32 = ioc(IOC_WRITE, 0x42, COMMIT_SIZE);
+/// `_IOWR('R', 0x43, MapArg)`: direct reads (a daemon without it answers ENOTTY).
+pub const IOC_MAP: u32 = ioc(IOC_READ | IOC_WRITE, 0x43, MAP_SIZE);
 
 impl DirectInfo {
     /// The answer of a daemon at this layout version.
@@ -184,6 +202,22 @@ impl LeaseArg {
     }
 
     /// The first `n` block numbers; `None` when `n` exceeds the room for them.
+    pub fn blocks(&self) -> Option<impl ExactSizeIterator<Item = u32> + '_> {
+        let n = self.n.get() as usize;
+        self.blocks.get(..n).map(|b| b.iter().map(|b| b.get()))
+    }
+}
+
+impl MapArg {
+    /// A request for the blocks of `n` pages from `off` on.
+    pub fn request(off: u64, n: u32) -> MapArg {
+        let mut a: MapArg = FromZeros::new_zeroed();
+        a.off = off.into();
+        a.n = n.into();
+        a
+    }
+
+    /// The first `n` block numbers (0: no block); `None` when `n` exceeds the room for them.
     pub fn blocks(&self) -> Option<impl ExactSizeIterator<Item = u32> + '_> {
         let n = self.n.get() as usize;
         self.blocks.get(..n).map(|b| b.iter().map(|b| b.get()))
@@ -287,6 +321,19 @@ mod tests {
     // to a layout is a failing test here, not pages stored at the wrong place.
 
     #[test]
+    fn layout_map_arg() {
+        assert_eq!(size_of::<MapArg>(), 16 + 4 * MAX_LEASE_BLOCKS);
+        assert_eq!(align_of::<MapArg>(), 1);
+        assert_eq!(offset_of!(MapArg, off), 0);
+        assert_eq!(offset_of!(MapArg, n), 8);
+        assert_eq!(offset_of!(MapArg, reserved), 12);
+        assert_eq!(offset_of!(MapArg, blocks), 16);
+        let a = MapArg::request(1 << 20, 3);
+        assert_eq!(a.blocks().unwrap().collect::<Vec<_>>(), [0, 0, 0]);
+        assert!(MapArg::request(0, MAX_LEASE_BLOCKS as u32 + 1).blocks().is_none());
+    }
+
+    #[test]
     fn layout_direct_info() {
         assert_eq!(size_of::<DirectInfo>(), 32);
         assert_eq!(align_of::<DirectInfo>(), 1);
@@ -336,6 +383,8 @@ mod tests {
         assert_eq!(ioc_size(IOC_DIRECT_INFO), size_of::<DirectInfo>());
         assert_eq!(ioc_size(IOC_LEASE), size_of::<LeaseArg>());
         assert_eq!(ioc_size(IOC_COMMIT), size_of::<CommitArg>());
+        assert_eq!(ioc_size(IOC_MAP), size_of::<MapArg>());
+        assert_eq!(IOC_MAP as u64, nix::request_code_readwrite!(b'R', 0x43, 4112) as u64);
         // What the kernel's macros (through nix) make of the same, and the values kup has always used.
         assert_eq!(IOC_DIRECT_INFO as u64, nix::request_code_read!(b'R', 0x40, 32) as u64);
         assert_eq!(IOC_LEASE as u64, nix::request_code_readwrite!(b'R', 0x41, 4112) as u64);

@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 use zerocopy::IntoBytes;
 
 use crate::error::Error;
-use crate::fs::lease::{CommitRequest, LeaseRequest, IOC_COMMIT, IOC_DIRECT_INFO, IOC_LEASE};
+use crate::fs::lease::{CommitRequest, LeaseRequest, MapRequest, IOC_COMMIT, IOC_DIRECT_INFO, IOC_LEASE, IOC_MAP};
 use crate::fs::{Attr, Creator, Fs, SetAttr, Time};
 use crate::layout::{BLOCK_SIZE, INODES_PER_BLOCK, NAME_MAX};
 
@@ -354,7 +354,7 @@ impl Filesystem for RpramFuse {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
-        let direct = [IOC_DIRECT_INFO, IOC_LEASE, IOC_COMMIT].contains(&cmd);
+        let direct = [IOC_DIRECT_INFO, IOC_LEASE, IOC_COMMIT, IOC_MAP].contains(&cmd);
         // Only root may lease: leased blocks hold whatever they held before, and the writer's
         // CRCs are trusted (with `allow_other`, other users reach this mount too).
         if direct && req.uid() != 0 {
@@ -363,6 +363,7 @@ impl Filesystem for RpramFuse {
         let r = match cmd {
             IOC_DIRECT_INFO => self.fs.direct_info().map(|i| i.as_bytes().to_vec()),
             IOC_LEASE => LeaseRequest::decode(in_data).and_then(|q| self.fs.lease(fh.0, ino.0, &q)).map(|a| a.as_bytes().to_vec()),
+            IOC_MAP => MapRequest::decode(in_data).and_then(|q| self.fs.map_blocks(ino.0, &q)).map(|a| a.as_bytes().to_vec()),
             IOC_COMMIT => CommitRequest::decode(in_data).and_then(|q| {
                 self.fs.commit_lease(fh.0, ino.0, &q)?;
                 // One notification for the span of all extents (a checked, non-empty list): more

@@ -175,9 +175,9 @@ kup_restore() {
     PID=$(jget /tmp/rs.json apps.0.pid)
     R_LINE="running again after $R_RUNNING ms (images $R_IMAGES ms)"
     if [ "$1" = lazy ]; then
-        R_LINE="$R_LINE, all memory fetched after $R_FETCHED ms (pages: $(jget /tmp/rs.json apps.0.pages_eager) eager, $(jget /tmp/rs.json apps.0.pages_lazy) lazy, $(jget /tmp/rs.json apps.0.pages_served) served)"
+        R_LINE="$R_LINE, all memory fetched after $R_FETCHED ms (pages: $(jget /tmp/rs.json apps.0.pages_eager) eager, $(jget /tmp/rs.json apps.0.pages_lazy) lazy, $(jget /tmp/rs.json apps.0.pages_served) served in $(jget /tmp/rs.json apps.0.lazy_requests) requests; kup's page server busy $(jget /tmp/rs.json apps.0.server_busy_ms) ms of it)"
     else
-        R_LINE="$R_LINE ($(jget /tmp/rs.json apps.0.pages_eager) pages copied into the pages image)"
+        R_LINE="$R_LINE ($(jget /tmp/rs.json apps.0.pages_eager) pages eager, written into the stopped tasks in $(jget /tmp/rs.json apps.0.fill_ms) ms (reading and checking $(jget /tmp/rs.json apps.0.fill_read_ms) ms, writing $(jget /tmp/rs.json apps.0.fill_write_ms) ms), $(jget /tmp/rs.json apps.0.pages_forced) of them through /proc/PID/mem)"
     fi
 }
 

@@ -45,7 +45,7 @@ use crate::layout::BLOCK_SIZE;
 
 // MAX_LEASE_BLOCKS (4 MiB): each lease and each commit is a round trip through this daemon with
 // the writer's app frozen; kup leases this much ahead and fills it with whatever pages come next.
-pub use rpramfs_abi::{DirectInfo, LeaseArg, IOC_COMMIT, IOC_DIRECT_INFO, IOC_LEASE, MAX_COMMIT_EXTENTS, MAX_LEASE_BLOCKS};
+pub use rpramfs_abi::{DirectInfo, LeaseArg, MapArg, IOC_COMMIT, IOC_DIRECT_INFO, IOC_LEASE, IOC_MAP, MAX_COMMIT_EXTENTS, MAX_LEASE_BLOCKS};
 /// Leases one open file may hold at once (kup holds at most 8: its runs in flight).
 pub const MAX_LEASES_PER_HANDLE: usize = 64;
 
@@ -85,6 +85,20 @@ impl LeaseRequest {
     pub fn decode(b: &[u8]) -> Result<LeaseRequest> {
         let a = LeaseArg::ref_from_bytes(b).map_err(|_| Error::Posix(libc::EINVAL))?;
         Ok(LeaseRequest { n: a.n.get() as usize })
+    }
+}
+
+/// A MAP request ([`MapArg`]): the blocks of `n` pages of a file from `off` on.
+pub struct MapRequest {
+    pub off: u64,
+    pub n: usize,
+}
+
+impl MapRequest {
+    /// The request in an ioctl's argument bytes (exactly a [`MapArg`]).
+    pub fn decode(b: &[u8]) -> Result<MapRequest> {
+        let a = MapArg::ref_from_bytes(b).map_err(|_| Error::Posix(libc::EINVAL))?;
+        Ok(MapRequest { off: a.off.get(), n: a.n.get() as usize })
     }
 }
 
@@ -135,6 +149,32 @@ impl Fs {
             return posix(libc::ENOTTY);
         }
         Ok(DirectInfo::new(BLOCK_SIZE as u32, self.region.len(), std::process::id(), self.region.file().as_raw_fd() as u32))
+    }
+
+    /// The blocks that hold pages `off/4096 ..+ n` of the regular file `ino` (the MAP answer; 0
+    /// for a page without one). The reader copies out of them and checks its own CRCs: a block
+    /// freed and reused by a write after this answer fails those checks.
+    pub fn map_blocks(&self, ino: u64, req: &MapRequest) -> Result<MapArg> {
+        self.direct_writes_allowed()?;
+        if req.n == 0 || req.n > MAX_LEASE_BLOCKS || !req.off.is_multiple_of(BLOCK) {
+            return posix(libc::EINVAL);
+        }
+        let inner = self.inner.lock();
+        let inode = super::storage::read_inode(&self.region, inner.root.inodes, ino)?;
+        if !inode.is_reg() {
+            return posix(libc::EINVAL);
+        }
+        let mut answer = MapArg::request(req.off, req.n as u32);
+        let first = req.off / BLOCK;
+        let last = (first + req.n as u64 - 1).min(inode.size.div_ceil(BLOCK).saturating_sub(1));
+        if inode.size > req.off {
+            let mut reached = first;
+            crate::tree::for_each_mapped(&self.region, super::data_tree(&inode), first, last, &mut reached, &mut |page, ptr| {
+                answer.blocks[(page - first) as usize] = ptr.blk.into();
+                Ok(())
+            })?;
+        }
+        Ok(answer)
     }
 
     /// Leases `n` fresh blocks for the regular file `ino` on behalf of handle `fh`; returns the

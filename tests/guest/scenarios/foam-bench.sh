@@ -191,6 +191,10 @@ report() {
             if ($2 == 10) { n10++; if (q <= 0.3) ok10++; s10 = s10 sprintf(" %.2f(W=%s)", q, $1) }
             if ($1 == wmax) { nle++; q2 = r($8, $7); if (q2 <= 0.2) okle++; sle = sle sprintf(" %.2f(D=%s)", q2, $2) }
             if (wmin == "" || $1 + 0 < wmin + 0) wmin = $1
+            # memory back at memory speed: eager and the lazy fetch against plain criu restore
+            qe = r($7, $6); qf = r($9, $6); nr++
+            if (qe <= 1.2) oke++; se = se sprintf(" %.2f(W=%s,D=%s)", qe, $1, $2)
+            if (qf <= 1.0) okf1++; sf = sf sprintf(" %.2f(W=%s,D=%s)", qf, $1, $2)
         }
         END {
             t1 = n10 ? ((ok10 == n10) ? "met" : "NOT met") ":" s10 : "n/a (no D=10 run)"
@@ -201,7 +205,9 @@ report() {
                 flat = flat sprintf(" x%.2f(D=%s)", g, d[i])
             }
             t3 = nf ? ((okf ? "met" : "NOT met") ":" flat " for W x" sprintf("%.0f", wmax / wmin)) : "n/a (one size)"
-            printf "2-pass frozen <= 0.3x criu dump at D=10%%: %s; lazy running-again <= 0.2x eager at W=%s MiB: %s; lazy nearly flat in W (growth <= 1.5x): %s\n", t1, wmax, t2, t3
+            t4 = ((oke == nr) ? "met" : "NOT met") ":" se
+            t5 = ((okf1 == nr) ? "met" : "NOT met") ":" sf
+            printf "2-pass frozen <= 0.3x criu dump at D=10%%: %s; lazy running-again <= 0.2x eager at W=%s MiB: %s; lazy nearly flat in W (growth <= 1.5x): %s; eager restore <= 1.2x criu restore: %s; lazy all memory back <= 1.0x criu restore: %s\n", t1, wmax, t2, t3, t4, t5
         }' $RES >/tmp/targets
     echo "GUEST: TABLE targets: $(cat /tmp/targets)"
 }

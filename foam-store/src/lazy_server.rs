@@ -16,8 +16,8 @@ use crate::protocol::{Cmd, Header, HEADER_LEN, PAGE_SIZE};
 use crate::ranges::RangeMap;
 use crate::{read_session, Error};
 
-/// Pages per reply at most: 1 MiB, CRIU's background requests grow to 4 MiB and are answered in parts.
-pub const MAX_REPLY_PAGES: u32 = 256;
+/// Pages per reply at most: 4 MiB, as large as CRIU's background requests grow.
+pub const MAX_REPLY_PAGES: u32 = 1024;
 
 /// One restored task's memory: its FOAM file and the ranges it may ask for.
 pub struct LazySpace {
@@ -30,9 +30,10 @@ pub struct LazyReport {
     pub requests: u64,
     pub pages: u64,
     pub elapsed: Duration,
-    /// Of `elapsed`, the time spent answering (reading, checking and sending pages) rather than
-    /// waiting for the next request.
-    pub busy: Duration,
+    /// Of `elapsed`, the time spent reading and checking pages, and sending them (until the
+    /// socket took the last byte: that includes waiting for CRIU to read).
+    pub reading: Duration,
+    pub sending: Duration,
 }
 
 /// Serves GETs until CLOSE/FORCE_CLOSE. `spaces` is keyed by the pid in the checkpoint (GET's
@@ -59,13 +60,15 @@ pub fn serve<S: Read + Write>(sock: &mut S, spaces: &BTreeMap<u32, LazySpace>, p
                 let len = m as usize * PAGE_SIZE as usize;
                 out[..HEADER_LEN].copy_from_slice(&Header::get_reply(&h, m).encode());
                 space.file.read_pages(h.vaddr, &mut out[HEADER_LEN..HEADER_LEN + len])?;
+                report.reading += t.elapsed();
+                let t = Instant::now();
                 sock.write_all(&out[..HEADER_LEN + len]).map_err(Error::Socket)?;
+                report.sending += t.elapsed();
                 report.requests += 1;
                 report.pages += m as u64;
                 if let Some(c) = pages_done {
                     c.fetch_add(m as u64, Ordering::Relaxed);
                 }
-                report.busy += t.elapsed();
             }
             Cmd::Close | Cmd::ForceClose => {
                 sock.write_all(&0i32.to_le_bytes()).map_err(Error::Socket)?;

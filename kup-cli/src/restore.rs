@@ -29,9 +29,10 @@ use crate::error::{fail, Result};
 use crate::procs;
 use crate::report;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
+    #[default]
     Lazy,
     Eager,
 }
@@ -50,7 +51,7 @@ pub struct Args {
     pub keep_ppp_pages: bool,
 }
 
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct AppRestore {
     pub name: String,
     pub pid: u32,
@@ -78,10 +79,11 @@ pub struct AppRestore {
     /// overlap).
     pub fill_read_ms: f64,
     pub fill_write_ms: f64,
-    /// Lazy: the requests `criu lazy-pages` sent kup's page server, and the time the server spent
-    /// answering them (the rest of the fetch is CRIU's daemon and the app).
+    /// Lazy: the requests `criu lazy-pages` sent kup's page server, the time the server spent
+    /// reading and checking pages, and sending them (including waiting for CRIU to read them).
     pub lazy_requests: u64,
-    pub server_busy_ms: f64,
+    pub server_read_ms: f64,
+    pub server_send_ms: f64,
 }
 
 /// PPP pages of the checkpoint being restored: the module and every process's PFN list.
@@ -337,7 +339,7 @@ fn restore_app(criu: &Criu, a: &Args, m: &Manifest, ckpt_dir: &Path, app: &App, 
     restore.arg("restore").arg("-D").arg(&images).arg("-W").arg(&work).args(["-o", "restore.log", "-d"]).args(&app.criu_options);
     restore.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
     let restore_log = work.join("restore.log");
-    let mut out = AppRestore { name: app.name.clone(), pid: app.pid, mode, running_ms: 0.0, images_ms, fetched_ms: None, pages_eager: synth.pages_copied, pages_lazy: synth.pages_lazy, pages_served: 0, pages_in_place: 0, pages_copied_in: 0, pages_guarded: 0, map_ms: 0.0, fill_ms: 0.0, pages_forced: 0, fill_read_ms: 0.0, fill_write_ms: 0.0, lazy_requests: 0, server_busy_ms: 0.0 };
+    let mut out = AppRestore { name: app.name.clone(), pid: app.pid, mode, images_ms, pages_eager: synth.pages_copied, pages_lazy: synth.pages_lazy, ..AppRestore::default() };
     if ppp.is_some() || !fills.is_empty() {
         // The tasks wait, stopped, until their pages are back.
         restore.arg("--leave-stopped");
@@ -425,7 +427,8 @@ fn restore_app(criu: &Criu, a: &Args, m: &Manifest, ckpt_dir: &Path, app: &App, 
             Ok(r) => {
                 out.pages_served = r.pages;
                 out.lazy_requests = r.requests;
-                out.server_busy_ms = report::ms(r.busy);
+                out.server_read_ms = report::ms(r.reading);
+                out.server_send_ms = report::ms(r.sending);
                 if !daemon_status.success() {
                     return fail(format!("criu lazy-pages failed ({daemon_status}); see {}{}", daemon_log.display(), criu::log_errors(&daemon_log)));
                 }

@@ -198,7 +198,9 @@ fn a_512_mib_process_survives_checkpoint_and_eager_and_lazy_restore() {
     // Room for the checkpoint and, during an eager restore, CRIU's pages image next to it.
     let fs = Rpramfs::new("1200M");
     let store = fs.store();
-    let s = Subject::start(&["--private-mib", "384", "--shared-mib", "64", "--memfd-mib", "64"]);
+    // The last 32 MiB of its private memory are read-only: an eager restore writes those pages
+    // through /proc/PID/mem.
+    let s = Subject::start(&["--private-mib", "384", "--shared-mib", "64", "--memfd-mib", "64", "--read-only-mib", "32"]);
     let store_s = store.to_str().unwrap();
     let pid = s.pid.to_string();
 
@@ -243,7 +245,7 @@ fn a_512_mib_process_survives_checkpoint_and_eager_and_lazy_restore() {
     // An eager restore writes the process's own pages straight into it: a store with no room for
     // a copy of the private memory restores eagerly all the same ...
     let filler = store.join("filler");
-    let free_mib = || nix::sys::statvfs::statvfs(&store).map(|v| v.blocks_available() as u64 * v.fragment_size() as u64 >> 20).unwrap();
+    let free_mib = || nix::sys::statvfs::statvfs(&store).map(|v| (v.blocks_available() * v.fragment_size()) >> 20).unwrap();
     let (c, _, e) = run(Command::new("fallocate").args(["-l", &format!("{}M", free_mib() - 200)]).arg(&filler), Duration::from_secs(60));
     assert_eq!(c, 0, "{e}");
     assert!(free_mib() < 384, "{} MiB free", free_mib());
@@ -253,6 +255,7 @@ fn a_512_mib_process_survives_checkpoint_and_eager_and_lazy_restore() {
     assert_eq!(v["mode"], "eager");
     assert!(v["apps"][0]["pages_eager"].as_u64().unwrap() >= 500 * 256, "{v}");
     assert!(v["apps"][0]["fill_ms"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["apps"][0]["pages_forced"].as_u64().unwrap() >= 32 * 256, "{v}");
     let ok = s.verify();
     assert!(ok.starts_with("OK") && ok.contains("private=384 shared=64 memfd=64"), "{ok}");
     s.kill_and_wait();

@@ -175,7 +175,7 @@ kup_restore() {
     PID=$(jget /tmp/rs.json apps.0.pid)
     R_LINE="running again after $R_RUNNING ms (images $R_IMAGES ms)"
     if [ "$1" = lazy ]; then
-        R_LINE="$R_LINE, all memory fetched after $R_FETCHED ms (pages: $(jget /tmp/rs.json apps.0.pages_eager) eager, $(jget /tmp/rs.json apps.0.pages_lazy) lazy, $(jget /tmp/rs.json apps.0.pages_served) served in $(jget /tmp/rs.json apps.0.lazy_requests) requests; kup's page server busy $(jget /tmp/rs.json apps.0.server_busy_ms) ms of it)"
+        R_LINE="$R_LINE, all memory fetched after $R_FETCHED ms (pages: $(jget /tmp/rs.json apps.0.pages_eager) eager, $(jget /tmp/rs.json apps.0.pages_lazy) lazy, $(jget /tmp/rs.json apps.0.pages_served) served in $(jget /tmp/rs.json apps.0.lazy_requests) requests; kup's page server read and checked them in $(jget /tmp/rs.json apps.0.server_read_ms) ms and sent them in $(jget /tmp/rs.json apps.0.server_send_ms) ms, waiting for CRIU included)"
     else
         R_LINE="$R_LINE ($(jget /tmp/rs.json apps.0.pages_eager) pages eager, written into the stopped tasks in $(jget /tmp/rs.json apps.0.fill_ms) ms (reading and checking $(jget /tmp/rs.json apps.0.fill_read_ms) ms, writing $(jget /tmp/rs.json apps.0.fill_write_ms) ms), $(jget /tmp/rs.json apps.0.pages_forced) of them through /proc/PID/mem)"
     fi

@@ -3,13 +3,16 @@
  * keep dirtying memory for benchmarks.
  *
  *   memsubject --status FILE --private-mib N [--shared-mib N] [--memfd-mib N] [--seed S]
- *              [--dirty-pct P] [--dirty-mib-per-s R] [--dirty-on-signal] [--stride K]
+ *              [--dirty-pct P] [--dirty-mib-per-s R] [--dirty-on-signal] [--stride K] [--read-only-mib N]
  *
  * Regions (each absent when its size is 0):
  *   1 "private"  MAP_PRIVATE|MAP_ANONYMOUS, MADV_NOHUGEPAGE; when it has >= 64 pages, the 16 pages starting at
  *                its middle page are never touched (a hole that must read back as zero)
  *   2 "shared"   MAP_SHARED|MAP_ANONYMOUS
  *   3 "memfd"    memfd_create("memsubject", 0), ftruncate, MAP_SHARED; the fd stays open
+ *
+ * With --read-only-mib N the last N MiB of "private" are made PROT_READ once written (so a restore must put pages
+ * into memory the process itself may not write); the dirtied first P% must lie before them.
  *
  * With --stride K > 1 only every K-th page of each region (page index a multiple of K) is ever written: the others
  * are holes that must read back as zero, so the pages a dump sends, and those the dirtying rewrites, lie one by
@@ -292,7 +295,8 @@ static int parse_u64(const char *opt, const char *s, uint64_t max, uint64_t *out
 static void usage(void)
 {
 	fprintf(stderr, "usage: memsubject --status FILE --private-mib N [--shared-mib N] [--memfd-mib N] "
-			"[--seed S] [--dirty-pct P] [--dirty-mib-per-s R] [--dirty-on-signal] [--stride K]\n");
+			"[--seed S] [--dirty-pct P] [--dirty-mib-per-s R] [--dirty-on-signal] [--stride K] "
+			"[--read-only-mib N]\n");
 }
 
 static int map_region(struct region *r)
@@ -341,11 +345,12 @@ int main(int argc, char **argv)
 		{ "dirty-mib-per-s", required_argument, NULL, 'r' },
 		{ "dirty-on-signal", no_argument, NULL, 'o' },
 		{ "stride", required_argument, NULL, 'k' },
+		{ "read-only-mib", required_argument, NULL, 'R' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *status = NULL;
 	int have_private = 0, on_signal = 0;
-	uint64_t pct = 0, v;
+	uint64_t pct = 0, v, ro_mib = 0;
 	double mib_per_s = 0;
 	const uint64_t max_mib = (SIZE_MAX / MIB) / 2;
 	int c;
@@ -365,6 +370,10 @@ int main(int argc, char **argv)
 			break;
 		case 'o':
 			on_signal = 1;
+			break;
+		case 'R':
+			if (parse_u64("read-only-mib", optarg, max_mib, &ro_mib))
+				return 2;
 			break;
 		case 'S':
 			if (parse_u64("seed", optarg, UINT64_MAX, &seed))
@@ -398,6 +407,10 @@ int main(int argc, char **argv)
 		usage();
 		return 2;
 	}
+	if (ro_mib > regions[0].mib || (regions[0].mib * pct + 99) / 100 > regions[0].mib - ro_mib) {
+		fprintf(stderr, "memsubject: --read-only-mib must fit in --private-mib after the dirtied first P%%\n");
+		return 2;
+	}
 
 	/* Drop fds leaked by whoever started us (e.g. a harness's pipes): CRIU would have to dump them too, and a
 	 * pipe or socket to a process outside the dumped tree can make the dump fail. */
@@ -428,6 +441,10 @@ int main(int argc, char **argv)
 				write_page(r, page, 1);
 				ws_total += page < r->ws; /* the pages one pass rewrites */
 			}
+	}
+	if (ro_mib && mprotect((char *)regions[0].base + (regions[0].mib - ro_mib) * MIB, ro_mib * MIB, PROT_READ) < 0) {
+		perror("memsubject: mprotect");
+		return 1;
 	}
 	int dirtying = ws_total > 0 && !on_signal;
 	size_t burst_left = 0;

@@ -1,8 +1,11 @@
 # checkpoint: kup checkpoint/restore of memcached through CRIU (3.17 in these guests) into rpramfs on
 # /dev/pmem0. memcached holds MC_ITEMS items of 64 KiB (128 MiB) and serves memcslap while kup
 # pre-dumps it (soft-dirty tracking works on Debian kernels) and then dumps it frozen; it is killed,
-# restored lazily, and every item must read back with its value; memcslap then runs against it again.
+# restored lazily, and every item must read back with its value; memcslap then runs against it again;
+# killed again and restored eagerly (kup writes the memory into the stopped tasks), every item again.
 # (Stages run under set -e: commands whose failure is reported use `|| rc=$?`.)
+
+. /bench/bench-lib.sh
 
 MC_ITEMS=2048
 MC_VALUE=65536
@@ -51,8 +54,22 @@ stage_a() {
     frozen=$(sed -n 's/.*: frozen \([0-9.]*\) ms (downtime.*/\1/p' /tmp/ckpt.out)
     running=$(sed -n 's/.*running again after \([0-9.]*\) ms.*/\1/p' /tmp/restore.out)
     fetched=$(sed -n 's/.*all memory fetched after \([0-9.]*\) ms.*/\1/p' /tmp/restore.out)
+
+    # The same checkpoint eagerly: CRIU restores memcached's threads stopped, kup writes their
+    # memory into them and lets them run; every item reads back again.
+    kill $(pidof memcached)
+    wait_gone memcached 10 || fail "the lazily restored memcached did not stop"
+    rc=0
+    kup --json restore --store $MNT --eager >/tmp/eager.json 2>/tmp/eager.err || rc=$?
+    [ $rc -eq 0 ] || { cat /tmp/eager.json; sed 's/^/GUEST: INFO eager restore: /' /tmp/eager.err; fail "kup restore --eager exited $rc: $(tail -n 1 /tmp/eager.err)"; }
+    eager=$(jget /tmp/eager.json apps.0.running_ms)
+    info "eager restore: running again after $eager ms, $(jget /tmp/eager.json apps.0.pages_eager) pages eager, written into the stopped tasks in $(jget /tmp/eager.json apps.0.fill_ms) ms"
+    [ "$(jget /tmp/eager.json mode)" = eager ] || fail "kup restore --eager restored $(jget /tmp/eager.json mode)"
+    out2=$(mctool verify --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE) || fail "after the eager restore: $out2"
+    info "after the eager restore: $out2"
     figure frozen_ms "$frozen"
     figure running_again_ms "$running"
     figure fetched_ms "$fetched"
-    pass "$out; frozen_ms=$frozen running_again_ms=$running fetched_ms=$fetched on $(uname -r)"
+    figure eager_running_ms "$eager"
+    pass "$out; frozen_ms=$frozen running_again_ms=$running fetched_ms=$fetched eager_running_ms=$eager on $(uname -r)"
 }

@@ -1,9 +1,11 @@
-//! Direct writes into rpramfs (the protocol is rpramfs's: rpramfs/src/fs/lease.rs; its numbers
-//! and layouts are the rpramfs-abi crate's). kup maps the region itself, leases fresh blocks for a
-//! file, receives pages from CRIU's socket straight into those blocks, whatever their addresses,
-//! and commits them as extents with their CRCs: a page is copied once (socket to region) instead of
-//! three times (socket to kup, kup to the FUSE request, request to the region), and scattered
-//! pages cost no more round trips through the daemon than contiguous ones.
+//! Direct writes into rpramfs, and direct reads out of it (the protocol is rpramfs's:
+//! rpramfs/src/fs/lease.rs; its numbers and layouts are the rpramfs-abi crate's). kup maps the
+//! region itself, leases fresh blocks for a file, receives pages from CRIU's socket straight into
+//! those blocks, whatever their addresses, and commits them as extents with their CRCs: a page is
+//! copied once (socket to region) instead of three times (socket to kup, kup to the FUSE request,
+//! request to the region), and scattered pages cost no more round trips through the daemon than
+//! contiguous ones. Reading, kup asks which blocks hold a file's pages (MAP) and copies them out
+//! ([`DirectRegion::read`]); its own CRCs vouch for what it copied.
 //!
 //! The region is shared with the rpramfs daemon, another process, so this module never hands out a
 //! Rust reference into it (as vm-memory does for guest memory): leased pages are filled by read(2)
@@ -12,8 +14,8 @@
 //! whose close frees it, so it cannot outlive it, and it is committed on that same file.
 //!
 //! All of the unsafe code of foam-store is here: the ioctls and the copies to and from leased
-//! blocks. Whether to write directly at all is the caller's choice ([`DirectRegion::probe`] only
-//! looks at what the file system offers).
+//! blocks and out of a file's blocks. Whether to write directly at all is the caller's choice
+//! ([`DirectRegion::probe`] only looks at what the file system offers).
 
 use std::fs::{File, OpenOptions};
 use std::io;

@@ -147,6 +147,9 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(AppFailure::before_final("a checkpoint thread panicked".into())))).collect()
     });
 
+    if results.iter().any(|r| r.is_err()) && !commit_gate.committed() {
+        settle(&procs);
+    }
     // A CRIU killed or crashed mid-dump may leave its tasks in a group stop (the SIGSTOP it used
     // while seizing them, delivered once it is gone): an app that was running runs on.
     for pid in procs.iter().flat_map(|p| p.tree()) {
@@ -167,7 +170,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
             .iter()
             .map(|p| {
                 let what = failures.iter().find(|(q, _)| q.pid == p.pid).map_or("its dump succeeded", |(_, f)| f.why.as_str());
-                let now = if procs::exists(p.pid) { "running" } else { "GONE" };
+                let now = if procs::alive(p.pid) { "running".to_string() } else { procs::death(p.pid).map_or("GONE".into(), |d| format!("GONE, {d}")) };
                 format!("  {}-{} ({now}): {what}", p.comm, p.pid)
             })
             .collect();
@@ -192,8 +195,14 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
         manifest.state = State::Failed(reason);
         manifest.apps.clear();
         let saved = manifest.save(&dir).err().map(|e| format!(" (marking it failed did not work either: {e})")).unwrap_or_default();
-        let gone = procs.iter().filter(|p| !procs::exists(p.pid)).count();
-        let fate = if gone == 0 { "every app runs on with its memory as it was".to_string() } else { format!("{gone} app(s) GONE (not stopped by kup: see each line)") };
+        let gone = procs.iter().filter(|p| !procs::alive(p.pid)).count();
+        let fate = match gone {
+            0 => "every app runs on with its memory as it was".to_string(),
+            _ if lines.iter().any(|l| l.contains("SIGPIPE")) => format!(
+                "{gone} app(s) GONE (not stopped by kup: CRIU died while its parasite wrote an app's pages, which leaves the app a SIGPIPE; apps that ignore SIGPIPE, as servers do, run on: see docs/operator-guide.md)"
+            ),
+            _ => format!("{gone} app(s) GONE (not stopped by kup: see each line)"),
+        };
         return fail(format!("checkpoint {id} failed and is marked failed (not restorable){saved}; {fate}:\n{}", lines.join("\n")));
     }
     // Already durable and complete since the commit; this adds CRIU's figures of the final pass.
@@ -225,6 +234,17 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
         println!("checkpoint {id}: complete; the apps were {fate}; restore with: kup restore --store {}", a.store.display());
     }
     Ok(manifest)
+}
+
+/// After a failed pass, waits until no CRIU traces the apps any more (at most 2 s) and then for
+/// the parasite a killed CRIU left in an app to return into the app's own code (its sigreturn
+/// delivers what it left pending), so the report says which apps really run on.
+fn settle(apps: &[Process]) {
+    let start = Instant::now();
+    while apps.iter().flat_map(|p| p.tree()).any(procs::traced) && start.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
 }
 
 /// The final dump's parent images directory under PPP, next to `criu/<pass>`: an inventory only.
@@ -729,6 +749,9 @@ fn start_pass(sh: &Shared<'_>, p: &Process, name: &str, ps: &Passes, pass: u32, 
     }
     let stderr = std::fs::File::create(criu_dir.join("criu.stderr")).map_err(|e| format!("{}: {e}", criu_dir.display()))?;
     cmd.stdout(std::process::Stdio::null()).stderr(stderr);
+    // Its own process group: a Ctrl-C at kup's terminal does not kill CRIU with its parasite in an
+    // app, and the helpers a killed CRIU leaves behind can be found (`serve`).
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
 
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
     widen_send_buffer(&theirs, PAGE_SERVER_SNDBUF);
@@ -736,7 +759,7 @@ fn start_pass(sh: &Shared<'_>, p: &Process, name: &str, ps: &Passes, pass: u32, 
     crate::os::pass_socket(&mut cmd, &theirs);
     let bar = sh.bars.add(report::progress_bar(p.memory_bytes(), sh.a.json, format!("{name} pass {pass}/{}", sh.policy.max_passes)));
     let start = Instant::now();
-    let child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", sh.criu.path.display()))?;
+    let child = sh.criu.spawn(&mut cmd)?;
     drop(theirs);
     Ok(PassRun { pass, kind, rel, store_dir, criu_dir, child, ours: Some(ours), received: AtomicU64::new(0), bar, start, elapsed: Duration::ZERO, held: None, throttle: None })
 }
@@ -781,6 +804,7 @@ impl PassRun {
             }
             Ok(())
         };
+        let shut = sock.try_clone().ok();
         let (session, waited) = std::thread::scope(|s| {
             let rx = s.spawn(move || {
                 let mut sock = sock;
@@ -790,8 +814,11 @@ impl PassRun {
                 }
                 r.progress = Some(received);
                 let res = r.serve(&mut sock);
-                // On error, closing our end makes CRIU's next write fail, so it aborts and thaws the app.
-                drop(sock);
+                // On error, shutting our end makes CRIU's next write (or its wait for an answer)
+                // fail, so it aborts and thaws the app (`shut` keeps the socket itself open).
+                if res.is_err() {
+                    let _ = sock.shutdown(std::net::Shutdown::Both);
+                }
                 res
             });
             let waited = loop {
@@ -813,6 +840,18 @@ impl PassRun {
                 // The final dump is polled often: the app is frozen while kup has not noticed.
                 std::thread::sleep(Duration::from_millis(if hold.is_some() { 2 } else { 50 }));
             };
+            if let Ok(Waited::Exited(st)) = &waited {
+                if !st.success() {
+                    // A CRIU killed while a kernel-feature probe it forked had stopped itself leaves
+                    // that probe stopped for good, holding the page-server socket: it goes too.
+                    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL);
+                }
+                // What CRIU sent is still read; then the receiver ends even if a process CRIU forked
+                // still holds CRIU's end.
+                if let Some(s) = &shut {
+                    let _ = s.shutdown(std::net::Shutdown::Read);
+                }
+            }
             (rx.join(), waited)
         });
         self.bar.finish_and_clear();

@@ -48,6 +48,18 @@ impl Criu {
         c
     }
 
+    /// Starts a CRIU built by `command`, out of the OOM killer's reach: a CRIU killed while its
+    /// parasite writes an app's pages into a pipe leaves the app a SIGPIPE, and an app that does
+    /// not ignore it dies of it (docs/operator-guide.md, "CRIU killed mid-dump").
+    pub fn spawn(&self, cmd: &mut Command) -> Result<Child> {
+        let child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", self.path.display()))?;
+        // CRIU is still parsing its options here: nothing of the app is at stake before this.
+        if let Err(e) = std::fs::write(format!("/proc/{}/oom_score_adj", child.id()), "-1000") {
+            eprintln!("kup: warning: CRIU (pid {}) stays in the OOM killer's reach: {e}", child.id());
+        }
+        Ok(child)
+    }
+
     fn has_feature(&self, feature: &str) -> bool {
         self.command().args(["check", "--feature", feature]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
     }

@@ -14,6 +14,7 @@ mod fill;
 #[allow(dead_code)]
 mod hook_wire;
 mod inspect;
+mod kernels;
 mod kexec;
 mod machine;
 mod ppp;
@@ -101,9 +102,11 @@ enum Cmd {
     },
     /// Update the kernel: checkpoint the apps, switch with kexec, resume them on the new kernel
     Update {
-        /// The new kernel image (bzImage)
+        /// The new kernel image (bzImage). Default: the newest /boot/vmlinuz-* (Debian's version
+        /// order), with its /boot/initrd.img-*; it must be newer than the running kernel
         #[arg(long)]
-        kernel: PathBuf,
+        kernel: Option<PathBuf>,
+        /// The new kernel's initrd (default: none with --kernel, /boot/initrd.img-<release> without)
         #[arg(long)]
         initrd: Option<PathBuf>,
         /// The new kernel's command line (default: the running one); must keep the region's memmap=

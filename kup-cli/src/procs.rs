@@ -105,6 +105,38 @@ pub fn exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Whether `pid` runs: it exists and is not a zombie (a process that died keeps its /proc entry
+/// until its parent reaps it).
+pub fn alive(pid: u32) -> bool {
+    stat_fields(pid).is_some_and(|f| f.first().is_some_and(|st| st != "Z" && st != "X"))
+}
+
+/// How a zombie `pid` died, e.g. "killed by SIGPIPE", from its wait status (/proc/PID/stat field
+/// 52); `None` for a live or reaped process.
+pub fn death(pid: u32) -> Option<String> {
+    let f = stat_fields(pid)?;
+    if f.first()? != "Z" {
+        return None;
+    }
+    let status: i32 = f.get(49)?.parse().ok()?;
+    Some(match status & 0x7f {
+        0 => format!("exited with status {}", (status >> 8) & 0xff),
+        sig => format!("killed by {}", nix::sys::signal::Signal::try_from(sig).map_or_else(|_| format!("signal {sig}"), |s| s.as_str().to_string())),
+    })
+}
+
+/// Whether any thread of `pid` is traced (by a CRIU, while its parasite may still be in the app).
+pub fn traced(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().any(|t| {
+        std::fs::read_to_string(t.path().join("status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("TracerPid:"))
+            .is_some_and(|v| v.trim() != "0")
+    })
+}
+
 /// The fields of /proc/PID/stat after the comm (which may hold spaces), from the state (field 3)
 /// on; `None` when the process is gone.
 fn stat_fields(pid: u32) -> Option<Vec<String>> {
@@ -143,4 +175,26 @@ pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
 
 pub fn kernel_release() -> String {
     nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zombie_is_not_alive_and_says_how_it_died() {
+        // A child killed by SIGPIPE, not yet reaped: /proc still lists it.
+        let mut child = std::process::Command::new("sh").args(["-c", "kill -PIPE $$; sleep 10"]).spawn().unwrap();
+        let pid = child.id();
+        let start = Instant::now();
+        while alive(pid) {
+            assert!(start.elapsed() < Duration::from_secs(10), "pid {pid} still runs");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(exists(pid), "a zombie keeps its /proc entry");
+        assert_eq!(death(pid).as_deref(), Some("killed by SIGPIPE"));
+        child.wait().unwrap();
+        assert!(!exists(pid) && death(pid).is_none());
+        assert!(alive(std::process::id()) && death(std::process::id()).is_none());
+    }
 }

@@ -176,7 +176,9 @@ impl UpdateRecord {
 /// The release string a bzImage carries in its setup header (`kernel_version`), e.g.
 /// "6.1.0-56-cloud-amd64": tells which kernel an image is before booting it.
 pub fn image_release(image: &Path) -> Option<String> {
-    let b = std::fs::read(image).ok()?;
+    // The version string's offset is a u16 from 0x200: what lies beyond is never needed.
+    let mut b = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(std::fs::File::open(image).ok()?, 0x200 + 0x10000 + 256), &mut b).ok()?;
     if b.get(0x202..0x206)? != b"HdrS" {
         return None;
     }

@@ -346,7 +346,7 @@ fn restore_app(criu: &Criu, a: &Args, m: &Manifest, ckpt_dir: &Path, app: &App, 
     }
 
     if mode == Mode::Eager || lazy_spaces.is_empty() {
-        let child = restore.spawn().map_err(|e| format!("cannot start {}: {e}", criu.path.display()))?;
+        let child = criu.spawn(&mut restore)?;
         criu::finish(child, "criu restore", &restore_log, a.timeout)?;
         let t = Instant::now();
         for (pid, file, ranges) in &fills {
@@ -382,7 +382,7 @@ fn restore_app(criu: &Criu, a: &Args, m: &Manifest, ckpt_dir: &Path, app: &App, 
     daemon.args(["-o", "lazy-pages.log", "--page-server", "--ps-socket", &crate::os::CHILD_FD.to_string()]);
     daemon.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
     crate::os::pass_socket(&mut daemon, &theirs);
-    let mut daemon = daemon.spawn().map_err(|e| format!("cannot start {}: {e}", criu.path.display()))?;
+    let mut daemon = criu.spawn(&mut daemon)?;
     drop(theirs);
     let daemon_log = work.join("lazy-pages.log");
     let served = AtomicU64::new(0);
@@ -408,7 +408,7 @@ fn restore_app(criu: &Criu, a: &Args, m: &Manifest, ckpt_dir: &Path, app: &App, 
             std::thread::sleep(Duration::from_millis(2));
         }
         restore.arg("--lazy-pages");
-        let child = restore.spawn().map_err(|e| format!("cannot start {}: {e}", criu.path.display()))?;
+        let child = criu.spawn(&mut restore)?;
         if let Err(e) = criu::finish(child, "criu restore --lazy-pages", &restore_log, a.timeout) {
             // The daemon's exit closes its socket, which ends the server thread.
             let _ = daemon.kill();

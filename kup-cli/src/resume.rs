@@ -142,7 +142,7 @@ fn restore_by_hand(rec: &UpdateRecord, a: &Args) -> String {
         .map(|name| {
             // App names are `<comm>-<pid>`, and a restored app has its old pid.
             let pid = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
-            let now = if pid.is_some_and(procs::exists) { "runs on this kernel (restored, but not healthy)" } else { "not running" };
+            let now = if pid.is_some_and(procs::alive) { "runs on this kernel (restored, but not healthy)" } else { "not running" };
             format!("{name}: {now}")
         })
         .collect();
@@ -182,7 +182,7 @@ pub fn health_check(rec: &UpdateRecord, apps: &[restore::AppRestore]) -> Result<
         return if st.success() { Ok(()) } else { fail(format!("health check {cmd:?} failed ({st})")) };
     }
     for app in apps {
-        if !procs::exists(app.pid) {
+        if !procs::alive(app.pid) {
             return fail(format!("health check: {} (pid {}) is not running after the restore", app.name, app.pid));
         }
         for port in listening_ports(app.pid) {

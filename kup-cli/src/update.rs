@@ -4,13 +4,14 @@
 //! the region's `memmap=`, the old kernel is there to fall back to, every pid exists, CRIU is
 //! usable and the store has room.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use foam_store::manifest::Manifest;
 
 use crate::checkpoint;
 use crate::criu::Criu;
 use crate::error::{fail, Result};
+use crate::kernels;
 use crate::kexec;
 use crate::procs::{self, Process};
 use crate::machine::{self, Milestone};
@@ -18,8 +19,12 @@ use crate::record::{self, Kernel, UpdateRecord};
 use crate::{restore, resume};
 use crate::report;
 
+/// Where Debian installs kernels and their initrds.
+const BOOT: &str = "/boot";
+
 pub struct Args {
-    pub kernel: PathBuf,
+    /// None: the newest kernel in /boot (kernels.rs).
+    pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub append: Option<String>,
     /// The store directory; with `--store ram`, the rpramfs mount point.
@@ -100,11 +105,19 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
     // ---- preflight ----------------------------------------------------------------------------
     let current_cmdline = std::fs::read_to_string("/proc/cmdline").map_err(|e| format!("/proc/cmdline: {e}"))?.trim().to_string();
     let new_cmdline = a.append.clone().unwrap_or_else(|| current_cmdline.clone());
-    if !a.kernel.is_file() {
-        return fail(format!("the new kernel {} does not exist", a.kernel.display()));
+    let old_release = procs::kernel_release();
+    let (kernel, initrd, chosen) = match &a.kernel {
+        Some(k) => (k.clone(), a.initrd.clone(), ""),
+        None => {
+            let k = kernels::newest(Path::new(BOOT), &old_release)?;
+            (k.image, a.initrd.clone().or(k.initrd), " (the newest in /boot)")
+        }
+    };
+    if !kernel.is_file() {
+        return fail(format!("the new kernel {} does not exist", kernel.display()));
     }
-    let new_release = record::image_release(&a.kernel).ok_or_else(|| format!("{} is not a bootable kernel image (no bzImage header)", a.kernel.display()))?;
-    if let Some(i) = a.initrd.as_ref().filter(|i| !i.is_file()) {
+    let new_release = record::image_release(&kernel).ok_or_else(|| format!("{} is not a bootable kernel image (no bzImage header)", kernel.display()))?;
+    if let Some(i) = initrd.as_ref().filter(|i| !i.is_file()) {
         return fail(format!("the initrd {} does not exist", i.display()));
     }
     if let Some(region) = &a.region {
@@ -119,12 +132,11 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
             return fail(format!("the store {} is not mounted (rpramfs mount {} {})", a.store.display(), region.display(), a.store.display()));
         }
     }
-    let old_release = procs::kernel_release();
-    let old_image = a.old_kernel.clone().unwrap_or_else(|| PathBuf::from(format!("/boot/vmlinuz-{old_release}")));
+    let old_image = a.old_kernel.clone().unwrap_or_else(|| Path::new(BOOT).join(format!("vmlinuz-{old_release}")));
     if !old_image.is_file() {
         return fail(format!("the running kernel's image {} is missing; kup needs it to fall back (pass --old-kernel)", old_image.display()));
     }
-    let old_initrd = a.old_initrd.clone().or_else(|| Some(PathBuf::from(format!("/boot/initrd.img-{old_release}"))).filter(|p| p.is_file()));
+    let old_initrd = a.old_initrd.clone().or_else(|| Some(Path::new(BOOT).join(format!("initrd.img-{old_release}"))).filter(|p| p.is_file()));
     let procs_: Vec<Process> = a.pids.iter().map(|&p| Process::inspect(p)).collect::<Result<_>>()?;
     let memory: u64 = procs_.iter().map(|p| p.memory_bytes()).sum();
     let ppp = match a.ppp {
@@ -137,13 +149,13 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
     };
     let arena = ppp.as_ref().ok().map(|p| p.arena);
     let free = checkpoint::check_room(&a.store, checkpoint::room_needed(&procs_, arena)?)?;
-    let new = Kernel { release: new_release, image: a.kernel.clone(), initrd: a.initrd.clone(), cmdline: new_cmdline };
+    let new = Kernel { release: new_release, image: kernel, initrd, cmdline: new_cmdline };
     let old = Kernel { release: old_release, image: old_image, initrd: old_initrd, cmdline: a.old_append.clone().unwrap_or(current_cmdline) };
     kexec::load(&new)?;
 
     if !a.json || a.dry_run {
         println!("kup update: {} -> {}", old.release, new.release);
-        println!("  new kernel: {} (initrd {}), command line: {}", new.image.display(), new.initrd.as_ref().map_or("none".into(), |p| p.display().to_string()), new.cmdline);
+        println!("  new kernel: {}{chosen} (initrd {}), command line: {}", new.image.display(), new.initrd.as_ref().map_or("none".into(), |p| p.display().to_string()), new.cmdline);
         println!("  fallback:   {} (initrd {})", old.image.display(), old.initrd.as_ref().map_or("none".into(), |p| p.display().to_string()));
         println!("  apps:       {} ({} of memory) into {}", procs_.iter().map(|p| format!("{}-{}", p.comm, p.pid)).collect::<Vec<_>>().join(", "), report::bytes(memory), a.store.display());
         match &ppp {
@@ -239,7 +251,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
 fn bring_back(criu: &Criu, a: &Args, m: &Manifest, rec: &mut UpdateRecord, cause: crate::error::Error) -> Result<()> {
     eprintln!("kup update: could not switch kernels ({cause}); restoring the apps from checkpoint {} on {}", m.id, procs::kernel_release());
     let stranded = |why: String| {
-        let apps: Vec<String> = m.apps.iter().map(|p| format!("    {} (pid {}): {}", p.name, p.pid, if procs::exists(p.pid) { "running" } else { "stopped, its state is in the checkpoint" })).collect();
+        let apps: Vec<String> = m.apps.iter().map(|p| format!("    {} (pid {}): {}", p.name, p.pid, if procs::alive(p.pid) { "running" } else { "stopped, its state is in the checkpoint" })).collect();
         format!(
             "kup update could not switch kernels: {cause}\n  and bringing the apps back failed: {why}\n  apps:\n{}\n  checkpoint {} in {} is intact; restore them with:\n    {}",
             apps.join("\n"),

@@ -4,6 +4,7 @@
  *
  *   memsubject --status FILE --private-mib N [--shared-mib N] [--memfd-mib N] [--seed S]
  *              [--dirty-pct P] [--dirty-mib-per-s R] [--dirty-on-signal] [--stride K] [--read-only-mib N]
+ *              [--ignore-sigpipe]
  *
  * Regions (each absent when its size is 0):
  *   1 "private"  MAP_PRIVATE|MAP_ANONYMOUS, MADV_NOHUGEPAGE; when it has >= 64 pages, the 16 pages starting at
@@ -30,6 +31,9 @@
  * this process's memory, so the verifier also knows the exact
  * generation every page must have: a page restored from a stale image is caught even though it is
  * self-consistent.
+ *
+ * With --ignore-sigpipe it ignores SIGPIPE, as network servers (memcached, redis, nginx) do; without it, a
+ * SIGPIPE kills it (the default action), as it does most programs.
  *
  * Signals:
  *   SIGUSR1  verify all regions, then atomically (FILE.tmp + rename) write FILE:
@@ -296,7 +300,7 @@ static void usage(void)
 {
 	fprintf(stderr, "usage: memsubject --status FILE --private-mib N [--shared-mib N] [--memfd-mib N] "
 			"[--seed S] [--dirty-pct P] [--dirty-mib-per-s R] [--dirty-on-signal] [--stride K] "
-			"[--read-only-mib N]\n");
+			"[--read-only-mib N] [--ignore-sigpipe]\n");
 }
 
 static int map_region(struct region *r)
@@ -346,10 +350,11 @@ int main(int argc, char **argv)
 		{ "dirty-on-signal", no_argument, NULL, 'o' },
 		{ "stride", required_argument, NULL, 'k' },
 		{ "read-only-mib", required_argument, NULL, 'R' },
+		{ "ignore-sigpipe", no_argument, NULL, 'P' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *status = NULL;
-	int have_private = 0, on_signal = 0;
+	int have_private = 0, on_signal = 0, ignore_sigpipe = 0;
 	uint64_t pct = 0, v, ro_mib = 0;
 	double mib_per_s = 0;
 	const uint64_t max_mib = (SIZE_MAX / MIB) / 2;
@@ -370,6 +375,9 @@ int main(int argc, char **argv)
 			break;
 		case 'o':
 			on_signal = 1;
+			break;
+		case 'P':
+			ignore_sigpipe = 1;
 			break;
 		case 'R':
 			if (parse_u64("read-only-mib", optarg, max_mib, &ro_mib))
@@ -425,6 +433,8 @@ int main(int argc, char **argv)
 	sigaction(SIGUSR1, &sa, NULL);
 	sa.sa_handler = on_term;
 	sigaction(SIGTERM, &sa, NULL);
+	if (ignore_sigpipe)
+		signal(SIGPIPE, SIG_IGN);
 	if (on_signal) {
 		sa.sa_handler = on_usr2;
 		sigaction(SIGUSR2, &sa, NULL);

@@ -1,7 +1,8 @@
 # update-refuse: kup update refuses bad input before anything is stopped, and memcached keeps serving
 # every item after each refusal: a missing kernel, a file that is no kernel, a command line that drops
-# the region's memmap=, a pid that does not exist, a store without room. --dry-run passes and stops
-# nothing.
+# the region's memmap=, a pid that does not exist, a store without room, no --kernel with no newer
+# kernel in /boot (none named by its release, then only the running one). --dry-run passes and
+# stops nothing; without --kernel it chooses the newest kernel in /boot and its initrd.
 
 MC_ITEMS=256
 MC_VALUE=65536
@@ -52,5 +53,25 @@ stage_a() {
     grep -Eq "estimate:   the apps write [0-9.]+ MiB/s of distinct pages .*then a final dump of ~[0-9.]+ MiB frozen for ~[0-9.]+ s" /tmp/out || fail "--dry-run printed no downtime estimate from the measured write rate"
     [ "$(pidof memcached)" = "$mc" ] || fail "--dry-run stopped memcached"
     out=$(mctool verify --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE) || fail "after --dry-run: $out"
-    pass "5 bad inputs refused before anything stopped, --dry-run passed; memcached kept serving: $out"
+
+    # Without --kernel: the newest /boot/vmlinuz-<release> whose image is that release, newer than
+    # the running kernel, with its initrd.img-<release>. The bench's vmlinuz-a and vmlinuz-b are
+    # not named by release, so they are never picked.
+    b_release=$(sed -n 's/^kup update: .* -> //p' /tmp/out)
+    [ -n "$b_release" ] || fail "--dry-run did not name the new kernel's release"
+    refused no-kernel-by-release "no kernel in /boot" --append "$good"
+    ln -s vmlinuz-a "/boot/vmlinuz-$(uname -r)"
+    refused newest-is-running "is the running one" --append "$good"
+    ln -s vmlinuz-b "/boot/vmlinuz-$b_release"
+    ln -s initrd "/boot/initrd.img-$b_release"
+    rc=0
+    kup update --dry-run --store ram --pid "$mc" --append "$good" --old-kernel /boot/vmlinuz-a --old-initrd /boot/initrd >/tmp/out 2>&1 || rc=$?
+    sed "s/^/GUEST: INFO newest-kernel: /" /tmp/out
+    [ $rc -eq 0 ] || fail "--dry-run without --kernel exited $rc"
+    grep -qF "new kernel: /boot/vmlinuz-$b_release (the newest in /boot) (initrd /boot/initrd.img-$b_release)" /tmp/out ||
+        fail "--dry-run without --kernel did not choose /boot/vmlinuz-$b_release with its initrd"
+    rm "/boot/vmlinuz-$(uname -r)" "/boot/vmlinuz-$b_release" "/boot/initrd.img-$b_release"
+    [ "$(pidof memcached)" = "$mc" ] || fail "the kernel choice stopped memcached"
+    out=$(mctool verify --addr $MC_ADDR --items $MC_ITEMS --value-size $MC_VALUE) || fail "after the kernel choice: $out"
+    pass "7 bad inputs refused before anything stopped, --dry-run passed, without --kernel it chose $b_release; memcached kept serving: $out"
 }

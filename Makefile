@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: demo demo-rpramfs test test-host test-guest msrv lint-kmod build setup install bench bench-foam bench-ppp clean
+.PHONY: demo demo-rpramfs test test-host test-deb test-guest deb msrv lint-kmod build setup install bench bench-foam bench-ppp clean
 
 setup:
 	@scripts/setup-host.sh
@@ -25,7 +25,7 @@ demo: build
 demo-rpramfs: build
 	tests/demo-rpramfs.sh
 
-test: test-host test-guest
+test: test-host test-deb test-guest
 
 # kup's host tests run the real CRIU: trixie's 4.1.1 with its own loader (docs/criu-host.md), installed
 # on first use into /opt/kup/criu.
@@ -91,6 +91,14 @@ bench-foam: build
 bench-ppp: build
 	tests/guest/run ppp-bench
 	tests/guest/run ppp-bench-mc
+
+# The Debian package: target/debian/kup_<version>_amd64.deb (scripts/deb/build.sh; docs/packaging.md).
+deb: build
+	scripts/deb/build.sh
+
+# The package installed, upgraded and purged on this machine, lintian clean of errors.
+test-deb: build
+	tests/deb/check.sh
 
 install: build
 	install -m 0755 target/release/rpramfs /usr/local/sbin/rpramfs

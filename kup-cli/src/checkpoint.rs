@@ -198,8 +198,8 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
         let gone = procs.iter().filter(|p| !procs::alive(p.pid)).count();
         let fate = match gone {
             0 => "every app runs on with its memory as it was".to_string(),
-            _ if lines.iter().any(|l| l.contains("SIGPIPE")) => format!(
-                "{gone} app(s) GONE (not stopped by kup: CRIU died while its parasite wrote an app's pages, which leaves the app a SIGPIPE; apps that ignore SIGPIPE, as servers do, run on: see docs/operator-guide.md)"
+            _ if lines.iter().any(|l| l.contains("failed (signal: ")) => format!(
+                "{gone} app(s) GONE (not stopped by kup: a CRIU was killed while its code ran in the app, which CRIU cannot undo: see docs/operator-guide.md, \"CRIU killed mid-dump\")"
             ),
             _ => format!("{gone} app(s) GONE (not stopped by kup: see each line)"),
         };

@@ -48,15 +48,14 @@ impl Criu {
         c
     }
 
-    /// Starts a CRIU built by `command`, out of the OOM killer's reach: a CRIU killed while its
-    /// parasite writes an app's pages into a pipe leaves the app a SIGPIPE, and an app that does
-    /// not ignore it dies of it (docs/operator-guide.md, "CRIU killed mid-dump").
+    /// Starts a CRIU built by `command`, out of the OOM killer's reach where kup may do that
+    /// (CAP_SYS_RESOURCE): a CRIU killed while its code runs in an app can take the app with it
+    /// (docs/operator-guide.md, "CRIU killed mid-dump").
     pub fn spawn(&self, cmd: &mut Command) -> Result<Child> {
         let child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", self.path.display()))?;
-        // CRIU is still parsing its options here: nothing of the app is at stake before this.
-        if let Err(e) = std::fs::write(format!("/proc/{}/oom_score_adj", child.id()), "-1000") {
-            eprintln!("kup: warning: CRIU (pid {}) stays in the OOM killer's reach: {e}", child.id());
-        }
+        // CRIU is still parsing its options here: nothing of the app is at stake before this. A
+        // refusal (a container without CAP_SYS_RESOURCE) leaves CRIU as likely a pick as before.
+        let _ = std::fs::write(format!("/proc/{}/oom_score_adj", child.id()), "-1000");
         Ok(child)
     }
 

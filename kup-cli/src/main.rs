@@ -179,6 +179,10 @@ enum Cmd {
     /// plain `criu dump` to compare with kup's
     #[command(hide = true)]
     CriuStats { dir: PathBuf },
+    /// Write the man pages of kup and each of its commands (from these definitions) into DIR, for
+    /// `make deb`
+    #[command(hide = true)]
+    ManPages { dir: PathBuf },
 
     /// List the checkpoints in a store; --verify checks every page's CRC
     Inspect {
@@ -305,6 +309,7 @@ fn main() {
         Cmd::Ppp { what: PppCmd::Status } => ppp::status(cli.json),
         Cmd::Ppp { what: PppCmd::Attach { store, if_reserved } } => ppp::attach_at_boot(store, *if_reserved),
         Cmd::Ppp { what: PppCmd::Pin { pid, running } } => ppp::pin_for_test(*pid, *running),
+        Cmd::ManPages { dir } => clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir).map_err(|e| format!("{}: {e}", dir.display()).into()),
         Cmd::CriuStats { dir } => foam_store::criu_images::read_dump_stats(dir).map_err(Into::into).map(|s| report::print_json(&serde_json::json!(s))),
     };
     if let Err(e) = result {

@@ -105,10 +105,11 @@ pub fn exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Whether `pid` runs: it exists and is not a zombie (a process that died keeps its /proc entry
-/// until its parent reaps it).
+/// Whether `pid` runs: it exists, is not a zombie (a process that died keeps its /proc entry
+/// until its parent reaps it) and is not dumping core (killed, and writing its memory out first).
 pub fn alive(pid: u32) -> bool {
-    stat_fields(pid).is_some_and(|f| f.first().is_some_and(|st| st != "Z" && st != "X"))
+    let dumping = || std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default().lines().any(|l| l.starts_with("CoreDumping:") && l.trim_end().ends_with('1'));
+    stat_fields(pid).is_some_and(|f| f.first().is_some_and(|st| st != "Z" && st != "X")) && !dumping()
 }
 
 /// How a zombie `pid` died, e.g. "killed by SIGPIPE", from its wait status (/proc/PID/stat field

@@ -64,6 +64,9 @@ enum Cmd {
     },
     /// Describe REGION: format, size, usage, generation, clean or unclean. Works while mounted.
     Info { region: PathBuf },
+    /// Write the man pages of rpramfs and each of its commands into DIR, for `make deb`.
+    #[command(hide = true)]
+    ManPages { dir: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
         Cmd::Mount { region, mountpoint, foreground, options, log } => mount(&region, &mountpoint, foreground, &options, log),
         Cmd::Fsck { region, scrub, repair } => return run_fsck(&region, scrub, repair),
         Cmd::Info { region } => info_cmd(&region),
+        Cmd::ManPages { dir } => clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), &dir).map_err(|e| Error::io(dir.display().to_string(), e)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

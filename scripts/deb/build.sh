@@ -14,6 +14,8 @@ for tool in dpkg-deb:dpkg dpkg-shlibdeps:dpkg-dev fakeroot:fakeroot; do
     command -v "${tool%%:*}" >/dev/null || need_pkgs+=("${tool#*:}")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
+    . scripts/apt-lists.sh
+    apt_lists_fresh
     say "installing ${need_pkgs[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_pkgs[@]}" >&2
 fi

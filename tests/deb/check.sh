@@ -21,6 +21,9 @@ debs=($(scripts/deb/build.sh))
 newer=($(KUP_DEB_VERSION="$version+upgrade1" scripts/deb/build.sh))
 [ ${#debs[@]} -eq 2 ] && [ ${#newer[@]} -eq 2 ] || fail "scripts/deb/build.sh printed ${debs[*]}; expected the kup and kup-ppp-dkms packages"
 
+# lintian, and the packages' dependencies (criu, kexec-tools, dkms), come from today's lists.
+. scripts/apt-lists.sh
+apt_lists_fresh
 command -v lintian >/dev/null || apt-get install -y -q lintian >&2
 lintian --fail-on error --tag-display-limit 0 "${debs[@]}" >/tmp/kup-lintian.txt 2>&1 || {
     cat /tmp/kup-lintian.txt >&2

@@ -70,15 +70,27 @@ impl Store {
         }).collect())
     }
 
-    /// The checkpoint to restore: `id` if given, else the newest complete one.
+    /// The checkpoint to restore: `id` if given (a full id such as `0002-second`, or the name given
+    /// at checkpoint, `second`: then the newest complete checkpoint of that name), else the newest
+    /// complete one.
     pub fn pick(&self, id: Option<&str>) -> Result<(PathBuf, Manifest), Error> {
         if let Some(id) = id {
             let dir = self.root.join(id);
-            if !dir.is_dir() {
-                return Err(Error::NoCheckpoint(format!("no checkpoint {id:?} in {} (kup inspect {} lists them)", self.root.display(), self.root.display())));
+            if dir.is_dir() && !id.contains('/') {
+                let m = Manifest::load(&dir)?;
+                return Ok((dir, m));
             }
-            let m = Manifest::load(&dir)?;
-            return Ok((dir, m));
+            let named: Vec<Listed> = self.list()?.into_iter().filter(|(i, _)| i.split_once('-').is_some_and(|(_, n)| n == id)).collect();
+            if let Some((i, m)) = named.iter().rev().find(|(_, m)| m.as_ref().is_ok_and(Manifest::restorable)) {
+                return Ok((self.root.join(i), m.as_ref().expect("restorable").clone()));
+            }
+            let lists = format!("kup inspect {} lists them", self.root.display());
+            return Err(Error::NoCheckpoint(if named.is_empty() {
+                format!("no checkpoint {id:?} in {} ({lists})", self.root.display())
+            } else {
+                let ids: Vec<&str> = named.iter().map(|(i, _)| i.as_str()).collect();
+                format!("no complete checkpoint named {id:?} in {}: {} failed, were interrupted or cannot be read ({lists})", self.root.display(), ids.join(", "))
+            }));
         }
         for (id, m) in self.list()?.into_iter().rev() {
             match m {
@@ -95,5 +107,52 @@ impl Store {
             }
         }
         Err(Error::NoCheckpoint(format!("no complete checkpoint in {} (kup inspect {} lists them)", self.root.display(), self.root.display())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::foam::FileMode;
+    use crate::manifest::{State, MANIFEST_VERSION};
+
+    fn checkpoint(store: &Store, name: &str, state: State) -> String {
+        let (id, dir) = store.create_checkpoint(name).unwrap();
+        let m = Manifest {
+            version: MANIFEST_VERSION,
+            id: id.clone(),
+            name: name.into(),
+            state,
+            created_unix_ms: 1,
+            finished_unix_ms: None,
+            kernel: "6.1.0-56-cloud-amd64".into(),
+            criu_version: "4.1.1".into(),
+            file_mode: FileMode::Single,
+            incremental: false,
+            apps: vec![],
+        };
+        m.save(&dir).unwrap();
+        id
+    }
+
+    #[test]
+    fn a_checkpoint_is_found_by_its_id_or_by_its_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let first = checkpoint(&store, "second", State::Complete);
+        let other = checkpoint(&store, "memcached", State::Complete);
+        assert_eq!(store.pick(None).unwrap().1.id, other, "the newest complete one");
+        assert_eq!(store.pick(Some(&first)).unwrap().1.id, first, "by its full id");
+        assert_eq!(store.pick(Some("second")).unwrap().1.id, first, "by its name");
+        // The newest complete checkpoint of the name; a failed newer one is passed over.
+        let newer = checkpoint(&store, "second", State::Complete);
+        checkpoint(&store, "second", State::Failed("criu dump failed".into()));
+        assert_eq!(store.pick(Some("second")).unwrap().1.id, newer);
+        let none = store.pick(Some("third")).unwrap_err().to_string();
+        assert!(none.contains("no checkpoint \"third\"") && none.contains("kup inspect"), "{none}");
+        let failed = checkpoint(&store, "broken", State::Failed("criu dump failed".into()));
+        let e = store.pick(Some("broken")).unwrap_err().to_string();
+        assert!(e.contains("no complete checkpoint named \"broken\"") && e.contains(&failed), "{e}");
+        assert!(store.pick(Some("../x")).is_err());
     }
 }

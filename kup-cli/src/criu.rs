@@ -10,36 +10,94 @@ use crate::error::{fail, Result};
 const OLDEST: (u32, u32) = (3, 17);
 const FIRST_UNSUPPORTED: (u32, u32) = (4, 2);
 
+#[derive(Debug)]
 pub struct Criu {
     pub path: PathBuf,
     pub version: String,
 }
 
 impl Criu {
-    /// `--criu PATH`, else `$KUP_CRIU`, else `criu` on PATH, else the copy the project's setup
-    /// installs for hosts whose own CRIU does not work (/opt/kup/criu/bin/criu).
+    /// `--criu PATH`, else `$KUP_CRIU`, else the first of `criu` on PATH and the copy the
+    /// project's setup installs for hosts whose own CRIU does not work (/opt/kup/criu/bin/criu)
+    /// that kup speaks and that passes `criu check` on this kernel.
     pub fn locate(explicit: Option<&Path>) -> Result<Criu> {
-        let candidates: Vec<PathBuf> = match explicit.map(PathBuf::from).or_else(|| std::env::var_os("KUP_CRIU").map(PathBuf::from)) {
-            Some(p) => vec![p],
-            None => {
-                let mut v: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("criu")).collect()).unwrap_or_default();
-                v.push("/opt/kup/criu/bin/criu".into());
-                v
+        if let Some(p) = explicit.map(PathBuf::from).or_else(|| std::env::var_os("KUP_CRIU").map(PathBuf::from)) {
+            if !p.is_file() {
+                return fail(format!("CRIU not found at {}; install it (`apt-get install criu`, or scripts/criu-host/install.sh where Debian's does not run) or pass --criu PATH", p.display()));
             }
-        };
-        let Some(path) = candidates.iter().find(|p| p.is_file()).cloned() else {
-            return fail(format!(
-                "CRIU not found (looked for {}); install it (`apt-get install criu`, or scripts/criu-host/install.sh where Debian's does not run) or pass --criu PATH",
-                candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-            ));
-        };
+            return Criu::probe(p).map_err(Into::into);
+        }
+        let mut candidates: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("criu")).collect()).unwrap_or_default();
+        candidates.push("/opt/kup/criu/bin/criu".into());
+        Criu::choose(candidates)
+    }
+
+    /// The first of `candidates` that is a CRIU kup speaks and that passes `criu check` here
+    /// (checked only when there is a choice to make), saying why any before it were skipped.
+    fn choose(candidates: Vec<PathBuf>) -> Result<Criu> {
+        let mut seen: Vec<PathBuf> = Vec::new();
+        for p in candidates.into_iter().filter(|p| p.is_file()) {
+            let real = std::fs::canonicalize(&p).unwrap_or_else(|_| p.clone());
+            if !seen.contains(&real) {
+                seen.push(real);
+            }
+        }
+        if seen.is_empty() {
+            return fail("CRIU not found (looked for criu on PATH and /opt/kup/criu/bin/criu); install it (`apt-get install criu`, or scripts/criu-host/install.sh where Debian's does not run) or pass --criu PATH");
+        }
+        let several = seen.len() > 1;
+        let mut skipped = Vec::new();
+        let mut usable = None;
+        for path in seen {
+            let c = match Criu::probe(path.clone()) {
+                Ok(c) => c,
+                Err(e) => {
+                    skipped.push(e);
+                    continue;
+                }
+            };
+            match if several { c.works() } else { Ok(()) } {
+                Ok(()) => {
+                    if !skipped.is_empty() {
+                        eprintln!("kup: note: using CRIU {} ({}); skipped {}", c.version, c.path.display(), skipped.join("; "));
+                    }
+                    return Ok(c);
+                }
+                Err(why) => {
+                    skipped.push(format!("{} (CRIU {}): `criu check` fails here: {why}", c.path.display(), c.version));
+                    usable.get_or_insert(c);
+                }
+            }
+        }
+        match usable {
+            // As before the check existed: the first one kup speaks; its own errors will say more.
+            Some(c) => {
+                eprintln!("kup: warning: no CRIU passes `criu check` on this kernel ({}); using {}", skipped.join("; "), c.path.display());
+                Ok(c)
+            }
+            None => fail(format!("no usable CRIU: {}", skipped.join("; "))),
+        }
+    }
+
+    /// The CRIU at `path`, if it is one kup speaks.
+    fn probe(path: PathBuf) -> std::result::Result<Criu, String> {
         let out = Command::new(&path).arg("--version").output().map_err(|e| format!("cannot run {}: {e}", path.display()))?;
         let text = String::from_utf8_lossy(&out.stdout);
         let Some(version) = text.lines().find_map(|l| l.strip_prefix("Version:")).map(|v| v.trim().to_string()) else {
-            return fail(format!("{} --version printed no version ({:?}); is it CRIU?", path.display(), text.trim()));
+            return Err(format!("{} --version printed no version ({:?}); is it CRIU?", path.display(), text.trim()));
         };
         check_version(&version).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(Criu { path, version })
+    }
+
+    /// Whether `criu check` passes on this kernel; else its last error line.
+    fn works(&self) -> std::result::Result<(), String> {
+        let out = self.command().arg("check").output().map_err(|e| format!("cannot run it: {e}"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+        Err(text.lines().find(|l| l.contains("Error")).or(text.lines().last()).unwrap_or("no output").trim().to_string())
     }
 
     pub fn command(&self) -> Command {
@@ -153,6 +211,38 @@ pub fn log_errors(log: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_criu_that_works_here_is_chosen() {
+        let dir = tempfile::tempdir().unwrap();
+        // A fake CRIU: its version, and whether `criu check` passes.
+        let fake = |name: &str, version: &str, check_ok: bool| -> PathBuf {
+            let p = dir.path().join(name);
+            let check = if check_ok { "echo 'Looks good.'; exit 0" } else { "echo 'Error (criu/vdso.c:613): vdso: Failed to fill self vdso symtable' >&2; exit 1" };
+            std::fs::write(&p, format!("#!/bin/sh\ncase \"$1\" in --version) echo 'Version: {version}';; check) {check};; esac\n")).unwrap();
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+            p
+        };
+        let broken = fake("bookworm", "3.17.1", false);
+        let good = fake("trixie", "4.1.1", true);
+        let newer = fake("sid", "4.2.1", true);
+        let missing = dir.path().join("none");
+        let c = Criu::choose(vec![missing.clone(), broken.clone(), newer.clone(), good.clone()]).unwrap();
+        assert_eq!((c.path.as_path(), c.version.as_str()), (good.as_path(), "4.1.1"));
+        // One candidate only: taken without `criu check` (no choice to make, no time spent).
+        assert_eq!(Criu::choose(vec![broken.clone()]).unwrap().path, broken);
+        // None passes: the first kup speaks, as before the check.
+        let again = fake("bookworm2", "3.17.1", false);
+        assert_eq!(Criu::choose(vec![newer.clone(), broken.clone(), again]).unwrap().path, broken);
+        let e = Criu::choose(vec![newer.clone()]).unwrap_err().0;
+        assert!(e.contains("no usable CRIU") && e.contains("4.2"), "{e}");
+        let e = Criu::choose(vec![missing]).unwrap_err().0;
+        assert!(e.contains("CRIU not found"), "{e}");
+        // The same CRIU twice on PATH (a symlink) counts once.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&broken, &link).unwrap();
+        assert_eq!(Criu::choose(vec![broken.clone(), link]).unwrap().path, broken);
+    }
 
     #[test]
     fn versions() {

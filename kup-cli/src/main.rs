@@ -82,9 +82,11 @@ enum Cmd {
     },
     /// Restore the apps of a checkpoint (the newest complete one by default)
     Restore {
+        /// The store directory holding the checkpoint
         #[arg(long)]
         store: PathBuf,
-        /// Checkpoint id (see kup inspect)
+        /// The checkpoint: its id (`0002-second`) or its name (`second`: the newest complete one
+        /// of that name); `kup inspect` lists them
         #[arg(long)]
         checkpoint: Option<String>,
         /// Restore lazily: the app runs at once and its memory follows on demand (default)
@@ -115,6 +117,7 @@ enum Cmd {
         /// `ram` (rpramfs on --region mounted at --mountpoint) or a directory
         #[arg(long)]
         store: String,
+        /// A process (with its children) to update; repeat for several apps
         #[arg(long = "pid", required = true)]
         pids: Vec<u32>,
         /// Passes at most (see `kup checkpoint --help`)
@@ -132,6 +135,7 @@ enum Cmd {
         /// The running kernel's image, for fallback (default /boot/vmlinuz-$(uname -r))
         #[arg(long)]
         old_kernel: Option<PathBuf>,
+        /// The running kernel's initrd, for fallback (default /boot/initrd.img-$(uname -r) if it exists)
         #[arg(long)]
         old_initrd: Option<PathBuf>,
         /// The command line to boot the running kernel with on fallback (default: the running one)
@@ -158,6 +162,7 @@ enum Cmd {
         /// Restore eagerly (default lazy)
         #[arg(long)]
         eager: bool,
+        /// Seconds CRIU may take for each restore step (and a lazy restore for fetching everything)
         #[arg(long, default_value_t = 600)]
         timeout: u64,
         #[command(flatten)]
@@ -165,6 +170,7 @@ enum Cmd {
     },
     /// The last update and its timeline
     Status {
+        /// `ram` or a directory
         #[arg(long, default_value = "ram")]
         store: String,
         #[command(flatten)]
@@ -188,6 +194,7 @@ enum Cmd {
     Inspect {
         /// The store directory
         store: PathBuf,
+        /// Read every page and check its CRC (and CRIU's images), naming each damaged page
         #[arg(long)]
         verify: bool,
     },

@@ -187,7 +187,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
             // Not committed: the apps run on, and their pages must not stay pinned.
             if let Err(e) = p.dev.unpin(p.tag) {
                 if e.raw_os_error() != Some(libc::ENOENT) {
-                    eprintln!("kup: warning: the failed checkpoint's pages stay pinned until the next boot: {e}");
+                    crate::messages::warn(format_args!("the failed checkpoint's pages stay pinned until the next boot: {e}"));
                 }
             }
         }
@@ -208,7 +208,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Manifest> {
     // Already durable and complete since the commit; this adds CRIU's figures of the final pass.
     manifest.state = State::Complete;
     if let Err(e) = manifest.save(&dir) {
-        eprintln!("kup: warning: checkpoint {id} is complete, but its final-pass figures were not saved: {e}");
+        crate::messages::warn(format_args!("checkpoint {id} is complete, but its final-pass figures were not saved: {e}"));
     }
     if a.json {
         report::print_json(&summary_json(&manifest, &notes));
@@ -541,7 +541,7 @@ fn final_dump(sh: &Shared<'_>, index: usize, p: &Process, name: &str, ps: &Passe
             };
             app.passes.push(run.record(sh, name, &session, stats));
             if let Err(e) = trim_to_final_image(ps, &session) {
-                eprintln!("kup: warning: {name}: pages the final dump no longer names stay in the store (they are never restored): {e}");
+                crate::messages::warn(format_args!("{name}: pages the final dump no longer names stay in the store (they are never restored): {e}"));
             }
             Ok(())
         }
@@ -1024,7 +1024,7 @@ fn widen_send_buffer(sock: &impl std::os::fd::AsFd, bytes: usize) {
     use nix::sys::socket::{setsockopt, sockopt};
     if setsockopt(sock, sockopt::SndBufForce, &bytes).is_err() {
         if let Err(e) = setsockopt(sock, sockopt::SndBuf, &bytes) {
-            eprintln!("kup: warning: cannot widen the page-server socket's send buffer ({e}); CRIU waits longer on kup while the app is frozen");
+            crate::messages::warn(format_args!("cannot widen the page-server socket's send buffer ({e}); CRIU waits longer on kup while the app is frozen"));
         }
     }
 }

@@ -59,7 +59,7 @@ impl Criu {
             match if several { c.works() } else { Ok(()) } {
                 Ok(()) => {
                     if !skipped.is_empty() {
-                        eprintln!("kup: note: using CRIU {} ({}); skipped {}", c.version, c.path.display(), skipped.join("; "));
+                        crate::messages::note(format_args!("using CRIU {} ({}); skipped {}", c.version, c.path.display(), skipped.join("; ")));
                     }
                     return Ok(c);
                 }
@@ -72,7 +72,7 @@ impl Criu {
         match usable {
             // As before the check existed: the first one kup speaks; its own errors will say more.
             Some(c) => {
-                eprintln!("kup: warning: no CRIU passes `criu check` on this kernel ({}); using {}", skipped.join("; "), c.path.display());
+                crate::messages::warn(format_args!("no CRIU passes `criu check` on this kernel ({}); using {}", skipped.join("; "), c.path.display()));
                 Ok(c)
             }
             None => fail(format!("no usable CRIU: {}", skipped.join("; "))),

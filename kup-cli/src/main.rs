@@ -16,6 +16,7 @@ mod hook_wire;
 mod inspect;
 mod kernels;
 mod kexec;
+mod messages;
 mod machine;
 mod ppp;
 mod ppp_dev;
@@ -320,7 +321,7 @@ fn main() {
         Cmd::CriuStats { dir } => foam_store::criu_images::read_dump_stats(dir).map_err(Into::into).map(|s| report::print_json(&serde_json::json!(s))),
     };
     if let Err(e) = result {
-        eprintln!("kup: error: {e}");
+        crate::messages::error(format_args!("{e}"));
         std::process::exit(1);
     }
 }

@@ -165,7 +165,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<Vec<AppRestore>> {
     if ppp.is_some() && !a.keep_ppp_pages {
         // Pages no app claimed (a failed restore's) go to the page allocator.
         if let Err(e) = crate::ppp::release() {
-            eprintln!("kup: warning: the arena's unclaimed held-back pages stay held until the next boot: {e}");
+            crate::messages::warn(format_args!("the arena's unclaimed held-back pages stay held until the next boot: {e}"));
         }
     }
     if a.json {
@@ -451,7 +451,7 @@ fn restore_app(criu: &Criu, a: &Args, m: &Manifest, ckpt_dir: &Path, app: &App, 
 /// The synthesized images are a copy of the checkpoint; once the app runs they only take room.
 fn remove_images(images: &Path) {
     if let Err(e) = std::fs::remove_dir_all(images) {
-        eprintln!("kup: warning: could not remove {}: {e}", images.display());
+        crate::messages::warn(format_args!("could not remove {}: {e}", images.display()));
     }
 }
 

@@ -68,7 +68,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
             // Only a healthy resume lets the checkpoint go.
             let dir = Store::open(&a.store)?.dir_of(&rec.checkpoint);
             if let Err(e) = std::fs::remove_dir_all(&dir) {
-                eprintln!("kup: warning: could not delete {}: {e}", dir.display());
+                crate::messages::warn(format_args!("could not delete {}: {e}", dir.display()));
             }
             println!("kup resume: the apps run again on {running} ({}); timeline:", rec.state.describe());
             for l in rec.timeline_lines() {
@@ -79,7 +79,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
         State::FallingBack => {
             rec.event_now(Milestone::Fallback);
             rec.save(&a.store)?;
-            eprintln!("kup resume: {}\nkup resume: falling back to {}", rec.last_error.as_deref().unwrap_or(""), rec.old.release);
+            crate::messages::say(crate::messages::Level::Warning, &format!("kup resume: {}\nkup resume: falling back to {}", rec.last_error.as_deref().unwrap_or(""), rec.old.release));
             let e = fallback(&rec, a).unwrap_err();
             // Still here: the way back failed. The store may be unmounted by now.
             if let Some(region) = a.region.as_ref().filter(|_| !kexec::is_mounted(&a.store)) {
@@ -128,7 +128,7 @@ pub fn restore_and_check(criu: &Criu, a: &Args, rec: &mut UpdateRecord, json: bo
     if rec.ppp.is_some() {
         // Healthy: a fallback no longer needs the checkpoint's pages as they were.
         if let Err(e) = crate::ppp::release() {
-            eprintln!("kup: warning: {e}; the checkpoint's pages stay held until the next boot");
+            crate::messages::warn(format_args!("{e}; the checkpoint's pages stay held until the next boot"));
         }
     }
     Ok(())

@@ -115,7 +115,7 @@ impl Throttle {
 impl Drop for Throttle {
     fn drop(&mut self) {
         if let Err(e) = self.lift() {
-            eprintln!("kup: warning: the app's CPU limit ({}) could not be lifted: {e}", self.describe());
+            crate::messages::warn(format_args!("the app's CPU limit ({}) could not be lifted: {e}", self.describe()));
         }
     }
 }

@@ -249,7 +249,7 @@ pub fn run(criu: &Criu, a: &Args) -> Result<()> {
 /// the checkpoint right here, or, where that fails too, the error says where each one is and the
 /// command that brings it back.
 fn bring_back(criu: &Criu, a: &Args, m: &Manifest, rec: &mut UpdateRecord, cause: crate::error::Error) -> Result<()> {
-    eprintln!("kup update: could not switch kernels ({cause}); restoring the apps from checkpoint {} on {}", m.id, procs::kernel_release());
+    crate::messages::say(crate::messages::Level::Warning, &format!("kup update: could not switch kernels ({cause}); restoring the apps from checkpoint {} on {}", m.id, procs::kernel_release()));
     let stranded = |why: String| {
         let apps: Vec<String> = m.apps.iter().map(|p| format!("    {} (pid {}): {}", p.name, p.pid, if procs::alive(p.pid) { "running" } else { "stopped, its state is in the checkpoint" })).collect();
         format!(

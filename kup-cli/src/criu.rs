@@ -90,7 +90,7 @@ impl Criu {
         Ok(Criu { path, version })
     }
 
-    /// Whether `criu check` passes on this kernel; else its last error line.
+    /// Whether `criu check` passes on this kernel; else its first error line.
     fn works(&self) -> std::result::Result<(), String> {
         let out = self.command().arg("check").output().map_err(|e| format!("cannot run it: {e}"))?;
         if out.status.success() {

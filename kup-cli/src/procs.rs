@@ -97,8 +97,14 @@ impl Process {
 
 /// The process a task (thread) id belongs to.
 pub fn tgid(id: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{id}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
+    status_field(format!("/proc/{id}/status"), "Tgid")?.parse().ok()
+}
+
+/// The value of `key` in a /proc status file (`/proc/PID/status`, `/proc/PID/task/TID/status`);
+/// `None` when the task is gone or the kernel has no such field.
+fn status_field(file: impl AsRef<std::path::Path>, key: &str) -> Option<String> {
+    let status = std::fs::read_to_string(file).ok()?;
+    status.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':')).map(|v| v.trim().to_string())
 }
 
 pub fn exists(pid: u32) -> bool {
@@ -108,7 +114,7 @@ pub fn exists(pid: u32) -> bool {
 /// Whether `pid` runs: it exists, is not a zombie (a process that died keeps its /proc entry
 /// until its parent reaps it) and is not dumping core (killed, and writing its memory out first).
 pub fn alive(pid: u32) -> bool {
-    let dumping = || std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default().lines().any(|l| l.starts_with("CoreDumping:") && l.trim_end().ends_with('1'));
+    let dumping = || status_field(format!("/proc/{pid}/status"), "CoreDumping").is_some_and(|v| v == "1");
     stat_fields(pid).is_some_and(|f| f.first().is_some_and(|st| st != "Z" && st != "X")) && !dumping()
 }
 
@@ -129,13 +135,7 @@ pub fn death(pid: u32) -> Option<String> {
 /// Whether any thread of `pid` is traced (by a CRIU, while its parasite may still be in the app).
 pub fn traced(pid: u32) -> bool {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
-    tasks.flatten().any(|t| {
-        std::fs::read_to_string(t.path().join("status"))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("TracerPid:"))
-            .is_some_and(|v| v.trim() != "0")
-    })
+    tasks.flatten().any(|t| status_field(t.path().join("status"), "TracerPid").is_some_and(|v| v != "0"))
 }
 
 /// The fields of /proc/PID/stat after the comm (which may hold spaces), from the state (field 3)
